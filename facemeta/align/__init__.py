@@ -1,0 +1,1 @@
+"""facemeta.align"""

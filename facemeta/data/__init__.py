@@ -1,0 +1,1 @@
+"""Data: manifests, readers of the shared face sets, training datasets and samplers."""

@@ -1,0 +1,54 @@
+"""Where facemeta looks for the shared face data and keeps its caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ENV = "FACEMETA_DATA"
+CACHE_ENV = "FACEMETA_CACHE"
+SETS = ("lfw", "yaleb", "mfr2", "orl")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The face data folder (or one set inside it) is missing."""
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Return the data folder: `explicit`, else $FACEMETA_DATA, else ../shared/data.
+
+    ../shared/data is tried relative to the working directory first, then relative to
+    the repository that holds this package (so tests and tools work from any folder).
+    """
+    if explicit:
+        root = Path(explicit).expanduser()
+    elif os.environ.get(DATA_ENV):
+        root = Path(os.environ[DATA_ENV]).expanduser()
+    else:
+        candidates = [Path.cwd() / ".." / "shared" / "data",
+                      Path(__file__).resolve().parents[1] / ".." / "shared" / "data"]
+        root = next((c for c in candidates if c.is_dir()), candidates[0])
+    if not root.is_dir():
+        raise DataNotFoundError(
+            f"face data folder not found: {root} (pass --data or set ${DATA_ENV})")
+    return root.resolve()
+
+
+def set_dir(name: str, explicit: str | os.PathLike | None = None) -> Path:
+    """Return the folder of one shared set (lfw, yaleb, mfr2, orl) under the data root."""
+    path = data_root(explicit) / name
+    if not path.is_dir():
+        raise DataNotFoundError(f"set '{name}' not found under {path.parent}")
+    return path
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Return the cache folder (aligned faces, trained runs): `explicit`, $FACEMETA_CACHE or ~/.cache/facemeta."""
+    if explicit:
+        root = Path(explicit)
+    elif os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV])
+    else:
+        root = Path.home() / ".cache" / "facemeta"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
