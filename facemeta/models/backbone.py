@@ -1,0 +1,323 @@
+"""Face embedder: any timm backbone + insightface's embedding head, giving L2-normalised vectors.
+
+The head follows insightface's iresnet (arcface_torch): the backbone's last feature map goes through
+BatchNorm2d -> Dropout -> Flatten -> Linear -> BatchNorm1d. The flatten keeps the spatial layout
+(insightface's "fc" over 7x7x512), so the Linear layer's size depends on the image size; the final
+BatchNorm1d has its scale fixed at 1 (insightface freezes it) - here it is a buffer, not a frozen
+parameter, so optimisers and functional (meta-learning) code see only trainable parameters.
+Token backbones (ViT-like, output [B, N, C]) are read as a C x N x 1 map; NHWC backbones (timm's Swin)
+are permuted to NCHW.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facemeta.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """What is needed to rebuild an embedder: backbone name, sizes and input normalisation."""
+
+    backbone: str = "resnet18"
+    embedding_size: int = 512
+    image_size: int = 112
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    dropout: float = 0.0
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std need three values (RGB)")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("std values must be positive")
+        if int(self.embedding_size) <= 0 or int(self.image_size) < 16:
+            raise ValueError("embedding_size must be > 0 and image_size >= 16")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        self.embedding_size = int(self.embedding_size)
+        self.image_size = int(self.image_size)
+        self.dropout = float(self.dropout)
+        self.backbone_kwargs = dict(self.backbone_kwargs or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a config of something else)."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def architecture(self) -> tuple:
+        """The fields that decide the weight shapes (compared when a checkpoint is loaded)."""
+        return (self.backbone, self.embedding_size, self.image_size,
+                tuple(sorted(self.backbone_kwargs.items())))
+
+
+def _create_backbone(config: ModelConfig) -> tuple[nn.Module, str, tuple[int, int, int]]:
+    """Build the timm trunk and probe its output: returns (module, layout, (C, H, W) of the head input).
+
+    ViT-like models fix their input size at construction, so if a probe at the config's image size
+    fails the model is rebuilt with ``img_size``.
+    """
+    import timm
+
+    name, size = config.backbone, config.image_size
+    kwargs = dict(pretrained=False, num_classes=0, global_pool="", **config.backbone_kwargs)
+    try:
+        trunk = timm.create_model(name, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ConfigError(f"unknown timm backbone '{name}': {exc}") from exc
+    try:
+        out = _probe(trunk, size)
+    except (AssertionError, RuntimeError, ValueError):
+        if "img_size" in kwargs:
+            raise
+        try:
+            trunk = timm.create_model(name, img_size=size, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"backbone '{name}' does not accept {size}x{size} inputs") from exc
+        out = _probe(trunk, size)
+    fmt = str(getattr(trunk, "output_fmt", "NCHW"))
+    if out.ndim == 3:  # tokens [B, N, C]
+        return trunk, "tokens", (out.shape[2], out.shape[1], 1)
+    if out.ndim == 4 and fmt.upper() == "NHWC":
+        return trunk, "nhwc", (out.shape[3], out.shape[1], out.shape[2])
+    if out.ndim == 4:
+        return trunk, "nchw", (out.shape[1], out.shape[2], out.shape[3])
+    raise ValueError(f"backbone '{name}' returns features of shape {tuple(out.shape)}; "
+                     "need a feature map [B,C,H,W] or tokens [B,N,C]")
+
+
+@torch.no_grad()
+def _probe(trunk: nn.Module, size: int) -> torch.Tensor:
+    """One dummy forward (eval mode, so BatchNorm statistics are untouched)."""
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        return trunk.forward_features(torch.zeros(1, 3, size, size))
+    finally:
+        trunk.train(was_training)
+
+
+class FaceEmbeddingModel(nn.Module):
+    """timm backbone + embedding head (BN2d, dropout, flatten, linear, BN1d) -> unit vectors [B, E].
+
+    `pretrained_path` loads backbone weights from a local file (.safetensors, or a torch file read
+    with ``weights_only=True``); a classifier in that file is ignored, any other missing or
+    mismatched key is a CheckpointError.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, pretrained_path: str | os.PathLike | None = None):
+        super().__init__()
+        self.config = config or ModelConfig()
+        self.backbone, self.layout, (c, h, w) = _create_backbone(self.config)
+        self.feature_shape = (c, h, w)
+        e = self.config.embedding_size
+        self.bn2 = nn.BatchNorm2d(c, eps=1e-5)
+        self.dropout = nn.Dropout(p=self.config.dropout)
+        self.fc = nn.Linear(c * h * w, e)
+        self.features = nn.BatchNorm1d(e, eps=1e-5)
+        # insightface fixes the last BN's scale at 1: keep it as a buffer so it is never trained.
+        del self.features.weight
+        self.features.register_buffer("weight", torch.ones(e))
+        if pretrained_path is not None:
+            load_backbone_weights(self.backbone, pretrained_path)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone output as an NCHW map (tokens become C x N x 1)."""
+        f = self.backbone.forward_features(x)
+        if self.layout == "tokens":
+            return f.transpose(1, 2).unsqueeze(-1)
+        if self.layout == "nhwc":
+            return f.permute(0, 3, 1, 2)
+        return f
+
+    def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding before L2 normalisation (what insightface's network returns)."""
+        f = self.bn2(self.feature_map(x))
+        f = self.dropout(f)
+        f = torch.flatten(f, 1)
+        return self.features(self.fc(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] normalised -> L2-normalised embeddings [B, E]."""
+        return F.normalize(self.forward_raw(x), dim=1)
+
+    def preprocess(self, faces: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB faces -> normalised float tensor at this model's image size and normalisation."""
+        return preprocess(faces, self.config)
+
+
+def build_model(config: ModelConfig | None = None, pretrained_path: str | os.PathLike | None = None
+                ) -> FaceEmbeddingModel:
+    """Build a FaceEmbeddingModel from a config (randomly initialised unless `pretrained_path`)."""
+    return FaceEmbeddingModel(config or ModelConfig(), pretrained_path=pretrained_path)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from a local weight file without unpickling arbitrary objects.
+
+    .safetensors files are read with safetensors; anything else with ``torch.load(weights_only=True)``;
+    a dict nested under "state_dict", "model" or "model_state_dict" is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / pickle errors have many types
+        raise CheckpointError(f"cannot read weights from {path}: {_one_line(exc)}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load trunk weights from a local file into `backbone`; drops a classifier, strips a 'backbone.' prefix."""
+    state = read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = backbone.state_dict()
+    state = {k: v for k, v in state.items() if k in own}  # drops classifier / head keys
+    problems = check_state_dict(own, state)
+    if problems:
+        raise CheckpointError(f"{path} does not fit backbone: {problems}")
+    backbone.load_state_dict(state, strict=True)
+
+
+def check_state_dict(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str:
+    """Describe how `other` fails to match `own` (missing/unexpected keys, shape mismatches); '' if it fits."""
+    missing = [k for k in own if k not in other]
+    unexpected = [k for k in other if k not in own]
+    shapes = [f"{k} {tuple(other[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in other and tuple(other[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+    return "; ".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def preprocess(faces: np.ndarray | list[np.ndarray], config: ModelConfig | None = None) -> torch.Tensor:
+    """uint8 RGB faces [B,H,W,3] (or a list of HxWx3 / HxW arrays) -> float tensor [B,3,S,S].
+
+    Faces whose size differs from ``config.image_size`` are resized (area when shrinking, linear
+    when enlarging); pixels are scaled to [0, 1] and normalised with the config's mean/std.
+    """
+    config = config or ModelConfig()
+    size = config.image_size
+    if isinstance(faces, np.ndarray) and faces.ndim == 3 and faces.shape[-1] == 3:
+        raise ValueError("preprocess expects a batch [B,H,W,3]; wrap a single face as faces[None]")
+    items = list(faces) if not (isinstance(faces, np.ndarray) and faces.ndim == 4) else None
+    if items is None:
+        batch = faces
+        if batch.dtype != np.uint8 or batch.shape[-1] != 3:
+            raise ValueError(f"faces must be uint8 [B,H,W,3], got {batch.dtype} {batch.shape}")
+        if batch.shape[1:3] != (size, size):
+            batch = np.stack([_resize(f, size) for f in batch]) if len(batch) else \
+                np.zeros((0, size, size, 3), np.uint8)
+    else:
+        out = []
+        for f in items:
+            f = np.asarray(f)
+            if f.dtype != np.uint8:
+                raise ValueError(f"faces must be uint8, got {f.dtype}")
+            if f.ndim == 2:
+                f = np.repeat(f[:, :, None], 3, axis=2)
+            if f.ndim != 3 or f.shape[2] != 3:
+                raise ValueError(f"each face must be HxWx3 (or HxW grey), got {f.shape}")
+            out.append(_resize(f, size))
+        batch = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _resize(face: np.ndarray, size: int) -> np.ndarray:
+    h, w = face.shape[:2]
+    if (h, w) == (size, size):
+        return face
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(face, (size, size), interpolation=interp)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def embed(model: FaceEmbeddingModel, faces: np.ndarray | list[np.ndarray] | torch.Tensor,
+          batch_size: int = 64, flip: bool = False, channels_last: bool = True) -> np.ndarray:
+    """Embed faces in batches under inference mode -> float32 [N, E] unit vectors.
+
+    `faces` are uint8 RGB (see :func:`preprocess`) or an already normalised float tensor [N,3,S,S].
+    With `flip`, each embedding is the renormalised sum of the face's and its mirror's embeddings
+    (insightface's test-time augmentation). `channels_last` converts the model (in place) and inputs
+    to NHWC memory layout, which is faster for convolutions on most CPUs and GPUs; values are the same.
+    The model is put in eval mode for the call and its previous mode restored.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    x_all = faces if isinstance(faces, torch.Tensor) else preprocess(faces, model.config)
+    if x_all.ndim != 4 or x_all.shape[1] != 3:
+        raise ValueError(f"expected a tensor [N,3,S,S], got {tuple(x_all.shape)}")
+    device = _model_device(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for i in range(0, x_all.shape[0], batch_size):
+                x = x_all[i:i + batch_size].to(device).contiguous(memory_format=fmt)
+                e = model(x)
+                if flip:
+                    e = F.normalize(e + model(torch.flip(x, dims=[3]).contiguous(memory_format=fmt)), dim=1)
+                out.append(e.float().cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros((0, model.config.embedding_size), np.float32)
+    return torch.cat(out).numpy().astype(np.float32, copy=False)
