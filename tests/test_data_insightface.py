@@ -187,6 +187,9 @@ def test_rec_insightface_layout_roundtrip(orl_faces, tmp_path):
             reader[0]
         with pytest.raises(KeyError):
             reader.read_raw(99)
+        clone = pickle.loads(pickle.dumps(reader))  # as DataLoader workers get it: opens its own handle
+        assert clone[5][1] == labels[4] and np.array_equal(clone[5][0], images[4])
+        clone.close()
         seq = list(reader)  # header and identity records are skipped
         assert [lab for _, lab in seq] == labels
         assert all(np.array_equal(a, b) for (a, _), b in zip(seq, images, strict=True))

@@ -207,3 +207,13 @@ def test_ddp_ranks_get_disjoint_shares(source_rows):
     assert not (set(shares[0]) & set(shares[1])) and not (set(shares[1]) & set(shares[2]))
     with pytest.raises(ConfigError, match="rank"):
         DomainBalancedBatchSampler(ds.labels, ds.domains, 4, 2, rank=3, world_size=3)
+
+
+def test_dataloader_workers_do_not_repeat_each_others_augmentations(small_rows):
+    # forked workers inherit the same albumentations generators; FaceDataset reseeds each worker
+    row = small_rows[400]
+    ds = FaceDataset([row] * 4, build_train_transform(AugmentConfig(flip=0.5, color=1.0, blur=0, jpeg=0, erase=0), 112),
+                     image_size=112)
+    batches = [b[0] for b in DataLoader(ds, batch_size=2, num_workers=2, shuffle=False)]
+    assert len(batches) == 2  # batch 0 from worker 0, batch 1 from worker 1
+    assert not torch.equal(batches[0][0], batches[1][0]) and not torch.equal(batches[0][1], batches[1][1])

@@ -251,7 +251,8 @@ class RecordIOReader:
         if idx is None and self.rec.with_suffix(".idx").is_file():
             idx = self.rec.with_suffix(".idx")
         self.index = read_idx(idx) if idx is not None else None
-        self._fh = open(self.rec, "rb")
+        self._fh: io.BufferedReader | None = None
+        self._pid = -1
         self.header0: tuple[int, int] | None = None
         if self.index is not None and 0 in self.index:
             head, image = self.read_record(0)
@@ -273,11 +274,22 @@ class RecordIOReader:
             raise DataFormatError(f"{self.rec}: random access needs the .idx file")
         if key not in self.index:
             raise KeyError(f"{self.rec}: no record with key {key}")
-        self._fh.seek(self.index[key])
-        data = read_record_at(self._fh, f"{self.rec} key {key}")
+        fh = self._handle()
+        fh.seek(self.index[key])
+        data = read_record_at(fh, f"{self.rec} key {key}")
         if data is None:
             raise DataFormatError(f"{self.rec}: key {key} points past the end of the file")
         return data
+
+    def _handle(self) -> io.BufferedReader:
+        # one handle per process: forked DataLoader workers would otherwise share one file offset
+        if self._fh is None or self._pid != os.getpid():
+            self._fh = open(self.rec, "rb")
+            self._pid = os.getpid()
+        return self._fh
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fh": None, "_pid": -1}
 
     def read_record(self, key: int) -> tuple[IRHeader, bytes]:
         """(IRHeader, encoded image bytes) of one record."""
@@ -309,7 +321,9 @@ class RecordIOReader:
 
     def close(self) -> None:
         """Close the .rec file."""
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __enter__(self) -> RecordIOReader:
         return self
