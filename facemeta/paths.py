@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from facemeta.errors import FacemetaError
+
 DATA_ENV = "FACEMETA_DATA"
 CACHE_ENV = "FACEMETA_CACHE"
 SETS = ("lfw", "yaleb", "mfr2", "orl")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(FileNotFoundError, FacemetaError):
     """The face data folder (or one set inside it) is missing."""
 
 
