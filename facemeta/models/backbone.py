@@ -286,14 +286,22 @@ def _model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _set_memory_format(model: nn.Module, fmt: torch.memory_format) -> None:
+    """Convert the model's 4-D weights to `fmt` unless they already are (a no-op on repeated calls)."""
+    conv = next((p for p in model.parameters() if p.dim() == 4), None)
+    if conv is not None and not conv.is_contiguous(memory_format=fmt):
+        model.to(memory_format=fmt)
+
+
 def embed(model: FaceEmbeddingModel, faces: np.ndarray | list[np.ndarray] | torch.Tensor,
           batch_size: int = 64, flip: bool = False, channels_last: bool = True) -> np.ndarray:
     """Embed faces in batches under inference mode -> float32 [N, E] unit vectors.
 
     `faces` are uint8 RGB (see :func:`preprocess`) or an already normalised float tensor [N,3,S,S].
     With `flip`, each embedding is the renormalised sum of the face's and its mirror's embeddings
-    (insightface's test-time augmentation). `channels_last` converts the model (in place) and inputs
-    to NHWC memory layout, which is faster for convolutions on most CPUs and GPUs; values are the same.
+    (insightface's test-time augmentation). `channels_last` puts the model's weights (in place) and the
+    inputs in NHWC memory layout, often faster for convolutions; False puts them back in NCHW. Values
+    agree to float rounding (different kernels).
     The model is put in eval mode for the call and its previous mode restored.
     """
     if batch_size < 1:
@@ -303,8 +311,7 @@ def embed(model: FaceEmbeddingModel, faces: np.ndarray | list[np.ndarray] | torc
         raise ValueError(f"expected a tensor [N,3,S,S], got {tuple(x_all.shape)}")
     device = _model_device(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    _set_memory_format(model, fmt)
     was_training = model.training
     model.eval()
     out = []
