@@ -1,0 +1,180 @@
+"""FaceEmbedder: the one inference entry point (image file -> detected, aligned face -> unit vector).
+
+It loads a facemeta checkpoint (safetensors + JSON), detects faces with MTCNN, warps each onto the
+template at the size the model was trained on (``align_size`` in the checkpoint meta, 112 by
+default), and embeds it exactly as training and evaluation do (resize to the model's input size,
+normalise, flip test-time augmentation). The calibrated verification threshold travels with the
+checkpoint (meta ``threshold`` at false-accept rate ``threshold_far``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from facemeta.errors import CheckpointError, NoFaceError
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+MODEL_ENV = "FACEMETA_MODEL"
+
+
+def default_model_path() -> Path:
+    """$FACEMETA_MODEL, else the project's model in weights/ (default.safetensors, or the only one there)."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV]).expanduser()
+    candidates = sorted(WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
+    preferred = WEIGHTS_DIR / "default.safetensors"
+    if preferred.is_file():
+        return preferred
+    if len(candidates) == 1:
+        return candidates[0]
+    where = f"{WEIGHTS_DIR} holds {len(candidates)} models" if candidates else f"no model in {WEIGHTS_DIR}"
+    raise CheckpointError(f"{where}; pass --model PATH (a .safetensors checkpoint) or set ${MODEL_ENV}")
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the sha256 of a file (identifies a model's weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class FaceEmbedder:
+    """Detect, align and embed faces with a trained facemeta model.
+
+    model_path: a checkpoint (.safetensors with its .json); None uses :func:`default_model_path`.
+    device: torch device for the model and MTCNN. select: which face of a photo ``embed_file``
+    uses ('largest' or 'confident'). flip: flip test-time augmentation (as in evaluation).
+    """
+
+    def __init__(self, model_path: str | os.PathLike | None = None, device: str = "cpu", select: str = "largest",
+                 flip: bool = True):
+        from facemeta.align.detect import POLICIES
+        from facemeta.models.checkpoint import load_checkpoint
+
+        if select not in POLICIES or select == "all":
+            raise ValueError(f"select must be 'largest' or 'confident', not {select!r}")
+        self.model_path = Path(model_path) if model_path is not None else default_model_path()
+        if self.model_path.suffix != ".safetensors":
+            self.model_path = self.model_path.with_suffix(".safetensors") if self.model_path.suffix == ".json" \
+                else self.model_path
+        self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
+        self.model.to(device).eval()
+        self.device = device
+        self.select = select
+        self.flip = flip
+        self.align_size = int(self.meta.get("align_size", 112))
+        self._detector = None
+        self._fingerprint: str | None = None
+
+    # -- properties
+    @property
+    def detector(self):
+        """The MTCNN detector, built on first use (so embedding aligned faces does not load it)."""
+        if self._detector is None:
+            from facemeta.align.detect import FaceDetector
+
+            self._detector = FaceDetector(device=self.device)
+        return self._detector
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights file, first 16 hex digits (galleries record it)."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self.model_path)
+        return self._fingerprint
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated cosine threshold (same person when score >= threshold), or None."""
+        value = self.meta.get("threshold")
+        return None if value is None else float(value)
+
+    @property
+    def threshold_far(self) -> float | None:
+        """The false-accept rate the threshold was calibrated for (on held-out source identities)."""
+        value = self.meta.get("threshold_far")
+        return None if value is None else float(value)
+
+    @property
+    def embedding_size(self) -> int:
+        """Length of the embedding vectors."""
+        return int(self.model.config.embedding_size)
+
+    # -- embedding
+    def embed_aligned(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E]."""
+        from facemeta.models.backbone import embed
+
+        return embed(self.model, faces, flip=self.flip)
+
+    def _faces(self, image: np.ndarray):
+        """Faces in an image: MTCNN directly, then the alignment pipeline's fallback routes."""
+        from facemeta.align.detect import Face
+        from facemeta.align.pipeline import align_image
+
+        faces = self.detector.detect(image)
+        if faces:
+            return faces
+        res = align_image(image, self.detector, size=self.align_size, select=self.select)
+        if res.face is None or res.landmarks is None:
+            return []
+        pts = np.asarray(res.landmarks, dtype=np.float32)
+        # no box from the fallback: the landmarks' bounds, widened to a face-sized box
+        (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
+        pad_x, pad_y = 0.6 * (x2 - x1), 0.8 * (y2 - y1)
+        box = np.array([x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + 0.5 * pad_y], dtype=np.float32)
+        return [Face(box, float(res.score or 0.0), pts)]
+
+    def _load(self, path: str | os.PathLike) -> np.ndarray:
+        from facemeta.align.image import load_image
+
+        return load_image(path)
+
+    def embed_all(self, path: str | os.PathLike) -> list[tuple[np.ndarray, object]]:
+        """Every face of an image file -> [(unit vector (E,), Face)], most confident first (may be empty)."""
+        from facemeta.align.detect import select_faces
+        from facemeta.align.warp import warp_face
+
+        image = self._load(path)
+        faces = select_faces(self._faces(image), "all")
+        if not faces:
+            return []
+        crops = np.stack([warp_face(image, f.landmarks, self.align_size) for f in faces])
+        vectors = self.embed_aligned(crops)
+        return list(zip(vectors, faces, strict=True))
+
+    def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, object]:
+        """One face of an image file (by the select policy) -> (unit vector (E,), Face); NoFaceError if none."""
+        from facemeta.align.detect import select_faces
+        from facemeta.align.warp import warp_face
+
+        image = self._load(path)
+        faces = self._faces(image)
+        if not faces:
+            raise NoFaceError(f"no face found in {path}")
+        face = select_faces(faces, self.select)[0]
+        crop = warp_face(image, face.landmarks, self.align_size)
+        return self.embed_aligned(crop[None])[0], face
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Cosine similarity of two embeddings (unit vectors: their dot product)."""
+        return float(np.dot(np.asarray(a, np.float32), np.asarray(b, np.float32)))
+
+    def verify(self, path_a: str | os.PathLike, path_b: str | os.PathLike,
+               threshold: float | None = None) -> dict:
+        """Compare the faces of two image files -> {score, threshold, threshold_far, same}."""
+        ea, fa = self.embed_file(path_a)
+        eb, fb = self.embed_file(path_b)
+        thr = self.threshold if threshold is None else float(threshold)
+        if thr is None:
+            raise CheckpointError(f"{self.model_path} has no calibrated threshold; pass --threshold")
+        score = self.similarity(ea, eb)
+        return {"score": score, "threshold": thr,
+                "threshold_far": None if threshold is not None else self.threshold_far,
+                "same": bool(score >= thr), "faces": [fa.to_dict(), fb.to_dict()]}

@@ -1,0 +1,432 @@
+"""Training configuration: YAML presets validated into dataclasses on load.
+
+A preset is a YAML mapping whose sections mirror the dataclasses below. Every key is checked:
+an unknown key, a value of the wrong type or out of range raises ConfigError naming the key
+(for example ``optim.lr: must be > 0, got -1``). Presets shipped with the package live in
+facemeta/configs/ and are found by name (``smoke``, ``cpu``, ``gpu``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from facemeta.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+SET_NAMES = ("lfw", "yaleb", "mfr2", "orl")
+# The leave-one-domain-out protocol of DESIGN.md: targets, and LFW people folds used for training.
+LODO_TARGETS = ("yaleb", "orl", "mfr2")
+LFW_TRAIN_FOLDS = [1, 2, 3, 4, 5]
+
+
+@dataclass
+class ModelSection:
+    """Backbone and embedding head (see facemeta.models.backbone.ModelConfig)."""
+
+    backbone: str = "resnet18"
+    embedding_size: int = 512
+    image_size: int = 112
+    dropout: float = 0.0
+    pretrained_path: str | None = None
+
+
+@dataclass
+class SourceSpec:
+    """One source domain: a shared set, optionally restricted (LFW people folds, size caps).
+
+    ``people_folds`` (LFW only) keeps the people of those folds of people.txt; ``min_images``
+    drops identities with fewer aligned images; ``max_identities`` keeps the first N identities
+    (sorted by name) that qualify; ``limit_per_identity`` keeps the first N images of each.
+    """
+
+    set: str = "lfw"
+    people_folds: list[int] | None = None
+    min_images: int = 2
+    max_identities: int | None = None
+    limit_per_identity: int | None = None
+
+
+@dataclass
+class DataSection:
+    """Which source domains to train on, where the data and the aligned cache live."""
+
+    sources: list[SourceSpec] = field(default_factory=lambda: [
+        SourceSpec(set="lfw", people_folds=list(LFW_TRAIN_FOLDS)), SourceSpec(set="orl"),
+        SourceSpec(set="mfr2")])
+    targets: list[str] = field(default_factory=lambda: ["yaleb"])
+    root: str | None = None
+    cache: str | None = None
+    align_size: int = 112
+    workers: int = 0
+    align_workers: int = 2
+
+
+@dataclass
+class SamplerSection:
+    """Domain-balanced batches: identities per domain x images per identity, from every domain."""
+
+    identities_per_domain: int = 8
+    images_per_identity: int = 2
+
+
+@dataclass
+class OptimSection:
+    """Optimiser, linear warm-up then cosine (or constant) schedule, gradient clipping."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 5.0
+
+
+@dataclass
+class LossSection:
+    """Margin head on the embeddings (insightface's ArcFace or CosFace)."""
+
+    head: Literal["arcface", "cosface"] = "arcface"
+    s: float = 64.0
+    m: float = 0.5
+
+
+@dataclass
+class EvalSection:
+    """Held-out source-domain identities for validation and threshold calibration.
+
+    ``heldout_fraction`` of each source domain's identities (at least ``min_heldout``) never
+    enter training; at the end their all-pairs scores set the verification threshold at
+    false-accept rate ``far``. Unseen targets are never used for calibration.
+    """
+
+    far: float = 1e-3
+    heldout_fraction: float = 0.1
+    min_heldout: int = 4
+    every: int = 0
+    flip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run; see facemeta/configs/*.yaml for annotated presets."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    augment: dict[str, Any] = field(default_factory=dict)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    method: Literal["erm"] = "erm"
+    steps: int = 1000
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    amp: bool = True
+    device: str = "auto"
+    deterministic: bool = True
+    threads: int | None = None
+    output: str = "runs/default"
+    eval: EvalSection = field(default_factory=EvalSection)
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-serialisable) of this config."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    """Readable name of a type annotation for error messages."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown key '{full}' (allowed in {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _convert(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _check(cond: bool, key: str, message: str, value: Any) -> None:
+    """Raise ConfigError `key: message, got value` unless `cond`."""
+    if not cond:
+        raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+def build_augment(values: dict[str, Any]) -> Any:
+    """Validate the `augment` section against facemeta.data.transforms.AugmentConfig."""
+    from facemeta.data.transforms import AugmentConfig
+
+    return _build(AugmentConfig, values, "augment")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range checks across sections; raises ConfigError naming the first bad key."""
+    m, d, s, o, lo, e = cfg.model, cfg.data, cfg.sampler, cfg.optim, cfg.loss, cfg.eval
+    _check(bool(m.backbone), "model.backbone", "must name a timm model", m.backbone)
+    _check(m.embedding_size > 0, "model.embedding_size", "must be > 0", m.embedding_size)
+    _check(16 <= m.image_size <= 1024, "model.image_size", "must be in 16..1024", m.image_size)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+    _check(len(d.sources) >= 1, "data.sources", "needs at least one source domain", d.sources)
+    seen = set()
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _check(src.set in SET_NAMES, f"{key}.set", f"must be one of {', '.join(SET_NAMES)}", src.set)
+        _check(src.set not in seen, f"{key}.set", "is listed twice", src.set)
+        seen.add(src.set)
+        if src.people_folds is not None:
+            _check(src.set == "lfw", f"{key}.people_folds", "applies to lfw only", src.people_folds)
+            _check(bool(src.people_folds) and all(1 <= f <= 10 for f in src.people_folds),
+                   f"{key}.people_folds", "must be fold numbers 1..10", src.people_folds)
+        _check(src.min_images >= 2, f"{key}.min_images", "must be >= 2", src.min_images)
+        _check(src.max_identities is None or src.max_identities >= 2, f"{key}.max_identities",
+               "must be >= 2", src.max_identities)
+        _check(src.limit_per_identity is None or src.limit_per_identity >= 2,
+               f"{key}.limit_per_identity", "must be >= 2", src.limit_per_identity)
+    for i, tgt in enumerate(d.targets):
+        _check(tgt in SET_NAMES, f"data.targets[{i}]", f"must be one of {', '.join(SET_NAMES)}", tgt)
+        _check(tgt not in seen, f"data.targets[{i}]", "is also a source domain (targets must be unseen)", tgt)
+    _check(32 <= d.align_size <= 1024, "data.align_size", "must be in 32..1024", d.align_size)
+    _check(d.workers >= 0, "data.workers", "must be >= 0", d.workers)
+    _check(d.align_workers >= 1, "data.align_workers", "must be >= 1", d.align_workers)
+    _check(s.identities_per_domain >= 2, "sampler.identities_per_domain", "must be >= 2", s.identities_per_domain)
+    _check(s.images_per_identity >= 2, "sampler.images_per_identity", "must be >= 2", s.images_per_identity)
+    _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be > 0 or null", o.grad_clip)
+    _check(lo.s > 0, "loss.s", "must be > 0", lo.s)
+    _check(0 <= lo.m < 1.5, "loss.m", "must be in [0, 1.5)", lo.m)
+    _check(cfg.steps >= 1, "steps", "must be >= 1", cfg.steps)
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)", cfg.checkpoint_every)
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
+    _check(cfg.log_every >= 1, "log_every", "must be >= 1", cfg.log_every)
+    _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+           "must be auto, cpu or cuda[:N]", cfg.device)
+    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
+    _check(bool(cfg.output), "output", "must be a folder", cfg.output)
+    _check(0 < e.far < 1, "eval.far", "must be in (0, 1)", e.far)
+    _check(0 < e.heldout_fraction < 1, "eval.heldout_fraction", "must be in (0, 1)", e.heldout_fraction)
+    _check(e.min_heldout >= 2, "eval.min_heldout", "must be >= 2", e.min_heldout)
+    _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
+    build_augment(cfg.augment)
+    return cfg
+
+
+# ---------------------------------------------------------------- loading
+def preset_names() -> list[str]:
+    """Names of the presets shipped in facemeta/configs/."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path_or_name: str | Path) -> Path:
+    """A YAML path as given, else the shipped preset of that name; ConfigError if neither exists."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{path_or_name}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"no config file or preset named '{path_or_name}' "
+                      f"(presets: {', '.join(preset_names())})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; ConfigError on unreadable or malformed files."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of `data` with dotted overrides applied (``["optim.lr=0.05", "steps=10"]``).
+
+    Values are parsed as YAML (so ``true``, ``3``, ``[1, 2]`` keep their types).
+    """
+    data = copy.deepcopy(data)
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if isinstance(overrides, list):
+        parsed = []
+        for text in overrides:
+            if "=" not in text:
+                raise ConfigError(f"override '{text}' must look like key=value (for example optim.lr=0.05)")
+            key, raw = text.split("=", 1)
+            try:
+                parsed.append((key.strip(), yaml.safe_load(raw)))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override '{text}': bad value") from exc
+        items = parsed
+    for key, value in items:
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def leave_one_out(data: dict[str, Any], target: str) -> dict[str, Any]:
+    """Rewrite sources/targets for DESIGN.md's protocol: LFW folds 1-5 + the other two small sets.
+
+    Settings of an existing source (caps, min_images) are kept where that set stays a source.
+    """
+    if target not in LODO_TARGETS:
+        raise ConfigError(f"--leave-out must be one of {', '.join(LODO_TARGETS)}, got {target!r}")
+    data = copy.deepcopy(data)
+    section = data.setdefault("data", {}) or {}
+    data["data"] = section
+    old = {s.get("set"): s for s in section.get("sources") or [] if isinstance(s, dict)}
+    sources = []
+    for name in ["lfw", *[t for t in LODO_TARGETS if t != target]]:
+        spec = dict(old.get(name, {"set": name}))
+        if name == "lfw":
+            spec["people_folds"] = list(LFW_TRAIN_FOLDS)
+        sources.append(spec)
+    section["sources"] = sources
+    section["targets"] = [target]
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Validate a nested mapping into a TrainConfig (ConfigError on any bad key or value)."""
+    return validate(_build(TrainConfig, data))
+
+
+def load_config(path_or_name: str | Path, overrides: list[str] | dict[str, Any] | None = None,
+                leave_out: str | None = None) -> TrainConfig:
+    """Load a preset (by file path or shipped name) and validate it into a TrainConfig.
+
+    `overrides` are dotted ``key=value`` strings or a dict of dotted keys; `leave_out` applies
+    the leave-one-domain-out protocol for that target. The preset's file stem becomes
+    ``name`` unless the file sets one.
+    """
+    path = resolve_config_path(path_or_name)
+    data = read_yaml(path)
+    data.setdefault("name", path.stem)
+    if leave_out:
+        data = leave_one_out(data, leave_out)
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data)
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the config as YAML atomically (beside a run's outputs, for the record)."""
+    from facemeta.atomic import atomic_write
+
+    path = Path(path)
+    with atomic_write(path) as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    return path

@@ -1,0 +1,94 @@
+"""Distributed data parallel helpers: torchrun environment, process group (gloo on CPU, nccl on CUDA).
+
+Run a preset on N processes with ``torchrun --nproc_per_node N -m facemeta train CONFIG`` or
+``facemeta train CONFIG --nproc N`` (which spawns the processes itself via :func:`launch`). Every
+process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment; outside torchrun the world is
+one process and every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) outside it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join the process group when WORLD_SIZE > 1: nccl for CUDA devices, gloo for CPU."""
+    _, world, local = env_ranks()
+    if world <= 1 or is_distributed():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend)
+
+
+def destroy_process_group() -> None:
+    """Leave the process group (if one was joined)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `module` on `device` (gradients averaged across processes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(module, device_ids=[device.index], output_device=device.index)
+    return DistributedDataParallel(module)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for the rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], resume: bool, threads: int | None) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if threads:
+        torch.set_num_threads(threads)
+    from facemeta.train.config import config_from_dict
+    from facemeta.train.trainer import Trainer
+
+    Trainer(config_from_dict(cfg_dict), resume=resume, progress=rank == 0).fit()
+
+
+def launch(cfg: Any, nproc: int, resume: bool = False, threads: int | None = None) -> str:
+    """Train `cfg` (a TrainConfig) on `nproc` local processes (torch.multiprocessing spawn); returns the model path.
+
+    The same as torchrun with --nproc_per_node nproc on one machine; a failing process raises here.
+    """
+    import torch.multiprocessing as mp
+
+    if nproc < 1:
+        raise ValueError("nproc must be >= 1")
+    port = free_port()
+    mp.spawn(_worker, args=(nproc, port, cfg.to_dict(), resume, threads), nprocs=nproc, join=True)
+    return os.path.join(cfg.output, "model.safetensors")
