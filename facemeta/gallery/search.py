@@ -1,0 +1,346 @@
+"""FAISS side of the gallery: index kinds, the stamped index file, and identity-level ranking.
+
+Everything here works on unit vectors compared by inner product (cosine similarity) with int64
+embedding ids. It knows nothing about SQLite: store.py owns the records and calls these functions.
+
+Index kinds (``IndexSpec.kind``):
+- ``flat``: exact search (IndexIDMap2 over IndexFlatIP). The default; removal is native.
+- ``hnsw``: graph search (IndexHNSWFlat, ``m``, ``ef_construction``, ``ef_search``). HNSW cannot
+  delete, so removed ids become *tombstones* excluded at search time with an IDSelector; the index
+  is rebuilt once tombstones pass a quarter of it.
+- ``ivf`` / ``ivf_sq8``: inverted lists (IndexIVFFlat or IndexIVFScalarQuantizer with 8-bit codes,
+  ``nlist``, ``nprobe``). IVF must be trained on enough vectors (``MIN_POINTS_PER_LIST`` per list);
+  until the gallery holds that many the index is exact flat, and it is trained when it grows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from facemeta.atomic import atomic_write
+from facemeta.errors import GalleryError
+
+KINDS = ("flat", "hnsw", "ivf", "ivf_sq8")
+SCORINGS = ("best", "mean")
+MAGIC = b"FMGIDX01"
+MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
+MAX_TRAIN_POINTS_PER_LIST = 256  # FAISS samples at most this many per centroid anyway
+TOMBSTONE_FRACTION = 0.25  # rebuild an HNSW index once this share of it is deleted
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which FAISS index a gallery uses and its knobs (stored in the gallery at creation).
+
+    ``nlist=0`` means automatic: about 4*sqrt(N) lists, a power of two, chosen when IVF is trained.
+    """
+
+    kind: str = "flat"
+    m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    nlist: int = 0
+    nprobe: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise GalleryError(f"unknown index kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        for name in ("m", "ef_construction", "ef_search", "nprobe"):
+            if int(getattr(self, name)) < 1:
+                raise GalleryError(f"index setting {name} must be >= 1, got {getattr(self, name)}")
+        if int(self.nlist) < 0:
+            raise GalleryError(f"index setting nlist must be >= 0, got {self.nlist}")
+
+    def to_json(self) -> str:
+        """Serialise for the gallery's meta table."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexSpec:
+        """Parse what to_json wrote; unknown or bad fields raise GalleryError."""
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise GalleryError(f"bad index settings in the gallery: {text!r} ({exc})") from None
+
+    def with_search(self, ef_search: int | None = None, nprobe: int | None = None) -> IndexSpec:
+        """A copy with other search-time knobs (they can change without rebuilding)."""
+        return replace(self, ef_search=ef_search or self.ef_search, nprobe=nprobe or self.nprobe)
+
+
+def auto_nlist(n: int) -> int:
+    """About 4*sqrt(n) inverted lists, rounded to a power of two, at least 16."""
+    return max(16, 2 ** round(math.log2(max(1.0, 4.0 * math.sqrt(n)))))
+
+
+def ivf_nlist(spec: IndexSpec, n: int) -> int:
+    """The number of lists IVF would use for n vectors, or 0 when n is too few to train."""
+    nlist = spec.nlist or auto_nlist(n)
+    return nlist if n >= MIN_POINTS_PER_LIST * nlist else 0
+
+
+@dataclass
+class BuiltIndex:
+    """A FAISS index plus what the gallery needs to know about it.
+
+    ``kind`` is the kind actually built ("flat" while an IVF gallery is too small to train);
+    ``tombstones`` are ids still inside an HNSW index but deleted from the gallery;
+    ``trained_on`` is the gallery size when IVF was trained (it is retrained after 8x growth).
+    """
+
+    index: faiss.Index
+    spec: IndexSpec
+    kind: str
+    dim: int
+    tombstones: set[int] = field(default_factory=set)
+    trained_on: int = 0
+    nlist: int = 0
+
+    @property
+    def count(self) -> int:
+        """Live vectors in the index (tombstones excluded)."""
+        return int(self.index.ntotal) - len(self.tombstones)
+
+    def header(self) -> dict:
+        """What the index file records about this index (generation and checksum are added on save)."""
+        return {"kind": self.kind, "spec": asdict(self.spec), "dim": self.dim, "count": self.count,
+                "ntotal": int(self.index.ntotal), "tombstones": sorted(self.tombstones),
+                "trained_on": self.trained_on, "nlist": self.nlist}
+
+
+def _flat(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def empty_index(spec: IndexSpec, dim: int) -> BuiltIndex:
+    """An empty index of the spec's kind (IVF starts as flat until it can be trained)."""
+    if spec.kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, spec.m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = spec.ef_construction
+        inner.hnsw.efSearch = spec.ef_search
+        return BuiltIndex(faiss.IndexIDMap2(inner), spec, "hnsw", dim)
+    return BuiltIndex(_flat(dim), spec, "flat", dim)
+
+
+def build_index(spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, seed: int = 1234) -> BuiltIndex:
+    """Build an index of the spec's kind over vectors with the given int64 ids (training IVF when possible)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n = len(ids)
+    if spec.kind in ("ivf", "ivf_sq8") and ivf_nlist(spec, n):
+        nlist = ivf_nlist(spec, n)
+        quantizer = faiss.IndexFlatIP(dim)
+        if spec.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        sample = vectors
+        limit = MAX_TRAIN_POINTS_PER_LIST * nlist
+        if n > limit:
+            rng = np.random.default_rng(seed)
+            sample = vectors[np.sort(rng.choice(n, limit, replace=False))]
+        index.train(sample)
+        index.nprobe = spec.nprobe
+        built = BuiltIndex(index, spec, spec.kind, dim, trained_on=n, nlist=nlist)
+    else:
+        built = empty_index(spec, dim)
+    if n:
+        # Add in chunks so FAISS's temporary buffers stay small for 10^6 vectors.
+        for start in range(0, n, 65536):
+            built.index.add_with_ids(vectors[start:start + 65536], ids[start:start + 65536])
+    return built
+
+
+def needs_rebuild(built: BuiltIndex) -> bool:
+    """True when the index should be rebuilt from the records: IVF now trainable or outgrown, or
+    HNSW carrying too many tombstones."""
+    if built.spec.kind in ("ivf", "ivf_sq8"):
+        if built.kind == "flat":
+            return bool(ivf_nlist(built.spec, built.count))
+        return built.spec.nlist == 0 and built.count >= 8 * max(1, built.trained_on)
+    if built.kind == "hnsw":
+        return len(built.tombstones) > TOMBSTONE_FRACTION * max(1, int(built.index.ntotal))
+    return False
+
+
+def add_vectors(built: BuiltIndex, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Add vectors under their ids."""
+    if len(ids):
+        built.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                 np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def remove_ids(built: BuiltIndex, ids: np.ndarray | list[int]) -> None:
+    """Remove ids (natively for flat and IVF; as tombstones for HNSW). Absent ids are ignored."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(ids):
+        return
+    if built.kind == "hnsw":
+        built.tombstones.update(int(i) for i in ids)
+    else:
+        built.index.remove_ids(ids)
+
+
+def set_search_params(built: BuiltIndex, spec: IndexSpec) -> None:
+    """Apply search-time knobs (efSearch, nprobe) to the index in place."""
+    if built.kind == "hnsw":
+        faiss.downcast_index(built.index.index).hnsw.efSearch = spec.ef_search
+    elif built.kind in ("ivf", "ivf_sq8"):
+        faiss.extract_index_ivf(built.index).nprobe = spec.nprobe
+
+
+def search_vectors(built: BuiltIndex, queries: np.ndarray, k: int,
+                   gpu_index: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k stored embeddings per query: (scores [n,k], ids [n,k]; id -1 where fewer exist)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = max(1, min(int(k), max(1, built.count)))
+    if built.tombstones:
+        dead = faiss.IDSelectorBatch(np.fromiter(built.tombstones, dtype=np.int64))
+        params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorNot(dead), efSearch=built.spec.ef_search)
+        return built.index.search(queries, k, params=params)
+    index = gpu_index if gpu_index is not None else built.index
+    return index.search(queries, k)
+
+
+def to_gpu(built: BuiltIndex) -> faiss.Index | None:
+    """A GPU copy of a flat or IVF index when FAISS has GPUs, else None (HNSW stays on the CPU)."""
+    if built.kind == "hnsw" or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() < 1:
+        return None
+    try:
+        return faiss.index_cpu_to_all_gpus(built.index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The index file: MAGIC, u32 header length, JSON header (generation, crc32, sizes...), FAISS bytes.
+
+def save_index(built: BuiltIndex, path: Path, generation: int, fingerprint: str) -> None:
+    """Write the index atomically (temporary file, fsync, rename), stamped with the generation."""
+    payload = faiss.serialize_index(built.index)
+    view = memoryview(payload)
+    header = built.header() | {"generation": int(generation), "fingerprint": fingerprint,
+                               "payload_len": len(payload), "crc32": zlib.crc32(view)}
+    head = json.dumps(header, sort_keys=True).encode()
+    with atomic_write(path, "wb") as fh:
+        fh.write(MAGIC)
+        fh.write(struct.pack("<I", len(head)))
+        fh.write(head)
+        fh.write(view)
+
+
+def read_index_header(path: Path) -> dict:
+    """Read and check only the header of an index file (GalleryError when it is not one)."""
+    with open(path, "rb") as fh:
+        return _read_header(fh, path)
+
+
+def _read_header(fh, path: Path) -> dict:
+    magic = fh.read(len(MAGIC))
+    if magic != MAGIC:
+        raise GalleryError(f"{path} is not a facemeta gallery index (bad magic bytes)")
+    raw = fh.read(4)
+    if len(raw) != 4:
+        raise GalleryError(f"{path} is truncated (no header)")
+    (n,) = struct.unpack("<I", raw)
+    if n > 1 << 30:
+        raise GalleryError(f"{path} is corrupt (header length {n})")
+    head = fh.read(n)
+    try:
+        header = json.loads(head)
+        for key in ("generation", "crc32", "payload_len", "dim", "kind", "spec", "ntotal", "count"):
+            header[key]  # noqa: B018 - presence check
+    except (ValueError, KeyError, TypeError):
+        raise GalleryError(f"{path} is corrupt (unreadable header)") from None
+    return header
+
+
+def load_index(path: Path) -> tuple[BuiltIndex, dict]:
+    """Read an index file, verify its checksum and shape, and return it with its header.
+
+    Raises GalleryError (never crashes) when the file is truncated, corrupt or not an index:
+    the checksum is verified before FAISS parses a single byte.
+    """
+    try:
+        with open(path, "rb") as fh:
+            header = _read_header(fh, path)
+            payload = np.fromfile(fh, dtype=np.uint8)
+    except OSError as exc:
+        raise GalleryError(f"cannot read gallery index {path}: {exc.strerror or exc}") from None
+    if len(payload) != header["payload_len"]:
+        raise GalleryError(f"{path} is truncated or padded ({len(payload)} of {header['payload_len']} bytes)")
+    if zlib.crc32(memoryview(payload)) != header["crc32"]:
+        raise GalleryError(f"{path} is corrupt (checksum mismatch)")
+    try:
+        index = faiss.deserialize_index(payload)
+    except RuntimeError as exc:
+        raise GalleryError(f"{path} is corrupt (FAISS cannot read it: {str(exc).splitlines()[0][:120]})") from None
+    spec = IndexSpec(**header["spec"])
+    if index.d != header["dim"] or index.ntotal != header["ntotal"]:
+        raise GalleryError(f"{path} is corrupt (index shape disagrees with its header)")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise GalleryError(f"{path} does not use inner-product search")
+    built = BuiltIndex(index, spec, header["kind"], int(header["dim"]), set(header["tombstones"]),
+                       int(header.get("trained_on", 0)), int(header.get("nlist", 0)))
+    set_search_params(built, spec)
+    return built, header
+
+
+# ---------------------------------------------------------------------------------------------
+# From embedding hits to identities.
+
+def rank_identities(scores: np.ndarray, ids: np.ndarray, identity_of: dict[int, int], k: int) -> list[tuple[int, float, int]]:
+    """Best-match ranking: the first k distinct identities among hits sorted by score.
+
+    Returns (identity_id, score, embedding_id) tuples; an identity's score is its best embedding's.
+    """
+    out: list[tuple[int, float, int]] = []
+    seen: set[int] = set()
+    for score, eid in zip(scores.tolist(), ids.tolist(), strict=True):
+        if eid < 0:
+            continue
+        ident = identity_of.get(eid)
+        if ident is None or ident in seen:
+            continue
+        seen.add(ident)
+        out.append((ident, float(score), int(eid)))
+        if len(out) == k:
+            break
+    return out
+
+
+def mean_scores(query: np.ndarray, vectors_by_identity: dict[int, tuple[np.ndarray, np.ndarray]]
+                ) -> list[tuple[int, float, int]]:
+    """Mean-match scores: each identity's mean cosine over all its embeddings (and its best embedding id)."""
+    out = []
+    for ident, (eids, vecs) in vectors_by_identity.items():
+        sims = vecs @ query
+        out.append((ident, float(sims.mean()), int(eids[int(np.argmax(sims))])))
+    out.sort(key=lambda t: -t[1])
+    return out
+
+
+def index_ids(built: BuiltIndex) -> np.ndarray:
+    """Every id stored in the index (tombstones included), sorted: the open-time consistency check
+    compares these with the database's ids."""
+    index = built.index
+    if hasattr(index, "id_map"):
+        ids = faiss.vector_to_array(index.id_map)
+    else:
+        ivf = faiss.extract_index_ivf(index)
+        inv = ivf.invlists
+        parts = [faiss.rev_swig_ptr(inv.get_ids(lst), inv.list_size(lst)).copy()
+                 for lst in range(ivf.nlist) if inv.list_size(lst)]
+        ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return np.sort(ids.astype(np.int64))
