@@ -159,6 +159,27 @@ def _db_errors(path: Path) -> Iterator[None]:
         raise GalleryError(f"gallery database {path} is corrupt: {exc}") from None
 
 
+def _check_sqlite_header(db: Path) -> None:
+    """Refuse a database file that is not SQLite or is shorter than its own header says (truncated),
+    before SQLite touches it: such damage may otherwise surface only when a damaged page is read."""
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(100)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise GalleryError(f"cannot read gallery database {db}: {exc.strerror or exc}") from None
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        raise GalleryError(f"{db} is not an SQLite database (corrupt or overwritten)")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    counter, valid_for = head[24:28], head[92:96]
+    if page < 512 or page & (page - 1):
+        raise GalleryError(f"{db} is corrupt (bad page size {page})")
+    if counter == valid_for and pages and pages * page > size:
+        raise GalleryError(f"{db} is truncated ({size} bytes, its header says {pages * page})")
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str):
         raise GalleryError(f"an identity name must be a string, got {type(name).__name__}")
@@ -263,6 +284,7 @@ class Gallery:
         db = path / DB_NAME
         if not db.is_file():
             raise GalleryError(f"no gallery at {path} (missing {DB_NAME})")
+        _check_sqlite_header(db)
         lock = None
         if mode == "w":
             lock = WriterLock(path / LOCK_NAME)
