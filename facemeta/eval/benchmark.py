@@ -108,8 +108,10 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
                               "backbone": model.config.backbone}
     if pairs is not None:
         m = match_pairs(rows, pairs)
-        if m.ia.size == 0:
-            raise ValueError("none of the pairs has both images among the rows")
+        if m.ia.size == 0 or m.same.all() or not m.same.any():
+            raise ValueError(f"{m.ia.size} of {len(pairs)} pairs have both images among the {len(rows)} rows "
+                             f"({int(m.same.sum())} same, {int((~m.same).sum())} different); "
+                             "verification needs both kinds")
         scores = pair_scores(emb, m.ia, m.ib)
         folds = m.fold if np.unique(m.fold).size >= 2 else 10
         result["protocol"] = "pairs"
@@ -117,6 +119,9 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
         result.update(verification_metrics(scores, m.same, folds, far_levels))
     else:
         ia, ib, same = all_pairs(ids)
+        if same.all() or not same.any():
+            raise ValueError(f"all pairs of {len(rows)} rows of {result['n_identities']} identities are "
+                             f"{'same' if same.all() else 'different'}-identity pairs; verification needs both")
         scores = pair_scores(emb, ia, ib)
         del ia, ib
         result["protocol"] = "all_pairs"
