@@ -108,6 +108,7 @@ def run_worker(kind: str, spec: dict) -> dict:
 
 
 def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages (how busy the shared CPUs were)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
