@@ -1,0 +1,140 @@
+"""MTCNN face detection (facenet-pytorch): boxes, scores and five landmarks, batched over images.
+
+Only ``MTCNN.detect(..., landmarks=True)`` is used; its ``forward()`` box crops are not an
+alignment (the warp lives in warp.py).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+POLICIES = ("largest", "confident", "all")
+
+
+@dataclass
+class Face:
+    """One detected face: box (x1, y1, x2, y2), detector probability, 5x2 landmarks (image pixels)."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+    @property
+    def area(self) -> float:
+        """Box area in pixels (for the 'largest' policy)."""
+        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
+
+    def shifted(self, dx: float, dy: float, scale: float = 1.0) -> Face:
+        """The same face in another frame: coordinates scaled by `scale`, then moved by (dx, dy)."""
+        off = np.array([dx, dy], dtype=np.float32)
+        box = self.box * scale + np.concatenate([off, off])
+        return Face(box.astype(np.float32), self.score, (self.landmarks * scale + off).astype(np.float32))
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: box, score, landmarks as plain lists."""
+        return {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 5),
+                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks]}
+
+
+def select_faces(faces: Sequence[Face], policy: str = "largest") -> list[Face]:
+    """Pick faces by policy: 'largest' box, most 'confident' score, or 'all' (most confident first)."""
+    if policy not in POLICIES:
+        raise ValueError(f"face selection policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    if not faces:
+        return []
+    if policy == "largest":
+        return [max(faces, key=lambda f: f.area)]
+    if policy == "confident":
+        return [max(faces, key=lambda f: f.score)]
+    return sorted(faces, key=lambda f: -f.score)
+
+
+class FaceDetector:
+    """facenet-pytorch MTCNN wrapper that batches equal-sized images and returns Face lists.
+
+    min_face_size and thresholds are MTCNN's (P-, R-, O-Net probabilities). Images larger than
+    `max_side` pixels are shrunk for detection (coordinates are mapped back), which bounds the
+    cost of MTCNN's image pyramid on large photos. `batch_size` caps how many images go through
+    the networks at once.
+    """
+
+    def __init__(self, device: str = "cpu", min_face_size: int = 20,
+                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), max_side: int = 1600, batch_size: int = 32):
+        from facenet_pytorch import MTCNN
+
+        self.device = device
+        self.min_face_size = int(min_face_size)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.max_side = int(max_side)
+        self.batch_size = int(batch_size)
+        self.mtcnn = MTCNN(keep_all=True, select_largest=False, min_face_size=self.min_face_size,
+                           thresholds=list(self.thresholds), post_process=False, device=device)
+
+    def detect(self, image: np.ndarray, thresholds: Sequence[float] | None = None) -> list[Face]:
+        """Every face in one RGB uint8 image, most confident first."""
+        return self.detect_batch([image], thresholds)[0]
+
+    def detect_batch(self, images: Sequence[np.ndarray],
+                     thresholds: Sequence[float] | None = None) -> list[list[Face]]:
+        """Faces of each image (most confident first); images of equal size share one MTCNN call.
+
+        `thresholds` overrides the detector's thresholds for this call (used by the relaxed fallback).
+        """
+        prepared: list[np.ndarray] = []
+        scales: list[float] = []
+        for img in images:
+            img, scale = self._prepare(img)
+            prepared.append(img)
+            scales.append(scale)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, img in enumerate(prepared):
+            groups[img.shape].append(i)
+        results: list[list[Face]] = [[] for _ in images]
+        saved = self.mtcnn.thresholds
+        if thresholds is not None:
+            self.mtcnn.thresholds = [float(t) for t in thresholds]
+        try:
+            for idx in groups.values():
+                for start in range(0, len(idx), self.batch_size):
+                    chunk = idx[start:start + self.batch_size]
+                    batch = np.stack([prepared[i] for i in chunk])
+                    boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
+                    for j, i in enumerate(chunk):
+                        results[i] = _faces(boxes[j], probs[j], points[j], 1.0 / scales[i])
+        finally:
+            self.mtcnn.thresholds = saved
+        return results
+
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Make an RGB uint8 array no larger than max_side; return it and the scale applied."""
+        img = np.asarray(image)
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        elif img.ndim == 3 and img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 RGB image, got shape {img.shape}")
+        if img.dtype != np.uint8:
+            img = np.clip(img, 0, 255).astype(np.uint8)
+        scale = 1.0
+        h, w = img.shape[:2]
+        if max(h, w) > self.max_side:
+            scale = self.max_side / max(h, w)
+            img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                             interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(img), scale
+
+
+def _faces(boxes, probs, points, inv_scale: float) -> list[Face]:
+    """Turn one image's MTCNN output into Face objects sorted by score."""
+    if boxes is None or len(boxes) == 0:
+        return []
+    faces = [Face(np.asarray(b, dtype=np.float32) * inv_scale, float(p),
+                  np.asarray(pt, dtype=np.float32).reshape(5, 2) * inv_scale)
+             for b, p, pt in zip(boxes, probs, points, strict=True) if p is not None]
+    return sorted(faces, key=lambda f: -f.score)

@@ -1,0 +1,445 @@
+"""Folder/manifest -> aligned faces: detection with ordered fallbacks, worker processes, resumable.
+
+Routes, tried in this order for each image until one yields landmarks (recorded as ``route``):
+
+1. ``direct``: MTCNN on the image as it is.
+
+On every route a detection is refused when its box leaves the canvas the detector saw (box_inside)
+or its landmarks fall outside the image (landmarks_inside): on a tight crop MTCNN otherwise
+returns a box larger than the frame with extrapolated, too widely spread points. For sets
+declared pre-cropped, boxes narrower than PRE_CROPPED_MIN_FACE of the image are refused too
+(a nose or an eye mistaken for a small face).
+2. ``padded``: the canvas padded with black by PAD_FRACTION of its size on every side. Tightly
+   cropped faces (Extended Yale B, ORL) fill the frame, and MTCNN needs some context around a face.
+3. ``equalised``: the padded image in grey with CLAHE contrast equalisation (dark, side-lit faces).
+4. ``relaxed``: the equalised image with lower detector thresholds (RELAXED_THRESHOLDS); a face
+   found this way is kept only if its landmarks fit the template well (fit error below MAX_FIT_ERROR).
+5. ``template-crop`` (only for sets declared pre-cropped): no landmarks; the image is warped as
+   if the points sat where they sit in the other images of the same identity (median of their
+   detected landmarks as fractions of width/height), else of the whole set, else PRECROPPED_LAYOUT.
+   In a folder job on a pre-cropped set, a detection whose eye distance is more than
+   SCALE_TOLERANCE off its identity's median is also replaced by the template crop (faces in
+   such a set all have about the same size; a wrong relaxed detection does not).
+
+Landmarks found on a padded/equalised image are mapped back, and the *original* pixels are warped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facemeta.align.detect import Face, FaceDetector, select_faces
+from facemeta.align.image import load_image
+from facemeta.align.warp import alignment_matrix, template, template_crop, transform_points, warp_face
+from facemeta.data.manifest import ManifestRow, format_landmarks, parse_landmarks, write_manifest
+from facemeta.errors import FacemetaError, ImageReadError
+
+ROUTES = ("direct", "padded", "equalised", "relaxed", "template-crop")
+SELECT = ("largest", "confident", "single")
+PAD_FRACTION = 0.5
+CLAHE_CLIP, CLAHE_TILES = 3.0, 8
+RELAXED_THRESHOLDS = (0.4, 0.5, 0.5)
+BOX_TOLERANCE = 0.1  # a detection box may leave the canvas by at most this fraction of its size
+PRE_CROPPED_MIN_FACE = 0.4  # in a pre-cropped image the face box spans at least this much of the short side
+MAX_FIT_ERROR = 8.0
+SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median  # mean landmark distance to the 112-px template after the fit, in pixels
+PRE_CROPPED_SETS = ("yaleb", "orl")
+JOURNAL = ".align-journal.jsonl"
+CONFIG = ".align-config.json"
+
+
+@dataclass
+class AlignResult:
+    """Outcome for one image: the aligned face (or None), the route taken, detector score, landmarks
+    (in the source image's pixels; None for a template crop), an error reason when it failed, the
+    number of faces the detector saw, and the mean distance (112-px scale) of the fitted landmarks
+    to the template."""
+
+    face: np.ndarray | None
+    route: str
+    score: float | None
+    landmarks: np.ndarray | None
+    error: str | None
+    faces: int = 0
+    fit_error: float | None = None
+
+
+def fit_error(landmarks: np.ndarray) -> float:
+    """Mean distance, in 112-px template pixels, between fitted landmarks and the template."""
+    matrix = alignment_matrix(landmarks, 112)
+    return float(np.linalg.norm(transform_points(landmarks, matrix) - template(112), axis=1).mean())
+
+
+def box_inside(box: np.ndarray, width: int, height: int, tolerance: float = BOX_TOLERANCE) -> bool:
+    """True when a detection box stays in the canvas MTCNN saw, up to `tolerance` of the box size
+    on each side. A box reaching far past the frame means the detector saw only part of a face
+    (a tight crop) and extrapolated its box and points, which then come out too large."""
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    tx, ty = tolerance * (x2 - x1), tolerance * (y2 - y1)
+    return x1 >= -tx and y1 >= -ty and x2 <= width - 1 + tx and y2 <= height - 1 + ty
+
+
+def landmarks_inside(landmarks: np.ndarray, width: int, height: int, margin: float = 2.0) -> bool:
+    """True when all five points lie in the image (within `margin` px). On a face cropped tighter
+    than MTCNN expects, a detection can cover the whole frame with points extrapolated beyond it:
+    those points are guesses, so such a detection is refused and the padded route takes over."""
+    pts = np.asarray(landmarks)
+    return bool((pts[:, 0] >= -margin).all() and (pts[:, 0] <= width - 1 + margin).all()
+                and (pts[:, 1] >= -margin).all() and (pts[:, 1] <= height - 1 + margin).all())
+
+
+def _pad(image: np.ndarray) -> tuple[np.ndarray, int, int]:
+    h, w = image.shape[:2]
+    py, px = int(h * PAD_FRACTION), int(w * PAD_FRACTION)
+    return cv2.copyMakeBorder(image, py, py, px, px, cv2.BORDER_CONSTANT, value=(0, 0, 0)), px, py
+
+
+def _equalise(image: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    eq = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(grey)
+    return np.repeat(eq[:, :, None], 3, axis=2)
+
+
+def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int = 112,
+                pre_cropped: bool = False, select: str = "largest",
+                layouts: Sequence[np.ndarray | None] | None = None,
+                crop_fallback: bool | None = None) -> list[AlignResult]:
+    """Align several RGB images at once: each fallback route runs as one batched detector call
+    over the images still without a face. `layouts` (per image, fractions of w/h) feed the
+    template crop of pre-cropped images; None uses the default layout. `crop_fallback=False`
+    leaves pre-cropped images without a face as failures (the folder job crops them later, with
+    layouts learnt from the rest of the set)."""
+    if crop_fallback is None:
+        crop_fallback = pre_cropped
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
+    results: list[AlignResult | None] = [None] * len(images)
+    todo = list(range(len(images)))
+    padded: dict[int, tuple[np.ndarray, int, int]] = {}
+    for route in ROUTES[:4]:
+        if not todo:
+            break
+        if route == "direct":
+            inputs, offsets = [images[i] for i in todo], [(0, 0)] * len(todo)
+        else:
+            for i in todo:
+                if i not in padded:
+                    padded[i] = _pad(images[i])
+            inputs = [padded[i][0] if route == "padded" else _equalise(padded[i][0]) for i in todo]
+            offsets = [(padded[i][1], padded[i][2]) for i in todo]
+        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if route == "relaxed" else None)
+        still = []
+        for i, faces, canvas, (px, py) in zip(todo, found, inputs, offsets, strict=True):
+            h, w = images[i].shape[:2]
+            faces = [f for f in faces if box_inside(f.box, canvas.shape[1], canvas.shape[0])]
+            faces = [f for f in (f.shifted(-px, -py) for f in faces) if landmarks_inside(f.landmarks, w, h)]
+            if pre_cropped:
+                faces = [f for f in faces if f.box[2] - f.box[0] >= PRE_CROPPED_MIN_FACE * min(w, h)]
+            if route == "relaxed":
+                faces = [f for f in faces if fit_error(f.landmarks) <= MAX_FIT_ERROR]
+            if not faces:
+                still.append(i)
+                continue
+            results[i] = _from_faces(images[i], faces, route, size, select)
+        todo = still
+    for i in todo:
+        if crop_fallback:
+            layout = layouts[i] if layouts is not None else None
+            results[i] = AlignResult(template_crop(images[i], size, layout), "template-crop", None, None, None)
+        else:
+            results[i] = AlignResult(None, "none", None, None, "no face")
+    return results  # type: ignore[return-value]
+
+
+def _from_faces(image: np.ndarray, faces: list[Face], route: str, size: int, select: str) -> AlignResult:
+    if select == "single" and len(faces) > 1:
+        return AlignResult(None, route, None, None, f"several faces ({len(faces)})", faces=len(faces))
+    face = select_faces(faces, "confident" if select == "confident" else "largest")[0]
+    return AlignResult(warp_face(image, face.landmarks, size), route, face.score, face.landmarks, None,
+                       faces=len(faces), fit_error=fit_error(face.landmarks))
+
+
+def align_image(image: np.ndarray, detector: FaceDetector, size: int = 112, pre_cropped: bool = False,
+                select: str = "largest", layout: np.ndarray | None = None) -> AlignResult:
+    """Align one RGB image through the fallback routes (see the module docstring)."""
+    return align_batch([image], detector, size, pre_cropped, select, [layout])[0]
+
+
+# ----------------------------------------------------------------------------- folder jobs
+
+_WORKER: dict = {}
+
+
+def _init_worker(detector_kwargs: dict) -> None:
+    """Worker process start: one torch thread (processes give the parallelism) and one detector."""
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER["detector"] = FaceDetector(**detector_kwargs)
+
+
+def _process_chunk(task: tuple[list[tuple[str, str]], int, str, bool, dict | None]) -> list[dict]:
+    """Load, align (without the template crop, done later with set-wide layouts) and save a chunk."""
+    items, size, select, pre_cropped, detector_kwargs = task
+    detector = _WORKER.get("detector")
+    if detector is None:
+        detector = _WORKER["detector"] = FaceDetector(**(detector_kwargs or {}))
+    records: list[dict] = []
+    loaded: list[tuple[int, np.ndarray]] = []
+    for k, (src, _out) in enumerate(items):
+        rec = {"src": src, "ok": False}
+        records.append(rec)
+        try:
+            img = load_image(src)
+        except ImageReadError as exc:
+            rec.update(reason="unreadable", detail=str(exc))
+            continue
+        rec.update(width=int(img.shape[1]), height=int(img.shape[0]))
+        loaded.append((k, img))
+    results = align_batch([img for _, img in loaded], detector, size, pre_cropped, select, crop_fallback=False)
+    for (k, _), res in zip(loaded, results, strict=True):
+        rec = records[k]
+        if res.face is None:
+            reason = "several faces" if res.error and res.error.startswith("several") else "no face"
+            rec.update(reason=reason, detail=res.error or "", faces=res.faces)
+            continue
+        _save_png(res.face, items[k][1])
+        rec.update(ok=True, route=res.route, score=round(float(res.score), 5), faces=res.faces,
+                   landmarks=format_landmarks(res.landmarks), fit_error=round(float(res.fit_error), 3))
+    return records
+
+
+def _save_png(face: np.ndarray, out: str) -> None:
+    """Write an RGB face as PNG via a temporary name, so a half-written file never counts as done."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.png")
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(face, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write {out}")
+    os.replace(tmp, out_path)
+
+
+def _output_paths(rows: Sequence[ManifestRow], dst: Path) -> list[Path]:
+    """Aligned PNG path of each row: DST/<relpath or path below the sources' common folder>.png."""
+    if not rows:
+        return []
+    if all(r.extra.get("relpath") for r in rows):
+        rels = [Path(r.extra["relpath"]) for r in rows]
+    else:
+        parents = [os.path.dirname(os.path.abspath(r.path)) for r in rows]
+        common = os.path.commonpath(parents) if len(set(parents)) > 1 else os.path.dirname(parents[0])
+        rels = [Path(os.path.relpath(os.path.abspath(r.path), common)) for r in rows]
+    outs = [dst / rel.with_suffix(".png") for rel in rels]
+    if len(set(outs)) != len(outs):
+        raise FacemetaError("two source images map to the same aligned file name; give each a distinct name")
+    return outs
+
+
+def _read_journal(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                done[rec["src"]] = rec
+    return done
+
+
+def _layouts(records: dict[str, dict], rows: Sequence[ManifestRow]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Median landmark layout (fractions of w/h) per identity and over all, from detected faces."""
+    by_id: dict[str, list[np.ndarray]] = defaultdict(list)
+    for r in rows:
+        rec = records.get(r.path)
+        if rec and rec.get("ok") and rec.get("landmarks") and rec.get("width"):
+            pts = np.array(parse_landmarks(rec["landmarks"]), dtype=np.float32)
+            by_id[r.identity].append(pts / np.array([rec["width"], rec["height"]], dtype=np.float32))
+    per_id = {k: np.median(np.stack(v), axis=0) for k, v in by_id.items()}
+    every = [p for v in by_id.values() for p in v]
+    return per_id, (np.median(np.stack(every), axis=0) if every else None)
+
+
+def _inconsistent(rec: dict, layout: np.ndarray, tolerance: float = SCALE_TOLERANCE) -> bool:
+    """In a pre-cropped set every face has about the same size: flag a detection whose eye distance
+    (as a fraction of the image width) is off the identity's median by more than `tolerance`."""
+    pts = np.array(parse_landmarks(rec["landmarks"]), dtype=np.float32)
+    iod = float(np.linalg.norm(pts[1] - pts[0])) / rec["width"]
+    ref = float(np.linalg.norm(layout[1] - layout[0]))
+    return ref > 0 and abs(iod / ref - 1.0) > tolerance
+
+
+def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: int = 112, workers: int = 2,
+               pre_cropped: bool = False, progress: bool = True, select: str = "largest",
+               chunk_size: int = 32, retry_failures: bool = False,
+               detector_kwargs: dict | None = None,
+               stats: dict | None = None) -> tuple[list[ManifestRow], list[dict]]:
+    """Align every row's image into dst_dir (same tree, PNG); resumable; writes manifest.csv and failures.csv.
+
+    Returns (aligned rows, failure records). Aligned rows point at the PNG and keep the source
+    row's extras plus ``source``, ``score``, ``landmarks`` (source pixels), ``route``, ``faces``
+    and ``fit_error``. Failures are dicts with path, identity, domain, reason (unreadable, no face,
+    several faces) and detail. Every finished image is appended to dst_dir/.align-journal.jsonl,
+    so an interrupted or repeated run skips what is done (failures too, unless retry_failures).
+    `stats`, when given, is filled with the counts of :func:`summarise` (including images skipped).
+    """
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
+    template(size)  # validates size
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    _check_config(dst, size)
+    rows = list(rows)
+    outs = _output_paths(rows, dst)
+    journal_path = dst / JOURNAL
+    records = _read_journal(journal_path)
+    todo = []
+    for row, out in zip(rows, outs, strict=True):
+        rec = records.get(row.path)
+        if rec is None or (rec.get("ok") and not out.is_file()) or (not rec.get("ok") and retry_failures):
+            todo.append((row.path, str(out)))
+    skipped = len(rows) - len(todo)
+    with open(journal_path, "a", encoding="utf-8") as journal:
+        for rec in _run_chunks(todo, size, select, pre_cropped, workers, chunk_size, progress, detector_kwargs):
+            records[rec["src"]] = rec
+            journal.write(json.dumps(rec) + "\n")
+        journal.flush()
+        if pre_cropped:
+            per_id, overall = _layouts(records, rows)
+            for row, out in zip(rows, outs, strict=True):
+                rec = records.get(row.path)
+                if not rec or rec.get("route") == "template-crop":
+                    continue
+                layout = per_id.get(row.identity, overall)
+                bad = not rec.get("ok") and rec.get("reason") == "no face"
+                if rec.get("ok") and layout is not None and _inconsistent(rec, layout):
+                    bad = True
+                    rec = {**rec, "detail": "detected landmarks inconsistent with the set; "
+                                            f"detector said {rec.get('landmarks')} at {rec.get('score')}"}
+                if bad:
+                    img = load_image(row.path)
+                    _save_png(template_crop(img, size, layout), str(out))
+                    rec = {**rec, "ok": True, "route": "template-crop", "score": None, "landmarks": "",
+                           "fit_error": None}
+                    records[row.path] = rec
+                    journal.write(json.dumps(rec) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+    aligned, failures = [], []
+    for row, out in zip(rows, outs, strict=True):
+        rec = records[row.path]
+        if rec.get("ok"):
+            extra = {**row.extra, "source": row.path,
+                     "score": "" if rec.get("score") is None else str(rec["score"]),
+                     "landmarks": rec.get("landmarks", ""), "route": rec["route"],
+                     "faces": str(rec.get("faces", 0)),
+                     "fit_error": "" if rec.get("fit_error") is None else str(rec["fit_error"])}
+            aligned.append(ManifestRow(str(out), row.identity, row.domain, extra))
+        else:
+            failures.append({"path": row.path, "identity": row.identity, "domain": row.domain,
+                             "reason": rec.get("reason", "no face"), "detail": rec.get("detail", "")})
+    write_manifest([ManifestRow(os.path.relpath(r.path, dst), r.identity, r.domain, r.extra) for r in aligned],
+                   dst / "manifest.csv")
+    _write_failures(failures, dst / "failures.csv")
+    if stats is not None:
+        stats.update(summarise(aligned, failures, skipped))
+    return aligned, failures
+
+
+def _check_config(dst: Path, size: int) -> None:
+    cfg_path = dst / CONFIG
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if int(cfg.get("size", size)) != size:
+            raise FacemetaError(f"{dst} holds faces aligned at size {cfg['size']}, not {size}: "
+                                "use another destination folder")
+    else:
+        cfg_path.write_text(json.dumps({"size": size}) + "\n")
+
+
+def _write_failures(failures: list[dict], path: Path) -> None:
+    import csv
+
+    from facemeta.atomic import atomic_write
+
+    with atomic_write(path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "identity", "domain", "reason", "detail"])
+        writer.writeheader()
+        writer.writerows(failures)
+
+
+def _run_chunks(todo: list[tuple[str, str]], size: int, select: str, pre_cropped: bool, workers: int,
+                chunk_size: int, progress: bool, detector_kwargs: dict | None):
+    """Yield one record per image, from worker processes (workers > 1) or in this process."""
+    if not todo:
+        return
+    from tqdm import tqdm
+
+    workers = max(1, int(workers))
+    per = max(4, min(chunk_size, -(-len(todo) // (workers * 4))))
+    chunks = [todo[i:i + per] for i in range(0, len(todo), per)]
+    tasks = [(c, size, select, pre_cropped, detector_kwargs) for c in chunks]
+    bar = tqdm(total=len(todo), desc="align", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        if workers == 1:
+            for task in tasks:
+                recs = _process_chunk(task)
+                bar.update(len(recs))
+                yield from recs
+        else:
+            import multiprocessing as mp
+
+            # fork where available: no re-import of torch per worker and no __main__ guard needed in
+            # user scripts; it is safe because each worker sets torch to one thread before any work.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(detector_kwargs or {},)) as pool:
+                for recs in pool.imap_unordered(_process_chunk, tasks):
+                    bar.update(len(recs))
+                    yield from recs
+    finally:
+        bar.close()
+
+
+def summarise(aligned: Sequence[ManifestRow], failures: Sequence[dict], skipped: int = 0) -> dict:
+    """Counts for the end of a run: totals, routes taken and failure reasons."""
+    return {"images": len(aligned) + len(failures), "aligned": len(aligned), "failed": len(failures),
+            "skipped": skipped,
+            "routes": dict(Counter(r.extra.get("route", "") for r in aligned)),
+            "reasons": dict(Counter(f["reason"] for f in failures))}
+
+
+def aligned_set(name: str, size: int = 112, data: str | os.PathLike | None = None,
+                cache: str | os.PathLike | None = None, limit_per_identity: int | None = None,
+                workers: int = 2, progress: bool = False) -> list[ManifestRow]:
+    """Aligned faces of a shared set (lfw, yaleb, mfr2, orl), cached in cache_root()/aligned/<name>-<size>/.
+
+    The first call aligns (yaleb and orl as pre-cropped sets); later calls only check the files.
+    `limit_per_identity` keeps the first k images of each identity (in the set's order).
+    """
+    from facemeta.data.sets import read_set
+    from facemeta.paths import cache_root
+
+    rows = read_set(name, data)
+    if limit_per_identity is not None:
+        seen: Counter = Counter()
+        kept = []
+        for r in rows:
+            if seen[r.identity] < limit_per_identity:
+                seen[r.identity] += 1
+                kept.append(r)
+        rows = kept
+    dst = cache_root(cache) / "aligned" / f"{name}-{size}"
+    aligned, _ = align_rows(rows, dst, size=size, workers=workers, pre_cropped=name in PRE_CROPPED_SETS,
+                            progress=progress)
+    return aligned
