@@ -26,3 +26,28 @@ def data_dir() -> Path:
 def session_tmp(tmp_path_factory) -> Path:
     """A temporary folder shared by the whole test session (for cached aligned faces)."""
     return tmp_path_factory.mktemp("session")
+
+
+# ---------------------------------------------------------------- trained model (TRAIN helper)
+class TrainedModel:
+    """A model trained by facemeta.train for the tests, with the rows it was trained and validated on."""
+
+    def __init__(self, out: Path, model_path: Path, steps: int, train_rows: list, heldout: list):
+        self.out, self.model_path, self.steps = out, model_path, steps
+        self.train_rows, self.heldout = train_rows, heldout
+        self.train_identities = {r.identity for r in train_rows}
+
+
+@pytest.fixture(scope="session")
+def trained_model(data_dir, session_tmp) -> TrainedModel:
+    """ERM on the `smoke` preset's real slice (40 LFW people of folds 1-5 + 30 ORL subjects, MTCNN-aligned):
+    mobilenetv3_small_050 at 64x64, 200 SGD steps of batch 32, one thread (about a minute on 2 cores)."""
+    from facemeta.train.config import load_config
+    from facemeta.train.trainer import Trainer, prepare_data
+
+    out = session_tmp / "trained-smoke"
+    cfg = load_config("smoke", overrides={"data.root": str(data_dir), "output": str(out), "threads": 1,
+                                          "log_every": 25, "checkpoint_every": 100})
+    path = Trainer(cfg, progress=False).fit()
+    data = prepare_data(cfg)
+    return TrainedModel(out, path, cfg.steps, data.train, data.heldout)

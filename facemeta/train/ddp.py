@@ -54,12 +54,30 @@ def barrier() -> None:
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around `module` on `device` (gradients averaged across processes)."""
+    """DistributedDataParallel around `module` on `device` (gradients averaged across processes).
+
+    static_graph: the same parameters take part in every step, which also covers the ones a timm
+    trunk builds but never uses without its classifier (e.g. MobileNetV3's conv_head).
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     if device.type == "cuda":
-        return DistributedDataParallel(module, device_ids=[device.index], output_device=device.index)
-    return DistributedDataParallel(module)
+        return DistributedDataParallel(module, device_ids=[device.index], output_device=device.index,
+                                       static_graph=True)
+    return DistributedDataParallel(module, static_graph=True)
+
+
+def replicas_in_sync(module: nn.Module) -> bool:
+    """True when every process holds the same parameters (compares a float64 checksum across ranks)."""
+    if not is_distributed():
+        return True
+    params = [p.detach().double() for p in module.parameters()]
+    dev = params[0].device if params else torch.device("cpu")
+    total = torch.stack([p.sum() for p in params] + [p.abs().sum() for p in params]).sum().reshape(1) \
+        if params else torch.zeros(1, dtype=torch.float64, device=dev)
+    gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, total)
+    return all(bool(torch.equal(g, gathered[0])) for g in gathered)
 
 
 def free_port() -> int:

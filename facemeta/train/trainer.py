@@ -511,6 +511,10 @@ class Trainer:
                 bar.close()
 
         final = self.out / "model.safetensors"
+        in_sync = ddp.replicas_in_sync(objective)  # collective: every rank takes part
+        if self.world_size > 1:
+            meta["training"]["world_size"] = self.world_size
+            meta["training"]["replicas_in_sync"] = in_sync
         if self.is_main:
             self._save(model, head, optimizer, scheduler, scaler, sampler, epoch, position, meta)
             if data.heldout:
@@ -521,7 +525,7 @@ class Trainer:
                                       **{k: v for k, v in val.items()
                                          if isinstance(v, (int, float, str, bool)) or v is None}}
             save_checkpoint(model, final, {**meta, "step": self.step})
-            self._metrics({"event": "end", "step": self.step, "checkpoint": str(final),
+            self._metrics({"event": "end", "step": self.step, "checkpoint": str(final), "replicas_in_sync": in_sync,
                            "threshold": meta.get("threshold"), "auc": meta.get("validation", {}).get("auc")})
         ddp.barrier()
         ddp.destroy_process_group()

@@ -1,0 +1,175 @@
+"""`facemeta verify`, `facemeta eval` and FaceEmbedder with the model trained by the `trained_model` fixture.
+
+The test model is small and trained for 200 steps on 34 LFW people and 26 ORL subjects, so the
+photos compared here are of people it was trained on (LFW people.txt folds 1-5): two photos of Bill
+Gates (same), and Bill Gates against Anna Kournikova and Andre Agassi (different), decided at the
+threshold calibrated at FAR 1e-3 on held-out source identities. Scores measured with this model are
+in the report; the assertions are on the decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from facemeta.cli import main
+from facemeta.errors import CheckpointError, ImageReadError, NoFaceError
+
+
+def lfw(data_dir, name: str, number: int) -> str:
+    return str(data_dir / "lfw" / "images" / name / f"{name}_{number:04d}.jpg")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def embedder(trained_model):
+    from facemeta.embedder import FaceEmbedder
+
+    return FaceEmbedder(trained_model.model_path)
+
+
+def test_pictures_used_are_training_identities(trained_model):
+    names = {i.split("/", 1)[1] for i in trained_model.train_identities if i.startswith("lfw/")}
+    assert {"Bill_Gates", "Anna_Kournikova", "Andre_Agassi"} <= names
+
+
+def test_verify_same_person(trained_model, data_dir, capsys):
+    code, out, err = run_cli(capsys, "verify", lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, "Bill_Gates", 2),
+                             "--model", trained_model.model_path, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["decision"] == "same" and res["same"] is True, res
+    assert res["score"] >= res["threshold"]
+    assert res["threshold_far"] == pytest.approx(1e-3)
+    assert len(res["fingerprint"]) == 16 and len(res["faces"]) == 2
+
+
+@pytest.mark.parametrize("other", [("Anna_Kournikova", 1), ("Andre_Agassi", 1)])
+def test_verify_different_people(trained_model, data_dir, capsys, other):
+    code, out, err = run_cli(capsys, "verify", lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other),
+                             "--model", trained_model.model_path, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["decision"] == "different" and res["score"] < res["threshold"], res
+
+
+def test_verify_text_output_and_threshold_override(trained_model, data_dir, capsys):
+    a, b = lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, "Anna_Kournikova", 1)
+    code, out, _ = run_cli(capsys, "verify", a, b, "--model", trained_model.model_path)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["score", "threshold", "decision"]
+    assert "FAR 0.001" in lines[1] and lines[2] == "decision: different"
+    # a threshold below every cosine accepts the pair
+    code, out, _ = run_cli(capsys, "verify", a, b, "--model", trained_model.model_path, "--threshold", "-1")
+    assert code == 0 and out.strip().endswith("decision: same")
+
+
+def test_verify_errors_are_one_line(trained_model, data_dir, tmp_path, capsys):
+    good = lfw(data_dir, "Bill_Gates", 1)
+    blank = tmp_path / "wall.png"
+    cv2.imwrite(str(blank), np.full((160, 160, 3), 128, np.uint8))  # a grey wall: no face
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a JPEG file at all")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(open(good, "rb").read()[:300])
+    cases = [(blank, "no face"), (broken, str(broken.name)), (truncated, str(truncated.name)),
+             (tmp_path / "missing.jpg", "missing.jpg")]
+    for path, fragment in cases:
+        code, out, err = run_cli(capsys, "verify", good, path, "--model", trained_model.model_path)
+        assert code == 1, (path, out, err)
+        assert out == ""
+        assert err.startswith("facemeta verify: error:") and err.count("\n") == 1, err
+        assert fragment in err
+
+
+def test_checkpoint_of_another_architecture(trained_model, data_dir, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    a = lfw(data_dir, "Bill_Gates", 1)
+    # 1. this model's weights beside a config that claims another backbone
+    other = tmp_path / "other.safetensors"
+    shutil.copy(trained_model.model_path, other)
+    doc = json.loads(trained_model.model_path.with_suffix(".json").read_text())
+    doc["config"]["backbone"] = "resnet10t"
+    other.with_suffix(".json").write_text(json.dumps(doc))
+    code, _, err = run_cli(capsys, "verify", a, a, "--model", other)
+    assert code == 1 and err.count("\n") == 1 and "another model" in err, err
+    # 2. a plain timm classifier's weights (not a face embedder at all)
+    plain = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet10t", pretrained=False).state_dict().items()},
+              str(plain))
+    code, _, err = run_cli(capsys, "verify", a, a, "--model", plain)
+    assert code == 1 and err.count("\n") == 1 and "resnet10t.safetensors" in err, err
+    # and as a real process: the exit code and a single line on stderr
+    proc = subprocess.run([sys.executable, "-m", "facemeta", "verify", a, a, "--model", str(other)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr
+    # no model at all
+    code, _, err = run_cli(capsys, "verify", a, a, "--model", tmp_path / "nothing.safetensors")
+    assert code == 1 and "not found" in err
+
+
+def test_embedder_api(embedder, trained_model, data_dir, tmp_path):
+    from facemeta.models.checkpoint import read_checkpoint_info
+
+    meta = read_checkpoint_info(trained_model.model_path)["meta"]
+    assert embedder.threshold == pytest.approx(meta["threshold"])
+    assert embedder.threshold_far == pytest.approx(1e-3)
+    assert embedder.embedding_size == 128
+    assert len(embedder.fingerprint) == 16 and int(embedder.fingerprint, 16) >= 0
+    vec, face = embedder.embed_file(lfw(data_dir, "Bill_Gates", 1))
+    assert vec.shape == (128,) and vec.dtype == np.float32
+    assert np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
+    assert face.score > 0.9 and face.landmarks.shape == (5, 2)
+    every = embedder.embed_all(lfw(data_dir, "Bill_Gates", 1))
+    assert len(every) >= 1 and np.allclose(every[0][0], vec, atol=1e-5)
+    # the same face handed over already aligned gives the same vector
+    from facemeta.align.image import load_image
+    from facemeta.align.warp import warp_face
+
+    aligned = warp_face(load_image(lfw(data_dir, "Bill_Gates", 1)), face.landmarks, 112)
+    assert np.allclose(embedder.embed_aligned(aligned[None])[0], vec, atol=1e-5)
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((120, 100), 40, np.uint8))
+    with pytest.raises(NoFaceError):
+        embedder.embed_file(blank)
+    assert embedder.embed_all(blank) == []
+    with pytest.raises(ImageReadError):
+        embedder.embed_file(data_dir / "lfw" / "no_such.jpg")
+
+
+def test_default_model_missing(monkeypatch, tmp_path):
+    from facemeta import embedder as emb
+
+    monkeypatch.delenv(emb.MODEL_ENV, raising=False)
+    monkeypatch.setattr(emb, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(CheckpointError, match="--model"):
+        emb.default_model_path()
+
+
+def test_eval_command_on_orl(trained_model, tmp_path, capsys):
+    plot = tmp_path / "roc.png"
+    code, out, err = run_cli(capsys, "eval", trained_model.model_path, "--set", "orl", "--limit-per-identity", "3",
+                             "--json", "--plot", plot)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["n_images"] == 120 and res["n_identities"] == 40 and res["protocol"] == "all_pairs"
+    assert res["n_pos"] == 40 * 3 and res["n_neg"] == 120 * 119 // 2 - 120
+    assert 0.5 < res["auc"] <= 1.0 and 0.0 <= res["rank1"] <= 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run_cli(capsys, "eval", trained_model.model_path, "--set", "celeba")
+    assert code == 1 and "--set" in err
