@@ -1,0 +1,62 @@
+"""`facemeta enroll GALLERY NAME IMAGES...` (or `--folder DIR` of identity subfolders): add people to a gallery."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from facemeta.errors import GalleryError, NoFaceError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `enroll` and its options."""
+    p = subparsers.add_parser(
+        "enroll", help="add people's photos to a face gallery",
+        description="Detect, align and embed one face per photo (the largest by default) and store it in the "
+                    "gallery under NAME (created on first use with the model's fingerprint and threshold). "
+                    "IMAGES may be files or folders of images. With --folder, every subfolder of DIR is one "
+                    "person named after it. Each person is one transaction: an interrupted run keeps every "
+                    "person it finished.")
+    p.add_argument("gallery", metavar="GALLERY", help="gallery folder")
+    p.add_argument("name", metavar="NAME", nargs="?", help="the person's name")
+    p.add_argument("images", metavar="IMAGES", nargs="*", help="image files or folders of that person")
+    p.add_argument("--folder", metavar="DIR", help="a folder of identity subfolders to enroll instead of NAME IMAGES")
+    p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--select", choices=["largest", "confident"], default="largest",
+                   help="which face of a photo with several to enroll")
+    p.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat",
+                   help="FAISS index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 when at least one image was enrolled; 1 with a one-line error otherwise."""
+    from facemeta.recognizer import FaceRecognizer
+
+    if args.folder and (args.name or args.images):
+        raise GalleryError("give either NAME IMAGES... or --folder DIR, not both")
+    if not args.folder and (not args.name or not args.images):
+        raise GalleryError("give NAME and at least one image (or --folder DIR)")
+    with FaceRecognizer(args.gallery, args.model, device=args.device, select=args.select, index=args.index) as fr:
+        if args.folder:
+            result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json)
+        else:
+            result = fr.enroll(args.name, args.images)
+        info = fr.gallery().info() if fr.exists() else {"identities": 0, "embeddings": 0}
+    for what, why in result.skipped:
+        print(f"skipped {what}: {why}", file=sys.stderr)
+    if not result.total:
+        raise NoFaceError("nothing was enrolled: no usable face in any image")
+    if args.json:
+        print(json.dumps({"gallery": args.gallery, "added": result.added, "skipped": result.skipped,
+                          "identities": info["identities"], "embeddings": info["embeddings"]}))
+    else:
+        people = len(result.added)
+        who = next(iter(result.added)) if people == 1 else f"{people} people"
+        print(f"enrolled {result.total} image(s) of {who} into {args.gallery} "
+              f"({info['identities']} people, {info['embeddings']} embeddings; {len(result.skipped)} skipped)")
+    return 0

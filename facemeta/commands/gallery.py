@@ -1,0 +1,72 @@
+"""`facemeta gallery list|info|remove|rename|repair GALLERY`: look after a face gallery (no model needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `gallery` and its actions."""
+    p = subparsers.add_parser("gallery", help="list, inspect, rename, remove people in a face gallery",
+                              description="Manage a gallery folder made by `facemeta enroll`.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser("list", help="people and their number of photos")
+    a.add_argument("gallery", metavar="GALLERY")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("info", help="size, model fingerprint, index, threshold; --check verifies everything")
+    a.add_argument("gallery", metavar="GALLERY")
+    a.add_argument("--check", action="store_true", help="also run SQLite's integrity check and compare index ids")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("remove", help="remove a person and all their photos")
+    a.add_argument("gallery", metavar="GALLERY")
+    a.add_argument("name", metavar="NAME")
+    a = actions.add_parser("rename", help="rename a person")
+    a.add_argument("gallery", metavar="GALLERY")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("new", metavar="NEW")
+    a = actions.add_parser("repair", help="rebuild a damaged index from the database (keeps the damaged file)")
+    a.add_argument("gallery", metavar="GALLERY")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 on success; 1 with a one-line error (no gallery, unknown name, damaged files, locked)."""
+    from facemeta.gallery import Gallery
+
+    if args.action == "list":
+        with Gallery.open(args.gallery) as g:
+            people = g.identities()
+        if args.json:
+            print(json.dumps([{"name": p.name, "images": p.count, "created": p.created} for p in people]))
+        else:
+            for p in people:
+                print(f"{p.name}\t{p.count}")
+            print(f"{len(people)} people, {sum(p.count for p in people)} embeddings")
+    elif args.action == "info":
+        with Gallery.open(args.gallery) as g:
+            info = g.info()
+            if args.check:
+                info["check"] = g.check()
+        if args.json:
+            print(json.dumps(info))
+        else:
+            info["created"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created"]))
+            for k, v in info.items():
+                print(f"{k}: {v}")
+        if args.check and (info["check"]["database"] != "ok" or not info["check"]["index_matches_database"]):
+            return 1
+    elif args.action == "remove":
+        with Gallery.open(args.gallery, mode="w") as g:
+            n = g.remove(args.name)
+        print(f"removed {args.name} ({n} embeddings)")
+    elif args.action == "rename":
+        with Gallery.open(args.gallery, mode="w") as g:
+            g.rename(args.name, args.new)
+        print(f"renamed {args.name} to {args.new}")
+    elif args.action == "repair":
+        with Gallery.open(args.gallery, mode="w", repair=True) as g:
+            ok = g.check()
+        print(f"index rebuilt from the database: {ok['embeddings']} embeddings, database {ok['database']}")
+    return 0

@@ -1,0 +1,228 @@
+"""FaceRecognizer: enroll, identify, verify, remove and list people, from image files.
+
+It joins the one inference entry point (facemeta.embedder.FaceEmbedder: detect, align, embed)
+to an on-disk gallery (facemeta.gallery.Gallery). The gallery is created on the first enroll with
+the model's embedding size, fingerprint and calibrated threshold, and refuses any other model.
+
+    from facemeta import FaceRecognizer
+    with FaceRecognizer("people") as fr:
+        fr.enroll("Ada", ["ada1.jpg", "ada2.jpg"])
+        fr.identify("party.jpg")   # every face: box, best identity or "unknown", score
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from facemeta.errors import FacemetaError, GalleryError, NoFaceError
+from facemeta.gallery import UNKNOWN, Gallery, Identity, IndexSpec
+from facemeta.gallery.store import DB_NAME
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+@dataclass
+class EnrollResult:
+    """What an enroll did: embeddings added per identity, and the images it could not use (path, reason)."""
+
+    added: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Embeddings added in all."""
+        return sum(self.added.values())
+
+
+def image_files(items: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand paths: files as given, folders to their image files (sorted, not recursive)."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def identity_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
+    """A folder of identity subfolders -> {subfolder name: its image files}."""
+    root = Path(root)
+    if not root.is_dir():
+        raise GalleryError(f"{root} is not a folder")
+    people = {d.name: image_files([d]) for d in sorted(root.iterdir()) if d.is_dir()}
+    people = {k: v for k, v in people.items() if v}
+    if not people:
+        raise GalleryError(f"{root} has no identity subfolders with images")
+    return people
+
+
+class FaceRecognizer:
+    """Face identification and verification over a gallery folder with one model.
+
+    gallery: the gallery folder (created on the first enroll). model_path: a facemeta checkpoint
+    (default: the model in weights/ or $FACEMETA_MODEL). index: FAISS index kind for a new gallery
+    ("flat", "hnsw", "ivf", "ivf_sq8" or an IndexSpec). threshold: open-set threshold for identify
+    (default: the gallery's, which a new gallery takes from the model's calibrated threshold).
+    embedder: an already loaded FaceEmbedder (to share one between recognizers).
+    """
+
+    def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
+                 select: str = "largest", index: str | IndexSpec = "flat", threshold: float | None = None,
+                 embedder=None) -> None:
+        from facemeta.embedder import FaceEmbedder
+
+        self.path = Path(gallery)
+        self.embedder = embedder if embedder is not None else FaceEmbedder(model_path, device=device, select=select)
+        self.index = index
+        self.threshold = threshold
+        self._reader: Gallery | None = None
+        self._writer: Gallery | None = None
+        if (self.path / DB_NAME).exists():
+            self._check_model(self.gallery())
+
+    # -- gallery handles
+    def exists(self) -> bool:
+        """Whether the gallery folder holds a gallery yet."""
+        return (self.path / DB_NAME).exists()
+
+    def _check_model(self, g: Gallery) -> None:
+        fp = self.embedder.fingerprint
+        if g.fingerprint != fp or g.dim != self.embedder.embedding_size:
+            raise GalleryError(f"gallery {self.path} was built with model {g.fingerprint} ({g.dim}-d); "
+                               f"{self.embedder.model_path} is model {fp} ({self.embedder.embedding_size}-d): "
+                               "use that model (--model) or another gallery")
+
+    def gallery(self, write: bool = False) -> Gallery:
+        """The open gallery (read-only, or as its writer, created if missing when write=True)."""
+        if write:
+            if self._writer is None:
+                if not self.exists():
+                    self._writer = Gallery.create(self.path, dim=self.embedder.embedding_size,
+                                                  fingerprint=self.embedder.fingerprint, index=self.index,
+                                                  threshold=self.embedder.threshold)
+                else:
+                    self._writer = Gallery.open(self.path, mode="w")
+                    self._check_model(self._writer)
+            return self._writer
+        if self._writer is not None:
+            return self._writer
+        if self._reader is None:
+            if not self.exists():
+                raise GalleryError(f"no gallery at {self.path}; enroll someone first")
+            self._reader = Gallery.open(self.path)
+            self._check_model(self._reader)
+        return self._reader
+
+    def close(self) -> None:
+        """Save and close the gallery (releases the writer lock)."""
+        for g in (self._writer, self._reader):
+            if g is not None:
+                g.close()
+        self._writer = self._reader = None
+
+    def __enter__(self) -> FaceRecognizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- verbs
+    def enroll(self, name: str, images: str | os.PathLike | Sequence[str | os.PathLike],
+               on_image: Callable[[Path], None] | None = None) -> EnrollResult:
+        """Add every usable image of one person (files or folders; one face per image by the select
+        policy) in one transaction. Unusable images are reported in ``skipped``; if none is usable,
+        NoFaceError."""
+        paths = image_files([images] if isinstance(images, str | os.PathLike) else images)
+        if not paths:
+            raise GalleryError(f"no images given for {name!r}")
+        result = EnrollResult()
+        vecs, sources, scores = [], [], []
+        for p in paths:
+            try:
+                v, face = self.embedder.embed_file(p)
+                vecs.append(v)
+                sources.append(str(p.resolve()))
+                scores.append(float(face.score))
+            except FacemetaError as exc:
+                result.skipped.append((str(p), str(exc)))
+            if on_image:
+                on_image(p)
+        if not vecs:
+            raise NoFaceError(f"none of the {len(paths)} image(s) for {name!r} gave a usable face")
+        g = self.gallery(write=True)
+        g.enroll(name, np.stack(vecs), fingerprint=self.embedder.fingerprint, sources=sources, scores=scores)
+        result.added[name] = len(vecs)
+        return result
+
+    def enroll_folder(self, root: str | os.PathLike, progress: bool = False) -> EnrollResult:
+        """Enroll a folder of identity subfolders (one transaction per identity, so an interrupted
+        run keeps every identity it finished)."""
+        people = identity_folders(root)
+        total = sum(len(v) for v in people.values())
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="img", desc="enroll")
+        result = EnrollResult()
+        try:
+            for name, files in people.items():
+                try:
+                    r = self.enroll(name, files, on_image=(lambda _p: bar.update(1)) if bar else None)
+                except NoFaceError as exc:
+                    result.skipped.append((name, str(exc)))
+                    continue
+                result.added.update(r.added)
+                result.skipped.extend(r.skipped)
+        finally:
+            if bar:
+                bar.close()
+        return result
+
+    def identify(self, image: str | os.PathLike, top_k: int = 1, threshold: float | None = None) -> list[dict]:
+        """Every face in an image: box, detector score, its identity (or "unknown" below the
+        threshold) with its score, and the top-k candidate identities."""
+        g = self.gallery()
+        faces = self.embedder.embed_all(image)
+        if not faces:
+            return []
+        thr = threshold if threshold is not None else self.threshold
+        vecs = np.stack([v for v, _ in faces])
+        results = g.search(vecs, k=top_k, threshold=thr, fingerprint=self.embedder.fingerprint)
+        out = []
+        for (_, face), matches in zip(faces, results, strict=True):
+            best = matches[0] if matches else None
+            known = best is not None and best.known
+            out.append({"identity": best.name if known else UNKNOWN,
+                        "score": None if best is None else round(best.score, 6),
+                        "box": face.to_dict()["box"], "detector_score": round(float(face.score), 5),
+                        "candidates": [{"identity": m.name, "score": round(m.score, 6), "known": m.known}
+                                       for m in matches]})
+        return out
+
+    def identify_vectors(self, vectors: np.ndarray, threshold: float | None = None):
+        """Identify precomputed embeddings of this model (best identity or "unknown" each)."""
+        return self.gallery().identify(vectors, threshold=threshold if threshold is not None else self.threshold,
+                                       fingerprint=self.embedder.fingerprint)
+
+    def verify(self, a: str | os.PathLike, b: str | os.PathLike, threshold: float | None = None) -> dict:
+        """Same person in two photos? {score, threshold, threshold_far, same, faces} (the model's threshold)."""
+        return self.embedder.verify(a, b, threshold=threshold)
+
+    def remove(self, name: str) -> int:
+        """Remove a person and every stored embedding; returns how many embeddings went."""
+        return self.gallery(write=True).remove(name)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a person."""
+        self.gallery(write=True).rename(old, new)
+
+    def list(self) -> list[Identity]:
+        """Every enrolled person with their number of embeddings."""
+        return self.gallery().identities()
