@@ -171,3 +171,18 @@ def test_metrics_log(trained_model):
     assert steps[-1]["lr"] < 0.01 * max(r["lr"] for r in steps)  # cosine annealed
     assert (trained_model.out / "config.yaml").is_file()
     assert (trained_model.out / "checkpoints" / "state.pt").is_file()
+
+
+def test_train_command_reports_config_errors_in_one_line(tmp_path, capsys):
+    from facemeta.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: -1}\n")
+    for argv, fragment in ([["train", str(bad)], "optim.lr"], [["train", "smoke", "--set", "optim.lrr=3"], "optim.lrr"],
+                           [["train", "nope"], "preset"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("facemeta train: error:") and err.count("\n") == 1 and fragment in err
+    assert main(["train", "smoke", "--steps", "5", "--out", str(tmp_path / "o"), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 5 and printed["output"] == str(tmp_path / "o")

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         from facemeta.train.ddp import launch
 
-        path = launch(cfg, args.nproc, resume=args.resume)
+        path = launch(cfg, args.nproc, resume=args.resume,
+                      progress=not args.no_progress and sys.stderr.isatty())
     else:
         from facemeta.train.trainer import Trainer
 

@@ -87,7 +87,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], resume: bool, threads: int | None) -> None:
+def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], resume: bool, threads: int | None,
+            progress: bool) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if threads:
@@ -95,10 +96,10 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], resume: 
     from facemeta.train.config import config_from_dict
     from facemeta.train.trainer import Trainer
 
-    Trainer(config_from_dict(cfg_dict), resume=resume, progress=rank == 0).fit()
+    Trainer(config_from_dict(cfg_dict), resume=resume, progress=progress and rank == 0).fit()
 
 
-def launch(cfg: Any, nproc: int, resume: bool = False, threads: int | None = None) -> str:
+def launch(cfg: Any, nproc: int, resume: bool = False, threads: int | None = None, progress: bool = False) -> str:
     """Train `cfg` (a TrainConfig) on `nproc` local processes (torch.multiprocessing spawn); returns the model path.
 
     The same as torchrun with --nproc_per_node nproc on one machine; a failing process raises here.
@@ -108,5 +109,5 @@ def launch(cfg: Any, nproc: int, resume: bool = False, threads: int | None = Non
     if nproc < 1:
         raise ValueError("nproc must be >= 1")
     port = free_port()
-    mp.spawn(_worker, args=(nproc, port, cfg.to_dict(), resume, threads), nprocs=nproc, join=True)
+    mp.spawn(_worker, args=(nproc, port, cfg.to_dict(), resume, threads, progress), nprocs=nproc, join=True)
     return os.path.join(cfg.output, "model.safetensors")

@@ -345,6 +345,8 @@ class Trainer:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fastest kernels, not bit-reproducible
         ddp.init_process_group(device)
 
         state = None
