@@ -209,7 +209,8 @@ def search_vectors(built: BuiltIndex, queries: np.ndarray, k: int,
         dead = faiss.IDSelectorBatch(np.fromiter(built.tombstones, dtype=np.int64))
         params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorNot(dead), efSearch=built.spec.ef_search)
         return built.index.search(queries, k, params=params)
-    index = gpu_index if gpu_index is not None else built.index
+    # FAISS's GPU indexes answer at most k=2048; larger k (rare: deep identity-level top-k) stays on the CPU.
+    index = gpu_index if gpu_index is not None and k <= 2048 else built.index
     return index.search(queries, k)
 
 
