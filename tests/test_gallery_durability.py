@@ -198,3 +198,26 @@ def test_damaged_database_is_refused_untouched(base, how, pattern):
     elif how == "empty":
         db.write_bytes(b"")
     assert_refused(base, pattern)
+
+
+def test_reader_sees_only_whole_transactions_while_another_process_writes(base):
+    """A reader refreshing while a writer process enrolls sees every identity whole (3 of 3
+    embeddings) and an index that matches its snapshot of the database."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(base), str(BASE), "100000", "-1", ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with Gallery.open(base) as r:
+            seen = set()
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                r.refresh()
+                n = len(r)
+                assert n % PER_ID == 0 and r._built.count == n
+                newest = n // PER_ID - 1
+                assert r.search(vectors_for(newest)[2], refresh=False)[0][0].name == f"p{newest:05d}"
+                seen.add(n)
+        assert len(seen) >= 3, "the writer made no visible progress"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
