@@ -35,6 +35,8 @@ GROUPS = 1024
 TAU = 1.53  # identity spread around its group
 SIGMA = 0.816  # image noise around the identity centre
 THREADS = 2
+NLIST = int(os.environ.get("BENCH_NLIST", "0"))  # 0: about 4*sqrt(N), at most 4096
+HNSW_M = int(os.environ.get("BENCH_HNSW_M", "32"))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -83,10 +85,10 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
     truth = np.load(data_dir / f"truth-{n}.npy")
     exact = np.load(data_dir / f"exact-{n}.npy")
     ids = np.arange(n, dtype=np.int64)
-    nlist = max(16, min(4096, 2 ** int(np.log2(max(16, 4 * np.sqrt(n))))))
+    nlist = NLIST or max(16, min(4096, 2 ** int(np.log2(max(16, 4 * np.sqrt(n))))))
     while nlist > 16 and n < 39 * nlist:
         nlist //= 2
-    spec = IndexSpec(kind=kind, m=32, ef_construction=40, nlist=nlist if kind.startswith("ivf") else 0)
+    spec = IndexSpec(kind=kind, m=HNSW_M, ef_construction=40, nlist=nlist if kind.startswith("ivf") else 0)
     t0 = time.perf_counter()
     built = build_index(spec, DIM, np.asarray(enrolled), ids)
     build_s = time.perf_counter() - t0
@@ -105,7 +107,7 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
         t0 = time.perf_counter()
         _, top = search_vectors(built, queries, 1)
         qps = nq / (time.perf_counter() - t0)
-        rows.append({"n": n, "index": kind, "knob": None if knob is None else ("efSearch" if kind == "hnsw" else "nprobe"),
+        rows.append({"n": n, "index": kind if kind != "hnsw" else f"hnsw M={HNSW_M}", "knob": None if knob is None else ("efSearch" if kind == "hnsw" else "nprobe"),
                      "value": knob, "nlist": built.nlist or None, "build_s": round(build_s, 2),
                      "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "qps_batch": round(qps, 1),
                      "recall1_vs_flat": float(np.mean(top[:, 0] == exact)),
@@ -280,7 +282,7 @@ def main() -> int:
         results["files"] = [run_files(data_root(), args.people, t) for t in (1, THREADS)]
     else:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        done = [r for r in results.get("index", []) if not (r["n"] in args.sizes and r["index"] in args.kinds)]
+        done = list(results.get("index", []))
         for n in args.sizes:
             prepare(n, args.queries, args.data_dir)
             for kind in args.kinds:
@@ -291,9 +293,10 @@ def main() -> int:
                     print(proc.stderr[-2000:], file=sys.stderr)
                     continue
                 rows = json.loads(proc.stdout.strip().splitlines()[-1])
-                done.extend(rows)
+                keys = {(r["n"], r["index"], r["nlist"]) for r in rows}  # a rerun replaces its old rows
+                done = [r for r in done if (r["n"], r["index"], r["nlist"]) not in keys] + rows
                 print(f"n={n} {kind}: {time.time() - t0:.0f}s " + json.dumps(rows), flush=True)
-                results["index"] = sorted(done, key=lambda r: (r["n"], r["index"], r["value"] or 0))
+                results["index"] = sorted(done, key=lambda r: (r["n"], r["index"], r["nlist"] or 0, r["value"] or 0))
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 out_json.write_text(json.dumps(results, indent=1))
                 args.out.with_suffix(".md").write_text(_markdown(results))
