@@ -12,8 +12,9 @@ declared pre-cropped, boxes narrower than PRE_CROPPED_MIN_FACE of the image are 
 2. ``padded``: the canvas padded with black by PAD_FRACTION of its size on every side. Tightly
    cropped faces (Extended Yale B, ORL) fill the frame, and MTCNN needs some context around a face.
 3. ``equalised``: the padded image in grey with CLAHE contrast equalisation (dark, side-lit faces).
-4. ``relaxed``: the equalised image with lower detector thresholds (RELAXED_THRESHOLDS); a face
-   found this way is kept only if its landmarks fit the template well (fit error below MAX_FIT_ERROR).
+4. ``relaxed``: the equalised image with lower detector thresholds (RELAXED_THRESHOLDS), then the
+   original padded by half as much with those thresholds; a face found this way is kept only if
+   its landmarks fit the template well (fit error below MAX_FIT_ERROR).
 5. ``template-crop`` (only for sets declared pre-cropped): no landmarks; the image is warped as
    if the points sat where they sit in the other images of the same identity (median of their
    detected landmarks as fractions of width/height), else of the whole set, else PRECROPPED_LAYOUT.
@@ -48,12 +49,20 @@ SELECT = ("largest", "confident", "single")
 PAD_FRACTION = 0.5
 CLAHE_CLIP, CLAHE_TILES = 3.0, 8
 RELAXED_THRESHOLDS = (0.4, 0.5, 0.5)
+# (route, padding fraction, CLAHE, relaxed thresholds), tried in order on the images still without a face.
+# The last attempt pads less: MTCNN's image pyramid then meets the face at other scales.
+ATTEMPTS = (("direct", 0.0, False, False),
+            ("padded", PAD_FRACTION, False, False),
+            ("equalised", PAD_FRACTION, True, False),
+            ("relaxed", PAD_FRACTION, True, True),
+            ("relaxed", PAD_FRACTION / 2, False, True))
 BOX_TOLERANCE = 0.1  # a detection box may leave the canvas by at most this fraction of its size
 PRE_CROPPED_MIN_FACE = 0.4  # in a pre-cropped image the face box spans at least this much of the short side
 MAX_FIT_ERROR = 8.0
 SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median  # mean landmark distance to the 112-px template after the fit, in pixels
 PRE_CROPPED_SETS = ("yaleb", "orl")
 JOURNAL = ".align-journal.jsonl"
+PIPELINE_VERSION = 2  # bump when routes or filters change: cached folders are then aligned again
 CONFIG = ".align-config.json"
 
 
@@ -97,9 +106,9 @@ def landmarks_inside(landmarks: np.ndarray, width: int, height: int, margin: flo
                 and (pts[:, 1] >= -margin).all() and (pts[:, 1] <= height - 1 + margin).all())
 
 
-def _pad(image: np.ndarray) -> tuple[np.ndarray, int, int]:
+def _pad(image: np.ndarray, fraction: float = PAD_FRACTION) -> tuple[np.ndarray, int, int]:
     h, w = image.shape[:2]
-    py, px = int(h * PAD_FRACTION), int(w * PAD_FRACTION)
+    py, px = int(h * fraction), int(w * fraction)
     return cv2.copyMakeBorder(image, py, py, px, px, cv2.BORDER_CONSTANT, value=(0, 0, 0)), px, py
 
 
@@ -124,19 +133,15 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
     results: list[AlignResult | None] = [None] * len(images)
     todo = list(range(len(images)))
-    padded: dict[int, tuple[np.ndarray, int, int]] = {}
-    for route in ROUTES[:4]:
+    for route, pad, equalise, relaxed in ATTEMPTS:
         if not todo:
             break
-        if route == "direct":
-            inputs, offsets = [images[i] for i in todo], [(0, 0)] * len(todo)
-        else:
-            for i in todo:
-                if i not in padded:
-                    padded[i] = _pad(images[i])
-            inputs = [padded[i][0] if route == "padded" else _equalise(padded[i][0]) for i in todo]
-            offsets = [(padded[i][1], padded[i][2]) for i in todo]
-        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if route == "relaxed" else None)
+        inputs, offsets = [], []
+        for i in todo:
+            canvas, px, py = _pad(images[i], pad) if pad else (images[i], 0, 0)
+            inputs.append(_equalise(canvas) if equalise else canvas)
+            offsets.append((px, py))
+        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None)
         still = []
         for i, faces, canvas, (px, py) in zip(todo, found, inputs, offsets, strict=True):
             h, w = images[i].shape[:2]
@@ -357,14 +362,23 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
 
 
 def _check_config(dst: Path, size: int) -> None:
+    """Refuse a destination aligned at another size; start afresh when the pipeline version changed
+    (the previous journal is kept as .align-journal.jsonl.v<old>)."""
     cfg_path = dst / CONFIG
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            cfg = {}
         if int(cfg.get("size", size)) != size:
             raise FacemetaError(f"{dst} holds faces aligned at size {cfg['size']}, not {size}: "
                                 "use another destination folder")
-    else:
-        cfg_path.write_text(json.dumps({"size": size}) + "\n")
+        if cfg.get("version") == PIPELINE_VERSION:
+            return
+        journal = dst / JOURNAL
+        if journal.is_file():
+            os.replace(journal, dst / f"{JOURNAL}.v{cfg.get('version', 1)}")
+    cfg_path.write_text(json.dumps({"size": size, "version": PIPELINE_VERSION}) + "\n")
 
 
 def _write_failures(failures: list[dict], path: Path) -> None:
