@@ -114,7 +114,8 @@ def test_warmup_then_cosine():
 
 # ---------------------------------------------------------------- a real training run
 def test_training_learns_to_verify_heldout_identities(trained_model):
-    """Measured (seed 0): held-out AUC at init ~0.70, after 200 steps ~0.90 (see the report)."""
+    """Measured (seed 0, 2 CPU cores): held-out AUC 0.782 at init -> 0.904 after 200 steps; rank-1
+    0.444 -> 0.648. Bars: AUC >= 0.85 and a gain >= 0.06, rank-1 >= 0.55."""
     from facemeta.eval.benchmark import evaluate_rows
     from facemeta.models.backbone import ModelConfig, build_model
     from facemeta.models.checkpoint import load_checkpoint
@@ -131,9 +132,9 @@ def test_training_learns_to_verify_heldout_identities(trained_model):
     before = evaluate_rows(init, heldout, flip=True)
     after = evaluate_rows(model, heldout, flip=True)
     assert after["auc"] == pytest.approx(val["auc"], abs=1e-6)  # meta holds the final validation
-    assert after["auc"] >= 0.88, after["auc"]
-    assert after["auc"] >= before["auc"] + 0.10, (before["auc"], after["auc"])
-    assert after["rank1"] >= 0.6, after["rank1"]
+    assert after["auc"] >= 0.85, after["auc"]
+    assert after["auc"] >= before["auc"] + 0.06, (before["auc"], after["auc"])
+    assert after["rank1"] >= 0.55, after["rank1"]
 
 
 def test_checkpoint_meta_and_threshold(trained_model):
@@ -143,11 +144,11 @@ def test_checkpoint_meta_and_threshold(trained_model):
 
     meta = read_checkpoint_info(trained_model.model_path)["meta"]
     assert meta["method"] == "erm" and meta["step"] == trained_model.steps
-    assert meta["threshold_far"] == pytest.approx(1e-3)
+    assert meta["threshold_far"] == pytest.approx(1e-2)  # the fixture's setting (presets: 1e-3)
     assert [s["set"] for s in meta["training"]["sources"]] == ["lfw", "orl"]
     assert meta["training"]["targets"] == ["yaleb"]
     assert "yaleb" not in meta["training"]["heldout"]  # calibrated on sources only
-    # the stored threshold is the FAR=1e-3 threshold of the held-out source pairs
+    # the stored threshold is the FAR=1e-2 threshold of the held-out source pairs
     from facemeta.eval.benchmark import embed_rows
     from facemeta.models.checkpoint import load_checkpoint
 
@@ -155,9 +156,9 @@ def test_checkpoint_meta_and_threshold(trained_model):
     emb = embed_rows(model, trained_model.heldout, flip=True)
     ia, ib, same = all_pairs([r.identity for r in trained_model.heldout])
     scores = pair_scores(emb, ia, ib)
-    assert meta["threshold"] == pytest.approx(threshold_at_far(scores, same, 1e-3), abs=1e-5)
+    assert meta["threshold"] == pytest.approx(threshold_at_far(scores, same, 1e-2), abs=1e-5)
     far = float(np.mean(scores[~same] >= meta["threshold"]))
-    assert far <= 1e-3
+    assert far <= 1e-2
 
 
 def test_metrics_log(trained_model):

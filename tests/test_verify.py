@@ -3,8 +3,8 @@
 The test model is small and trained for 200 steps on 34 LFW people and 26 ORL subjects, so the
 photos compared here are of people it was trained on (LFW people.txt folds 1-5): two photos of Bill
 Gates (same), and Bill Gates against Anna Kournikova and Andre Agassi (different), decided at the
-threshold calibrated at FAR 1e-3 on held-out source identities. Scores measured with this model are
-in the report; the assertions are on the decisions.
+threshold calibrated at FAR 1e-2 on held-out source identities. Measured with this model: threshold
+0.71, Gates/Gates 0.89, Gates/Kournikova 0.33, Gates/Agassi -0.13; the assertions are on the decisions.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_verify_same_person(trained_model, data_dir, capsys):
     res = json.loads(out)
     assert res["decision"] == "same" and res["same"] is True, res
     assert res["score"] >= res["threshold"]
-    assert res["threshold_far"] == pytest.approx(1e-3)
+    assert res["threshold_far"] == pytest.approx(1e-2)
     assert len(res["fingerprint"]) == 16 and len(res["faces"]) == 2
 
 
@@ -70,7 +70,7 @@ def test_verify_text_output_and_threshold_override(trained_model, data_dir, caps
     assert code == 0
     lines = out.strip().splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["score", "threshold", "decision"]
-    assert "FAR 0.001" in lines[1] and lines[2] == "decision: different"
+    assert "FAR 0.01" in lines[1] and lines[2] == "decision: different"
     # a threshold below every cosine accepts the pair
     code, out, _ = run_cli(capsys, "verify", a, b, "--model", trained_model.model_path, "--threshold", "-1")
     assert code == 0 and out.strip().endswith("decision: same")
@@ -128,7 +128,7 @@ def test_embedder_api(embedder, trained_model, data_dir, tmp_path):
 
     meta = read_checkpoint_info(trained_model.model_path)["meta"]
     assert embedder.threshold == pytest.approx(meta["threshold"])
-    assert embedder.threshold_far == pytest.approx(1e-3)
+    assert embedder.threshold_far == pytest.approx(1e-2)
     assert embedder.embedding_size == 128
     assert len(embedder.fingerprint) == 16 and int(embedder.fingerprint, 16) >= 0
     vec, face = embedder.embed_file(lfw(data_dir, "Bill_Gates", 1))

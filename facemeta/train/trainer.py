@@ -275,6 +275,8 @@ class Trainer:
             d.pop(key, None)
         d["data"].pop("workers", None)
         d["data"].pop("align_workers", None)
+        d["data"].pop("root", None)  # where the data lives does not change the result
+        d["data"].pop("cache", None)
         return d
 
     # -- checkpoints
