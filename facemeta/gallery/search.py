@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -232,17 +233,33 @@ def to_gpu(built: BuiltIndex) -> faiss.Index | None:
 # The index file: MAGIC, u32 header length, JSON header (generation, crc32, sizes...), FAISS bytes.
 
 def save_index(built: BuiltIndex, path: Path, generation: int, fingerprint: str) -> None:
-    """Write the index atomically (temporary file, fsync, rename), stamped with the generation."""
-    payload = faiss.serialize_index(built.index)
-    view = memoryview(payload)
-    header = built.header() | {"generation": int(generation), "fingerprint": fingerprint,
-                               "payload_len": len(payload), "crc32": zlib.crc32(view)}
-    head = json.dumps(header, sort_keys=True).encode()
+    """Write the index atomically (temporary file, fsync, rename), stamped with the generation.
+
+    FAISS streams the index into the file through a callback (no in-memory copy of a 2 GB index);
+    the header's room is reserved first and filled in with the length and crc32 at the end.
+    """
+    header = built.header() | {"generation": int(generation), "fingerprint": fingerprint}
+    room = len(json.dumps(header | {"payload_len": 2**63, "crc32": 2**32}, sort_keys=True).encode())
     with atomic_write(path, "wb") as fh:
         fh.write(MAGIC)
-        fh.write(struct.pack("<I", len(head)))
-        fh.write(head)
-        fh.write(view)
+        fh.write(struct.pack("<I", room))
+        fh.write(b" " * room)
+        crc, size = 0, 0
+
+        def sink(chunk: bytes) -> int:
+            nonlocal crc, size
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+            fh.write(chunk)
+            return len(chunk)
+
+        writer = faiss.PyCallbackIOWriter(sink)
+        faiss.write_index(built.index, writer)
+        del writer
+        head = json.dumps(header | {"payload_len": size, "crc32": crc}, sort_keys=True).encode()
+        fh.seek(len(MAGIC) + 4)
+        fh.write(head.ljust(room))
+        fh.seek(0, os.SEEK_END)
 
 
 def read_index_header(path: Path) -> dict:
@@ -275,23 +292,31 @@ def load_index(path: Path) -> tuple[BuiltIndex, dict]:
     """Read an index file, verify its checksum and shape, and return it with its header.
 
     Raises GalleryError (never crashes) when the file is truncated, corrupt or not an index:
-    the checksum is verified before FAISS parses a single byte.
+    the whole payload's crc32 is verified (streaming) before FAISS parses a single byte.
     """
     try:
         with open(path, "rb") as fh:
             header = _read_header(fh, path)
-            payload = np.fromfile(fh, dtype=np.uint8)
+            start = fh.tell()
+            size = os.fstat(fh.fileno()).st_size - start
+            if size != header["payload_len"]:
+                raise GalleryError(f"{path} is truncated or padded ({size} of {header['payload_len']} bytes)")
+            crc = 0
+            while block := fh.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+            if crc != header["crc32"]:
+                raise GalleryError(f"{path} is corrupt (checksum mismatch)")
+            fh.seek(start)
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(fh.read))
+            except RuntimeError as exc:
+                raise GalleryError(f"{path} is corrupt (FAISS cannot read it: {str(exc).splitlines()[0][:120]})") from None
     except OSError as exc:
         raise GalleryError(f"cannot read gallery index {path}: {exc.strerror or exc}") from None
-    if len(payload) != header["payload_len"]:
-        raise GalleryError(f"{path} is truncated or padded ({len(payload)} of {header['payload_len']} bytes)")
-    if zlib.crc32(memoryview(payload)) != header["crc32"]:
-        raise GalleryError(f"{path} is corrupt (checksum mismatch)")
     try:
-        index = faiss.deserialize_index(payload)
-    except RuntimeError as exc:
-        raise GalleryError(f"{path} is corrupt (FAISS cannot read it: {str(exc).splitlines()[0][:120]})") from None
-    spec = IndexSpec(**header["spec"])
+        spec = IndexSpec(**header["spec"])
+    except TypeError:
+        raise GalleryError(f"{path} is corrupt (bad index settings in its header)") from None
     if index.d != header["dim"] or index.ntotal != header["ntotal"]:
         raise GalleryError(f"{path} is corrupt (index shape disagrees with its header)")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
