@@ -21,6 +21,7 @@ say so. This is RSS, so it includes allocator slack; tracemalloc would not see t
 allocations at all.
 
 Usage: python benchmarks/bench_meta.py [--rounds 5] [--batch 16] [--threads 2] [--out results]
+       python benchmarks/bench_meta.py --summary   # merge speed, sinusoid and ORL results into meta.md/json
 """
 
 from __future__ import annotations
@@ -161,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--summary", action="store_true", help="only merge existing results into meta.md/json")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = ap.parse_args(argv)
+    if a.summary:
+        summarise(a.out)
+        return 0
     if a.memory_child:
         memory_child(a.memory_child, a.batch, a.size, a.threads)
         return 0
@@ -191,7 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(res)
     (a.out / "meta_speed.md").write_text(md)
     print(md)
+    summarise(a.out)
     return 0
+
+
+PARTS = [("speed", "meta_speed"), ("sinusoid", "meta_sinusoid"), ("orl_fewshot", "meta_orl_fewshot")]
+
+
+def summarise(out: Path) -> None:
+    """Merge the three result sets (those present) into meta.json and meta.md."""
+    merged, sections = {}, ["# facemeta.meta results", "",
+                            "Produced by benchmarks/bench_meta.py, benchmarks/meta_sinusoid.py and "
+                            "benchmarks/meta_orl_fewshot.py on a shared 2-core CPU.", ""]
+    for key, stem in PARTS:
+        js, md = out / f"{stem}.json", out / f"{stem}.md"
+        if js.exists():
+            merged[key] = json.loads(js.read_text())
+        if md.exists():
+            sections.append("#" + md.read_text().strip())  # demote its title one level
+            sections.append("")
+    (out / "meta.json").write_text(json.dumps(merged, indent=1))
+    (out / "meta.md").write_text("\n".join(sections) + "\n")
 
 
 def markdown(res: dict) -> str:

@@ -4,8 +4,8 @@ Meta-training uses subjects s1-s25 only, test episodes s26-s40 only. Default run
 CPU): conv4 with 16 channels at 23x28, first-order MAML, 150 iterations x 2 tasks, 150 test
 episodes. Asserted: MAML's accuracy is above nearest-centroid on the same network's features
 before meta-training, with the paired 95% CI of the gain clear of zero (measured here: about
-76% vs 61%). The slow test runs the benchmark's configuration (32 channels, second order,
-1000 x 4 tasks, 600 episodes; see benchmarks/results/meta_orl_fewshot.md).
+76% vs 61%). The slow test runs the benchmark's configuration (32 channels, first order,
+600 x 4 tasks, 400 episodes; see benchmarks/results/meta_orl_fewshot.md).
 """
 
 from __future__ import annotations

@@ -17,6 +17,16 @@ Gradients accumulate into ``.grad`` like ``loss.backward()``: zero them before, 
 optimiser after. The callables decide BatchNorm handling through ``functional_forward``; its
 default (cloned buffers) leaves running statistics untouched, and a trainer that wants them to
 track training passes ``buffers="live"`` in its meta-train pass at θ only.
+
+Example (an MFR/CDT-style trainer)::
+
+    step = MLDG(model, alpha=1e-3, gamma=0.5, first_order=False)
+    opt.zero_grad()
+    res = step.step(
+        lambda p: loss_s(functional_forward(model, p, x_s, buffers="live"), y_s),
+        lambda p: loss_t(functional_forward(model, p, x_t), y_t),
+    )
+    opt.step()                                 # log res.loss_train, res.loss_test, res.total
 """
 
 from __future__ import annotations
