@@ -59,10 +59,12 @@ class FaceEmbedder:
 
         if select not in POLICIES or select == "all":
             raise ValueError(f"select must be 'largest' or 'confident', not {select!r}")
-        self.model_path = Path(model_path) if model_path is not None else default_model_path()
-        if self.model_path.suffix != ".safetensors":
-            self.model_path = self.model_path.with_suffix(".safetensors") if self.model_path.suffix == ".json" \
-                else self.model_path
+        path = Path(model_path) if model_path is not None else default_model_path()
+        if path.suffix == ".json":  # the sidecar names the same checkpoint
+            path = path.with_suffix(".safetensors")
+        elif path.suffix != ".safetensors":  # a bare stem, as load_checkpoint accepts
+            path = path.with_name(path.name + ".safetensors")
+        self.model_path = path
         self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
         self.model.to(device).eval()
         self.device = device
