@@ -60,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
         path = trainer.fit()
+        if not trainer.is_main:  # under torchrun, rank 0 alone reports
+            return 0
     print(f"model: {path}")
     return 0
