@@ -329,7 +329,8 @@ class Trainer:
             return self._fit()
         finally:
             torch.set_num_threads(prev_threads)
-            torch.use_deterministic_algorithms(prev_det)
+            if torch.are_deterministic_algorithms_enabled() != prev_det:
+                torch.use_deterministic_algorithms(prev_det)
 
     def _fit(self) -> Path:
         from facemeta.data.samplers import DomainBalancedBatchSampler, FaceDataset
