@@ -77,6 +77,7 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
     """Build one index over the cached data and sweep its search knob; one row per setting."""
     import faiss
 
+    from facemeta.gallery import search as gallery_search
     from facemeta.gallery.search import IndexSpec, build_index, save_index, search_vectors, set_search_params
 
     faiss.omp_set_num_threads(THREADS)
@@ -98,7 +99,7 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
         save_index(built, Path(tmp) / "index.faiss", 0, "bench")
         save_s = time.perf_counter() - t0
         index_bytes = (Path(tmp) / "index.faiss").stat().st_size
-    sweep = {"flat": [None], "hnsw": [16, 32, 64, 128, 256], "ivf": [1, 4, 8, 16, 32, 64], "ivf_sq8": [1, 4, 8, 16, 32, 64]}[kind]
+    sweep = {"flat": [None], "hnsw": [16, 32, 64, 128, 256], "ivf": [1, 4, 8, 16, 32, 64, 128], "ivf_sq8": [1, 4, 8, 16, 32, 64, 128]}[kind]
     rows = []
     for knob in sweep:
         s = spec.with_search(ef_search=knob if kind == "hnsw" else None, nprobe=knob if kind.startswith("ivf") else None)
@@ -111,7 +112,9 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
         t0 = time.perf_counter()
         _, top = search_vectors(built, queries, 1)
         qps = nq / (time.perf_counter() - t0)
-        rows.append({"n": n, "index": kind if kind != "hnsw" else f"hnsw M={HNSW_M}", "knob": None if knob is None else ("efSearch" if kind == "hnsw" else "nprobe"),
+        rows.append({"n": n, "index": kind if kind != "hnsw" else f"hnsw M={HNSW_M}",
+                     "train": (f"{gallery_search.MAX_TRAIN_POINTS_PER_LIST}/list x{gallery_search.KMEANS_ITERATIONS}"
+                               if kind.startswith("ivf") else None), "knob": None if knob is None else ("efSearch" if kind == "hnsw" else "nprobe"),
                      "value": knob, "nlist": built.nlist or None, "build_s": round(build_s, 2), "save_s": round(save_s, 2),
                      "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "qps_batch": round(qps, 1),
                      "recall1_vs_flat": float(np.mean(top[:, 0] == exact)),
@@ -241,11 +244,12 @@ def _markdown(results: dict) -> str:
              "different-person ~0.18), one enrolled vector per identity, queries are new noisy images of "
              "enrolled identities. Latency = one query per call on one thread; QPS = all queries in one "
              "batch; recall@1 = same top-1 as exact flat search; acc@1 = top-1 is the true identity.", "",
-             "| N | index | knob | nlist | build s | p50 ms | p99 ms | QPS (batch) | recall@1 vs flat | acc@1 | index MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "IVF training: k-means sample (points per list) x iterations.", "",
+             "| N | index | knob | nlist | IVF training | build s | p50 ms | p99 ms | QPS (batch) | recall@1 vs flat | acc@1 | index MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("index", []):
         knob = f"{r['knob']}={r['value']}" if r["knob"] else "-"
-        lines.append(f"| {r['n']:,} | {r['index']} | {knob} | {r['nlist'] or '-'} | {r['build_s']} | {r['p50_ms']} | "
+        lines.append(f"| {r['n']:,} | {r['index']} | {knob} | {r['nlist'] or '-'} | {r.get('train') or '-'} | {r['build_s']} | {r['p50_ms']} | "
                      f"{r['p99_ms']} | {r['qps_batch']} | {r['recall1_vs_flat']:.3f} | {r['acc1_vs_truth']:.3f} | "
                      f"{r['index_mb']} | {r['peak_rss_mb']} |")
     if results.get("store"):
@@ -278,6 +282,7 @@ def main() -> int:
     ap.add_argument("--people", type=int, default=10, help="ORL people for --part files (10 photos each)")
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "facemeta-bench-gallery")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gallery"))
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     ap.add_argument("--child", nargs=2, metavar=("N", "KIND"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -286,6 +291,9 @@ def main() -> int:
     out_json = args.out.with_suffix(".json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    if args.render:
+        args.out.with_suffix(".md").write_text(_markdown(results))
+        return 0
     results["machine"] = (f"{os.cpu_count()} CPU cores shared with other jobs (load average at start "
                           f"{os.getloadavg()[0]:.1f}), FAISS on {THREADS} threads for builds and batches, "
                           "1 thread per single-query call")
@@ -307,10 +315,11 @@ def main() -> int:
                     print(proc.stderr[-2000:], file=sys.stderr)
                     continue
                 rows = json.loads(proc.stdout.strip().splitlines()[-1])
-                keys = {(r["n"], r["index"], r["nlist"]) for r in rows}  # a rerun replaces its old rows
-                done = [r for r in done if (r["n"], r["index"], r["nlist"]) not in keys] + rows
+                keys = {(r["n"], r["index"], r["nlist"], r.get("train")) for r in rows}  # a rerun replaces its rows
+                done = [r for r in done if (r["n"], r["index"], r["nlist"], r.get("train")) not in keys] + rows
                 print(f"n={n} {kind}: {time.time() - t0:.0f}s " + json.dumps(rows), flush=True)
-                results["index"] = sorted(done, key=lambda r: (r["n"], r["index"], r["nlist"] or 0, r["value"] or 0))
+                results["index"] = sorted(done, key=lambda r: (r["n"], r["index"], r["nlist"] or 0, r.get("train") or "",
+                                                               r["value"] or 0))
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 out_json.write_text(json.dumps(results, indent=1))
                 args.out.with_suffix(".md").write_text(_markdown(results))
