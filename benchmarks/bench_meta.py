@@ -9,7 +9,8 @@ Every variant sees the same batch of B images (default 16) once per step:
 
 Time: all variants in one process, after a warm-up, in R rounds; each round runs every variant
 once in a rotated order, so contention from other jobs on the shared CPU hits them alike. We
-report the median seconds per step and the median over rounds of the per-round ratio to sgd.
+report the median wall seconds per step and the median over rounds of the per-round ratio to
+sgd, and the same for process CPU time (less sensitive to other jobs, most so with 1 thread).
 
 Peak memory: each variant runs in a fresh subprocess. After building the model and batch it
 resets the kernel's peak-RSS mark (writing "5" to /proc/self/clear_refs), reads the current RSS,
@@ -141,17 +142,22 @@ def time_all(batch: int, size: int, rounds: int) -> dict:
     for fn in steps.values():  # warm-up (allocator, kernels, optimiser state)
         fn()
     secs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[v]()
             secs[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
     out = {}
     for v in VARIANTS:
         ratios = [a / b for a, b in zip(secs[v], secs["sgd"], strict=True)]
+        cratios = [a / b for a, b in zip(cpu[v], cpu["sgd"], strict=True)]
         out[v] = {"median_s": statistics.median(secs[v]), "ratio_median": statistics.median(ratios),
-                  "ratio_min": min(ratios), "ratio_max": max(ratios), "seconds": [round(s, 3) for s in secs[v]]}
+                  "ratio_min": min(ratios), "ratio_max": max(ratios), "seconds": [round(s, 3) for s in secs[v]],
+                  "cpu_median_s": statistics.median(cpu[v]), "cpu_ratio_median": statistics.median(cratios),
+                  "cpu_seconds": [round(s, 3) for s in cpu[v]]}
     return out
 
 
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--summary", action="store_true", help="only merge existing results into meta.md/json")
+    ap.add_argument("--tag", default="", help="suffix of the result files (meta_speed<tag>.json/md)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = ap.parse_args(argv)
     if a.summary:
@@ -192,15 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         "memory": memory,
     }
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "meta_speed.json").write_text(json.dumps(res, indent=1))
+    (a.out / f"meta_speed{a.tag}.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    (a.out / "meta_speed.md").write_text(md)
+    (a.out / f"meta_speed{a.tag}.md").write_text(md)
     print(md)
     summarise(a.out)
     return 0
 
 
-PARTS = [("speed", "meta_speed"), ("sinusoid", "meta_sinusoid"), ("orl_fewshot", "meta_orl_fewshot")]
+PARTS = [("speed", "meta_speed"), ("speed_1thread", "meta_speed_1thread"), ("sinusoid", "meta_sinusoid"),
+         ("orl_fewshot", "meta_orl_fewshot")]
 
 
 def summarise(out: Path) -> None:
@@ -228,17 +236,23 @@ def markdown(res: dict) -> str:
         f"{s['model']}, batch {s['batch']} at {s['image_size']}x{s['image_size']}, CPU ({s['cores']} cores, "
         f"{s['threads']} torch threads), torch {s['torch']}, {s['rounds']} interleaved rounds. "
         f"Shared machine: load average {s['loadavg_start'][0]} at start, {s['loadavg_end'][0]} at end "
-        "(other jobs were running; the interleaving keeps the ratios fair, the absolute seconds are inflated).",
+        "(other jobs were running: the rotation exposes every variant to them alike, but single rounds still "
+        "swing widely - see the range - and the absolute seconds are inflated).",
         "",
-        "| variant | median s/step | time ratio (median over rounds) | range | peak extra RSS MB | memory ratio |",
-        "|---|---|---|---|---|---|",
+        "| variant | median wall s/step | wall ratio (median over rounds) | range | CPU s/step | CPU ratio "
+        "| peak extra RSS MB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v, t in res["timing"].items():
         m = res["memory"][v]
+        cpu = (f"{t['cpu_median_s']:.2f} | {t['cpu_ratio_median']:.2f}x" if "cpu_ratio_median" in t
+               else "n/a | n/a")
         lines.append(f"| {v} | {t['median_s']:.2f} | {t['ratio_median']:.2f}x | {t['ratio_min']:.2f}-{t['ratio_max']:.2f} "
-                     f"| {m['extra_kb'] / 1024:.0f} | {m['ratio']:.2f}x |")
+                     f"| {cpu} | {m['extra_kb'] / 1024:.0f} | {m['ratio']:.2f}x |")
+    method = next(iter(res["memory"].values())).get("method", "ru_maxrss")
     lines += ["", "Goals (issue 4): first order <= 1.4x, second order <= 3x the SGD step's time.",
-              "Memory: ru_maxrss of a fresh process per variant minus its RSS before the first step (see the script)."]
+              f"Memory: peak RSS ({method}) of a fresh process per variant minus its RSS before the first "
+              "step (see the script)."]
     return "\n".join(lines) + "\n"
 
 
