@@ -95,3 +95,14 @@ def test_mldg_meta_train_pass_can_track_stats():
     meta_train_test_step(model, live, _ce(model, xq, yq), 0.1, 0.5)
     for (k, a), (_, b) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_meta_imports_nothing_else_of_facemeta():
+    """facemeta.meta stands alone (DESIGN.md): importing it loads no other facemeta module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, facemeta.meta; "
+            "print(sorted(m for m in sys.modules if m.startswith('facemeta') and not m.startswith('facemeta.meta')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['facemeta']"
