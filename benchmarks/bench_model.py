@@ -63,11 +63,12 @@ def worker_train(spec: dict) -> dict:
 
     for _ in range(spec["warmup"]):
         step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(spec["steps"]):
         step()
-    dt = time.perf_counter() - t0
-    return {"images_per_s": spec["steps"] * bs / dt, "seconds": dt, "peak_rss_mb": _rss_mb(),
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"images_per_s": spec["steps"] * bs / dt, "images_per_cpu_s": spec["steps"] * bs / cpu,
+            "seconds": dt, "peak_rss_mb": _rss_mb(),
             "rss_after_build_mb": rss_built, "rss_start_mb": rss_start,
             "train_extra_mb": _rss_mb() - rss_built,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -85,14 +86,16 @@ def worker_embed(spec: dict) -> dict:
     model = build_model(ModelConfig(backbone=spec["backbone"], image_size=SIZE)).eval()
     rng = np.random.default_rng(0)
     out = {}
-    for bs, cl in spec["settings"]:
+    for bs, cl, threads in spec["settings"]:
+        torch.set_num_threads(threads)
         n = spec["images"][str(bs)]
         faces = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
         embed(model, faces[: min(n, bs * 2)], batch_size=bs, channels_last=cl)  # warm-up (+ layout change)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         embed(model, faces, batch_size=bs, channels_last=cl)
-        dt = time.perf_counter() - t0
-        out[f"{bs}-{'cl' if cl else 'nchw'}"] = {"images_per_s": n / dt, "seconds": dt}
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out[f"{bs}-{'cl' if cl else 'nchw'}{'' if threads == spec['threads'] else f'-t{threads}'}"] = {"images_per_s": n / dt, "images_per_cpu_s": n / cpu,
+                                                  "seconds": dt}
     out["peak_rss_mb"] = _rss_mb()
     return out
 
@@ -130,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     train: dict[str, list[dict]] = {b: [] for b in BACKBONES}
     emb: dict[str, dict[str, list[float]]] = {b: {} for b in BACKBONES}
+    emb_cpu: dict[str, dict[str, list[float]]] = {b: {} for b in BACKBONES}
     emb_rss: dict[str, list[float]] = {b: [] for b in BACKBONES}
-    settings = [(1, False), (1, True), (64, False), (64, True)]
-    images = {"1": 24, "64": 128}
+    t = args.threads
+    settings = [(1, False, t), (1, True, t), (64, False, t), (64, True, t), (1, False, 1), (1, True, 1)]
+    images = {"1": 48, "64": 128}
     names = list(BACKBONES)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
@@ -144,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1} train {b}: {res['images_per_s']:.1f} img/s, peak {res['peak_rss_mb']:.0f} MB",
                   flush=True)
         for b in order:
-            rot = settings[r % 4:] + settings[: r % 4]
+            rot = settings[r % len(settings):] + settings[: r % len(settings)]
             res = run_worker("embed", {"backbone": b, "threads": args.threads, "settings": rot, "images": images})
             emb_rss[b].append(res.pop("peak_rss_mb"))
             for k, v in res.items():
                 emb[b].setdefault(k, []).append(v["images_per_s"])
+                emb_cpu[b].setdefault(k, []).append(v["images_per_cpu_s"])
             print(f"round {r + 1} embed {b}: " + ", ".join(f"{k} {v['images_per_s']:.1f}" for k, v in res.items()),
                   flush=True)
 
@@ -164,18 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         "train": {b: {"class": BACKBONES[b],
                       "images_per_s": med(x["images_per_s"] for x in train[b]),
                       "images_per_s_all": [round(x["images_per_s"], 2) for x in train[b]],
+                      "images_per_cpu_s": med(x["images_per_cpu_s"] for x in train[b]),
                       "ratio_vs_resnet18": med(x["images_per_s"] for x in train[b]) / base_train,
                       "peak_rss_mb": max(x["peak_rss_mb"] for x in train[b]),
                       "train_extra_mb": med(x["train_extra_mb"] for x in train[b]),
                       "params_m": train[b][0]["params_m"]} for b in BACKBONES},
         "embed": {b: {k: {"images_per_s": med(v), "images_per_s_all": [round(x, 2) for x in v],
+                          "images_per_cpu_s": med(emb_cpu[b][k]),
                           "ratio_vs_resnet18_b64_nchw": med(v) / base_emb}
                       for k, v in emb[b].items()} | {"peak_rss_mb": max(emb_rss[b])} for b in BACKBONES},
     }
     for b in BACKBONES:
         e = result["embed"][b]
-        for bs in ("1", "64"):
-            e[f"channels_last_speedup_b{bs}"] = e[f"{bs}-cl"]["images_per_s"] / e[f"{bs}-nchw"]["images_per_s"]
+        for bs in ("1", "64", "1-t1"):
+            cl, nchw = (f"{bs}-cl", f"{bs}-nchw") if "-" not in bs else ("1-cl-t1", "1-nchw-t1")
+            e[f"channels_last_speedup_b{bs}"] = e[cl]["images_per_s"] / e[nchw]["images_per_s"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -186,24 +195,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(r: dict) -> str:
     """The Markdown report of one run."""
+
+    def spread(v: list[float]) -> str:
+        return f"{min(v):.1f}–{max(v):.1f}"
+
     lines = [
         "# Model speed on CPU (facemeta.models)",
         "",
         f"Run {r['date']}, torch {r['torch']}, {r['cpu_count']} CPUs, torch threads {r['threads']}, "
-        f"{r['rounds']} interleaved rounds, median shown (all rounds in model_speed.json). "
-        f"Load average before/after: {r['loadavg_before']} / {r['loadavg_after']}: the 2 CPUs were shared "
-        "with other jobs during the run, so absolute figures are low and noisy; the ratios compare "
-        "variants measured side by side in the same rounds.",
+        f"{r['rounds']} interleaved rounds (each variant in a fresh process), median shown with the "
+        f"range over rounds. Load average before/after: {r['loadavg_before']} / {r['loadavg_after']}: the "
+        "2 CPUs were shared with other jobs during the run, so absolute figures are low and noisy; the "
+        "ratios compare variants measured side by side in the same rounds. Images per CPU-second (time "
+        "the process itself ran, all threads) is less sensitive to the other jobs than wall-clock images/s.",
         "",
         f"## Training ({r['image_size']}x{r['image_size']}, batch {r['train_batch']}, forward + backward + "
         "SGD step, CosFace head over 1,000 classes, inputs in memory)",
         "",
-        "| backbone | class | params (M) | images/s | vs resnet18 | peak RSS (MB) | RSS added by training (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| backbone | class | params (M) | images/s (range) | vs resnet18 | images per CPU-s | "
+        "peak RSS (MB) | RSS added by training (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b, t in r["train"].items():
-        lines.append(f"| {b} | {t['class']} | {t['params_m']:.1f} | {t['images_per_s']:.1f} | "
-                     f"{t['ratio_vs_resnet18']:.2f} | {t['peak_rss_mb']:.0f} | {t['train_extra_mb']:.0f} |")
+        lines.append(f"| {b} | {t['class']} | {t['params_m']:.1f} | {t['images_per_s']:.1f} "
+                     f"({spread(t['images_per_s_all'])}) | {t['ratio_vs_resnet18']:.2f} | "
+                     f"{t['images_per_cpu_s']:.1f} | {t['peak_rss_mb']:.0f} | {t['train_extra_mb']:.0f} |")
     lines += [
         "",
         "Peak RSS is the whole process (Python, torch, model, optimiser state, activations); the last "
@@ -212,15 +228,24 @@ def render(r: dict) -> str:
         "",
         "## Embedding (facemeta.models.embed from uint8 faces, inference mode, 112x112)",
         "",
-        "| backbone | batch | NCHW images/s | channels_last images/s | channels_last speed-up | "
-        "NCHW vs resnet18 b64 NCHW |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| backbone | batch | NCHW images/s (range) | channels_last images/s (range) | channels_last speed-up | "
+        "NCHW vs resnet18 b64 NCHW | NCHW / channels_last images per CPU-s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b, e in r["embed"].items():
-        for bs in ("1", "64"):
-            lines.append(f"| {b} | {bs} | {e[f'{bs}-nchw']['images_per_s']:.1f} | "
-                         f"{e[f'{bs}-cl']['images_per_s']:.1f} | {e[f'channels_last_speedup_b{bs}']:.2f} | "
-                         f"{e[f'{bs}-nchw']['ratio_vs_resnet18_b64_nchw']:.2f} |")
+        for bs in ("1", "64", "1-t1"):
+            n, c = (e[f"{bs}-nchw"], e[f"{bs}-cl"]) if bs != "1-t1" else (e["1-nchw-t1"], e["1-cl-t1"])
+            label = bs if bs != "1-t1" else "1, one thread"
+            lines.append(f"| {b} | {label} | {n['images_per_s']:.1f} ({spread(n['images_per_s_all'])}) | "
+                         f"{c['images_per_s']:.1f} ({spread(c['images_per_s_all'])}) | "
+                         f"{e[f'channels_last_speedup_b{bs}']:.2f} | {n['ratio_vs_resnet18_b64_nchw']:.2f} | "
+                         f"{n['images_per_cpu_s']:.1f} / {c['images_per_cpu_s']:.1f} |")
+    lines += [
+        "",
+        f"Rows without a thread count use {r['threads']} torch threads. At batch 1 each operator is too "
+        "small to split between threads, and on CPUs busy with other jobs the threads wait for each "
+        "other at every operator: the one-thread rows measure that cost.",
+    ]
     return "\n".join(lines) + "\n"
 
 
