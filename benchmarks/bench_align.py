@@ -111,6 +111,8 @@ def write_results(result: dict) -> None:
     lines = ["# Alignment benchmark", "",
              f"Measured {result['date']} on {result['machine']} with `python benchmarks/bench_align.py` "
              f"(pipeline version {result['pipeline_version']}). {result['note']}", ""]
+    if result.get("sets_measured"):
+        lines += [f"The whole-set table below comes from the run of {result['sets_measured']}.", ""]
     sp = result.get("speed")
     if sp:
         lines += ["## Speed: 1,000 LFW images (load, detect, warp, write PNG)", "",
@@ -167,6 +169,11 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {cores} CPU cores, Python {platform.python_version()}",
               "pipeline_version": PIPELINE_VERSION, "note": args.note, "speed": {}, "sets": {}}
+    if not args.sets and (RESULTS / "align.json").is_file():
+        # speed-only run: keep the whole-set results of the previous run (and say when they were measured)
+        old = json.loads((RESULTS / "align.json").read_text())
+        result["sets"] = old.get("sets", {})
+        result["sets_measured"] = old.get("sets_measured", old.get("date"))
     try:
         if not args.skip_speed:
             rows = sorted(read_set("lfw", args.data), key=lambda r: r.path)

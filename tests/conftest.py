@@ -53,3 +53,37 @@ def trained_model(data_dir, session_tmp) -> TrainedModel:
     path = Trainer(cfg, progress=False).fit()
     data = prepare_data(cfg)
     return TrainedModel(out, path, cfg.steps, data.train, data.heldout)
+
+
+# ---------------------------------------------------------------- aligned samples (ALIGN helper)
+ALIGN_SAMPLE_SEED = 7
+
+
+@pytest.fixture(scope="session")
+def aligned_sample(data_dir, session_tmp):
+    """Factory ``aligned_sample(name, n=40, frontal_yaleb=False) -> (rows, aligned, failures)``: a fixed
+    random sample of n images of a shared set, aligned once per session (112x112, 2 workers, yaleb and
+    orl as pre-cropped) into session_tmp. ``frontal_yaleb`` samples Yale B images lit within 60 deg
+    azimuth and 45 deg elevation (the issue's tight-and-dark acceptance subset)."""
+    import random
+
+    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
+    from facemeta.data.sets import read_set
+
+    cache: dict = {}
+
+    def make(name: str, n: int = 40, frontal_yaleb: bool = False):
+        key = (name, n, frontal_yaleb)
+        if key not in cache:
+            rows = sorted(read_set(name, data_dir), key=lambda r: r.path)
+            if frontal_yaleb:
+                rows = [r for r in rows if r.get("azimuth") not in (None, "")
+                        and abs(int(r.get("azimuth"))) <= 60 and abs(int(r.get("elevation"))) <= 45]
+            rows = random.Random(ALIGN_SAMPLE_SEED).sample(rows, min(n, len(rows)))
+            dst = session_tmp / "aligned-samples" / f"{name}-{n}{'-frontal' if frontal_yaleb else ''}"
+            aligned, failures = align_rows(rows, dst, size=112, workers=2, pre_cropped=name in PRE_CROPPED_SETS,
+                                           progress=False)
+            cache[key] = (rows, aligned, failures)
+        return cache[key]
+
+    return make

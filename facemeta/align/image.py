@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(f"{path}: too many pixels to decode safely ({exc})") from None
+        # Pillow's own guard fires in Image.open, from the header alone, for huge claims.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        claim = f"{int(found[1]):,} pixels" if found else "too many pixels"
+        raise ImageReadError(f"{path}: header claims {claim}, over the limit of {max_pixels:,}; "
+                             "refused before decoding") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image (format not recognised)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
