@@ -174,7 +174,6 @@ def test_pair_paths_map_onto_aligned_rows(aligned):
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     return build_model(ModelConfig(backbone="mobilenetv3_small_100", image_size=64, embedding_size=128))
 
 

@@ -24,7 +24,6 @@ from facemeta.models import (
     update_meta,
 )
 
-torch.set_num_threads(2)
 PEOPLE = ("Colin_Powell", "Serena_Williams")
 
 
