@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-PARTS = [("speed", "meta_speed"), ("speed_1thread", "meta_speed_1thread"), ("sinusoid", "meta_sinusoid"),
-         ("orl_fewshot", "meta_orl_fewshot")]
+PARTS = [("speed", "meta_speed"), ("speed_1thread", "meta_speed_1thread"),
+         ("speed_highload", "meta_speed_highload"), ("sinusoid", "meta_sinusoid"), ("orl_fewshot", "meta_orl_fewshot")]
 
 
 def summarise(out: Path) -> None:
