@@ -54,6 +54,8 @@ class MethodSettings:
     cdt_margin = 0.5, cdt_mining = "all": facemeta.objectives.cdt's defaults.
     cdt_weight = 1.0: L_T = L_cls + L_trip + cdt_weight · L_cdt, the sum DESIGN.md describes.
     triplet_margin = 0.2: the usual FaceNet margin on unit vectors (squared distances).
+    meta_test_domains = 1: of 3 source domains, 2 meta-train and 1 meta-test each step (the
+      papers' split); the sampler rotates which domain is held out.
     inner_lr = 0.01, inner_steps = 1 (maml-fo) / reptile_inner_steps = 3: the generic layer's
       inner loop on one domain task. Reptile's update θ − mean θ̃ is divided by
       (reptile_inner_steps x inner_lr) so it has the scale of a gradient and the SAME outer
@@ -74,6 +76,7 @@ class MethodSettings:
     inner_lr: float = 0.01
     inner_steps: int = 1
     reptile_inner_steps: int = 3
+    meta_test_domains: int = 1
 
     def check(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -86,6 +89,7 @@ class MethodSettings:
             (self.cdt_weight >= 0, "cdt_weight must be >= 0"), (self.triplet_margin >= 0, "triplet_margin must be >= 0"),
             (self.inner_lr > 0, "inner_lr must be > 0"), (self.inner_steps >= 1, "inner_steps must be >= 1"),
             (self.reptile_inner_steps >= 1, "reptile_inner_steps must be >= 1"),
+            (self.meta_test_domains >= 1, "meta_test_domains must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,57 @@
+"""`facemeta benchmark PRESET`: the unseen-domain (leave-one-domain-out) benchmark of DESIGN.md."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `benchmark` and its options."""
+    p = subparsers.add_parser(
+        "benchmark", help="leave-one-domain-out benchmark of the training methods on the real face sets",
+        description="For each unseen target (yaleb, orl, mfr2), method and seed: train on LFW people folds 1-5 "
+                    "plus the other two sets, evaluate on the target and on LFW pairs.txt folds 6-10, and write "
+                    "results.md (mean ± std, best in bold), results.json and ROC PNGs per target to "
+                    "benchmarks/results/<preset>/. Resumable: finished runs are skipped. Presets: "
+                    "facemeta/configs/bench/ (smoke, cpu, gpu) or a YAML file.")
+    p.add_argument("preset", metavar="PRESET", help="benchmark preset name (smoke, cpu, gpu) or YAML file")
+    p.add_argument("--methods", type=_list, help="comma list, e.g. erm,mfr (default: the preset's)")
+    p.add_argument("--targets", type=_list, help="comma list of yaleb,orl,mfr2 (default: the preset's)")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in _list(s)], help="comma list of seeds")
+    p.add_argument("--out", help="results folder (default benchmarks/results/<preset>)")
+    p.add_argument("--runs", help="folder for the training runs (default: the preset's, runs/bench)")
+    p.add_argument("--data", help="root of the shared face sets (default $FACEMETA_DATA or ../shared/data)")
+    p.add_argument("--progress", action="store_true", help="a progress bar per training run")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the grid (skipping finished runs) and write the summary files."""
+    from pathlib import Path
+
+    from facemeta.errors import ConfigError
+    from facemeta.eval.unseen import check_grid, load_bench_preset, run_benchmark
+    from facemeta.train.methods import METHODS
+
+    preset = load_bench_preset(args.preset)
+    if args.methods:
+        preset.methods = args.methods
+    if args.targets:
+        preset.targets = args.targets
+    if args.seeds:
+        preset.seeds = args.seeds
+    if args.runs:
+        preset.runs = args.runs
+    check_grid(preset.methods, preset.targets, preset.seeds, METHODS)
+    out = Path(args.out) if args.out else Path("benchmarks") / "results" / preset.name
+    try:
+        run_benchmark(preset, out, data_root=args.data, progress=args.progress)
+    except KeyboardInterrupt:
+        raise ConfigError("interrupted; run the same command again to continue (finished runs are kept)") from None
+    print(f"wrote {out / 'results.md'}")
+    print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
