@@ -2,7 +2,9 @@
 
 Routes, tried in this order for each image until one yields landmarks (recorded as ``route``):
 
-1. ``direct``: MTCNN on the image as it is.
+1. ``direct``: MTCNN on the image as it is; with the 'largest' policy a first pass looks only for
+   faces of at least COARSE_MIN_FACE of the short side (a smaller pyramid, fewer candidate boxes),
+   and the images where it finds none get the full-range pass.
 
 On every route a detection is refused when its box leaves the canvas the detector saw (box_inside)
 or its landmarks fall outside the image (landmarks_inside): on a tight crop MTCNN otherwise
@@ -49,6 +51,7 @@ SELECT = ("largest", "confident", "single")
 PAD_FRACTION = 0.5
 CLAHE_CLIP, CLAHE_TILES = 3.0, 8
 RELAXED_THRESHOLDS = (0.4, 0.5, 0.5)
+COARSE_MIN_FACE = 0.25  # first direct pass (policy 'largest'): faces of at least this share of the short side
 # (route, padding fraction, CLAHE, relaxed thresholds), tried in order on the images still without a face.
 # The last attempt pads less: MTCNN's image pyramid then meets the face at other scales.
 ATTEMPTS = (("direct", 0.0, False, False),
@@ -62,7 +65,7 @@ MAX_FIT_ERROR = 8.0
 SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median  # mean landmark distance to the 112-px template after the fit, in pixels
 PRE_CROPPED_SETS = ("yaleb", "orl")
 JOURNAL = ".align-journal.jsonl"
-PIPELINE_VERSION = 2  # bump when routes or filters change: cached folders are then aligned again
+PIPELINE_VERSION = 3  # bump when routes or filters change: cached folders are then aligned again
 CONFIG = ".align-config.json"
 
 
@@ -133,7 +136,11 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
     results: list[AlignResult | None] = [None] * len(images)
     todo = list(range(len(images)))
-    for route, pad, equalise, relaxed in ATTEMPTS:
+    attempts = list(ATTEMPTS)
+    if select == "largest":
+        # a first, coarse pass that ignores small faces: the largest face is found as well, faster
+        attempts.insert(0, ("direct", 0.0, False, False, COARSE_MIN_FACE))
+    for route, pad, equalise, relaxed, *coarse in attempts:
         if not todo:
             break
         inputs, offsets = [], []
@@ -141,7 +148,8 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
             canvas, px, py = _pad(images[i], pad) if pad else (images[i], 0, 0)
             inputs.append(_equalise(canvas) if equalise else canvas)
             offsets.append((px, py))
-        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None)
+        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None,
+                                      min_face_fraction=coarse[0] if coarse else 0.0)
         still = []
         for i, faces, canvas, (px, py) in zip(todo, found, inputs, offsets, strict=True):
             h, w = images[i].shape[:2]
