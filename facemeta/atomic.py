@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import IO
 
 
+def _current_umask() -> int:
+    """The process umask (read once; os.umask has no read-only form)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by the owner only; finished files get the usual mode instead.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file for writing; on success it replaces `path` atomically.
@@ -26,6 +37,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
