@@ -111,6 +111,8 @@ def write_results(result: dict) -> None:
     lines = ["# Alignment benchmark", "",
              f"Measured {result['date']} on {result['machine']} with `python benchmarks/bench_align.py` "
              f"(pipeline version {result['pipeline_version']}). {result['note']}", ""]
+    if result.get("speed_measured"):
+        lines += [f"The speed table below comes from the run of {result['speed_measured']}.", ""]
     if result.get("sets_measured"):
         lines += [f"The whole-set table below comes from the run of {result['sets_measured']}.", ""]
     sp = result.get("speed")
@@ -174,6 +176,12 @@ def main() -> None:
         old = json.loads((RESULTS / "align.json").read_text())
         result["sets"] = old.get("sets", {})
         result["sets_measured"] = old.get("sets_measured", old.get("date"))
+    if args.skip_speed and (RESULTS / "align.json").is_file():
+        # sets-only run: keep the speed results of the previous run
+        old = json.loads((RESULTS / "align.json").read_text())
+        result["speed"] = old.get("speed", {})
+        result["speed_measured"] = old.get("speed_measured", old.get("date"))
+        result["note"] = (old.get("note", "") + " " + result["note"]).strip()
     try:
         if not args.skip_speed:
             rows = sorted(read_set("lfw", args.data), key=lambda r: r.path)

@@ -77,7 +77,6 @@ def test_yaleb_tight_dark_crops_small(aligned_sample):
     _yaleb_check(rows, aligned, failures, landmark_rate=0.9, usable_rate=0.99)
 
 
-@pytest.mark.slow
 def test_yaleb_tight_dark_crops_200(data_dir, tmp_path):
     """The issue's acceptance: 200 Yale B images lit within 60/45 deg, >= 90% with detector
     landmarks (aim 95%) and >= 99% usable."""
