@@ -151,3 +151,38 @@ def test_mfr_steps_resume_exactly(episodes):
     run(c, opt_c, range(2, 4))
     for (n, pa), pc in zip(a.state_dict().items(), c.state_dict().values(), strict=True):
         assert torch.equal(pa, pc), n
+
+
+def test_mfr_trainer_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """A Trainer run with method mfr, interrupted right after its step-3 checkpoint and resumed,
+    ends with the same weights as an unbroken run (episodes and augmentations are functions of the step)."""
+    from safetensors.torch import load_file
+
+    from facemeta.train.config import load_config
+    from facemeta.train.trainer import Trainer
+
+    over = {"model.image_size": 32, "model.embedding_size": 32, "sampler.identities_per_domain": 4, "steps": 6,
+            "checkpoint_every": 3, "log_every": 3, "threads": 1, "eval.every": 0, "optim.warmup_steps": 2,
+            "method": "mfr", "data.root": str(data_dir)}
+    ref = Trainer(load_config("smoke", overrides={**over, "output": str(tmp_path / "ref")}), progress=False).fit()
+
+    save = Trainer._save
+
+    def crash_after_first(self, *args, **kwargs):
+        path = save(self, *args, **kwargs)
+        if self.step == 3:
+            raise KeyboardInterrupt("simulated kill after the step-3 checkpoint")
+        return path
+
+    cfg = load_config("smoke", overrides={**over, "output": str(tmp_path / "cut")})
+    monkeypatch.setattr(Trainer, "_save", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, progress=False).fit()
+    monkeypatch.setattr(Trainer, "_save", save)
+    trainer = Trainer(cfg, resume=True, progress=False)
+    got = trainer.fit()
+    assert trainer.resumed_from == 3
+    a, b = load_file(str(ref)), load_file(str(got))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from facemeta.errors import ConfigError
+from facemeta.train.methods import METHODS, MethodSettings
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 SET_NAMES = ("lfw", "yaleb", "mfr2", "orl")
@@ -126,7 +127,8 @@ class TrainConfig:
     sampler: SamplerSection = field(default_factory=SamplerSection)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
-    method: Literal["erm"] = "erm"
+    method: Literal["erm", "mfr", "cdt", "maml-fo", "reptile"] = "erm"
+    meta: MethodSettings = field(default_factory=MethodSettings)
     steps: int = 1000
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -292,6 +294,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be > 0 or null", o.grad_clip)
     _check(lo.s > 0, "loss.s", "must be > 0", lo.s)
     _check(0 <= lo.m < 1.5, "loss.m", "must be in [0, 1.5)", lo.m)
+    _check(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}", cfg.method)
+    try:
+        cfg.meta.check()
+    except ValueError as exc:
+        raise ConfigError(f"meta.{exc}") from None
+    if cfg.method != "erm":
+        # budget rule: every method sees domains x identities_per_domain x 2 images per step
+        _check(s.images_per_identity == 2, "sampler.images_per_identity",
+               f"must be 2 for method {cfg.method} (gallery/probe pairs; ERM uses the same for a fair budget)",
+               s.images_per_identity)
+        _check(len(d.sources) > cfg.meta.meta_test_domains, "meta.meta_test_domains",
+               f"must be smaller than the number of source domains ({len(d.sources)}) for method {cfg.method}",
+               cfg.meta.meta_test_domains)
     _check(cfg.steps >= 1, "steps", "must be >= 1", cfg.steps)
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)", cfg.checkpoint_every)
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)

@@ -320,6 +320,49 @@ class Trainer:
         res["threshold_far"] = float(self.cfg.eval.far)
         return res
 
+    # -- meta methods (facemeta.train.methods): one episode of every source domain per step
+    def _meta_loop(self, model: nn.Module, head: nn.Module, optimizer, scheduler, sampler, dataset,
+                   device: torch.device, meta: dict[str, Any], data, bar) -> None:
+        """Train cfg.method (mfr, cdt, maml-fo, reptile) from self.step to cfg.steps.
+
+        Episodes come from EpisodicDomainSampler and augmentations are seeded per (seed, step,
+        slot), so both are pure functions of the step: exact resume needs only the step.
+        """
+        from facemeta.data.episodes import EpisodicDomainSampler
+        from facemeta.train.methods import Joint, load_episode, train_step
+
+        cfg = self.cfg
+        episodes = EpisodicDomainSampler(dataset.labels, dataset.domains, cfg.sampler.identities_per_domain,
+                                         cfg.meta.meta_test_domains, seed=cfg.seed)
+        joint = Joint(model, head).train()
+        loss_sum, seen, t_log = 0.0, 0, time.perf_counter()
+        while self.step < cfg.steps:
+            batch = load_episode(dataset, episodes.episode(self.step), cfg.seed, device)
+            res = train_step(cfg.method, joint, batch, optimizer, cfg.meta, cfg.optim.grad_clip)
+            scheduler.step()
+            self.step += 1
+            loss_value = res.losses["loss"]
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {self.step}")
+            loss_sum += loss_value * res.images
+            seen += res.images
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                dt = time.perf_counter() - t_log
+                self._metrics({"step": self.step, "loss": loss_sum / max(seen, 1), **{
+                    k: v for k, v in res.losses.items() if k != "loss"}, "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": res.grad_norm, "images_per_s": seen / dt if dt > 0 else None})
+                loss_sum, seen, t_log = 0.0, 0, time.perf_counter()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps and data.heldout:
+                val = self._validate(model, data.heldout)
+                self._metrics({"event": "validation", "step": self.step,
+                               **{k: v for k, v in val.items() if isinstance(v, (int, float))}})
+                joint.train()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self._save(model, head, optimizer, scheduler, None, sampler, 0, 0, meta)
+
     # -- main loop
     def fit(self) -> Path:
         """Train to cfg.steps (from a saved state with resume) and return the final checkpoint path."""
@@ -388,7 +431,18 @@ class Trainer:
         seed_everything(cfg.seed)
         model = build_model(model_cfg, pretrained_path=cfg.model.pretrained_path)
         head_cls = ArcFaceHead if cfg.loss.head == "arcface" else CosFaceHead
-        head = head_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m)
+        if cfg.method == "erm":
+            head = head_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m)
+        else:  # facemeta.train.methods: the method's heads (CDT's margin head is CosFace, as in the paper)
+            from facemeta.train.methods import build_heads
+
+            if self.world_size > 1:
+                raise ConfigError(f"method {cfg.method} runs in one process (no DDP); use method erm under torchrun")
+            margin_cls = CosFaceHead if cfg.method == "cdt" else head_cls
+            head = nn.ModuleDict(build_heads(
+                cfg.method, cfg.model.embedding_size, len(identity_to_label),
+                lambda: margin_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m),
+                cfg.meta))
         if state is not None:
             loaded, _ = load_checkpoint(self.ckpt_dir / state["checkpoint"], expected=model_cfg)
             model.load_state_dict(loaded.state_dict())
@@ -447,7 +501,10 @@ class Trainer:
         objective.train()
         loss_sum, correct_sum, seen, t_log = 0.0, 0, 0, time.perf_counter()
         try:
-            while self.step < cfg.steps:
+            if cfg.method != "erm":
+                self._meta_loop(model, head, optimizer, scheduler, sampler, dataset, device, meta, data, bar)
+                epoch, position = 0, 0  # episodes are a function of the step alone
+            while cfg.method == "erm" and self.step < cfg.steps:
                 sampler.set_epoch(epoch)
                 if position:
                     sampler.load_state_dict({"epoch": epoch, "position": position})
