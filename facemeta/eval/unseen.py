@@ -15,6 +15,7 @@ whose result.json exists is skipped, a run with a training state is resumed.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def _lfw_pairs(k: int | None) -> list:
 def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dict[str, Any]:
     """Metrics of one trained model on its unseen target (and MFR2's pairs) and LFW folds 6-10."""
     from facemeta.align.pipeline import aligned_set
-    from facemeta.data.sets import read_pairs, read_set
+    from facemeta.data.sets import read_pairs
     from facemeta.eval.benchmark import evaluate_rows
     from facemeta.models.checkpoint import load_checkpoint
 
@@ -163,16 +164,24 @@ def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dic
     out[target] = evaluate_rows(model, rows, flip=preset.flip)
     if target == "mfr2":
         out["mfr2-pairs"] = evaluate_rows(model, rows, pairs=read_pairs("mfr2", root), flip=preset.flip)
-    pairs = _lfw_pairs(preset.lfw_pairs_per_fold)
-    wanted = {Path(p).stem for pr in pairs for p in (pr.a, pr.b)}
-    from facemeta.align.pipeline import align_rows
-    from facemeta.paths import cache_root
-
-    raw = [r for r in read_set("lfw", root) if Path(r.path).stem in wanted]
-    lfw_rows, _ = align_rows(raw, cache_root(cache) / "aligned" / f"lfw-{size}", size=size,
-                             workers=cfg.data.align_workers, progress=False)
+    pairs, lfw_rows = _lfw_eval_rows(preset.lfw_pairs_per_fold, root, cache, size, cfg.data.align_workers)
     out["lfw"] = evaluate_rows(model, lfw_rows, pairs=pairs, flip=preset.flip)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _lfw_eval_rows(k: int | None, root: str | None, cache: str | None, size: int, workers: int) -> tuple[list, list]:
+    """LFW folds 6-10 pairs and their aligned rows, aligned (cached) once per process, not once per run."""
+    from facemeta.align.pipeline import align_rows
+    from facemeta.data.sets import read_set
+    from facemeta.paths import cache_root
+
+    pairs = _lfw_pairs(k)
+    wanted = {Path(p).stem for pr in pairs for p in (pr.a, pr.b)}
+    raw = [r for r in read_set("lfw", root) if Path(r.path).stem in wanted]
+    rows, _ = align_rows(raw, cache_root(cache) / "aligned" / f"lfw-{size}", size=size, workers=workers,
+                         progress=False)
+    return pairs, rows
 
 
 def run_one(preset: BenchPreset, target: str, method: str, seed: int, data_root: str | None = None,
