@@ -41,7 +41,6 @@ def test_presets_load_and_bad_grids_are_refused(tmp_path):
         load_bench_preset(str(bad))
 
 
-@pytest.mark.slow
 def test_smoke_benchmark_writes_the_table_and_resumes(data_dir, tmp_path, capsys):
     out = tmp_path / "results"
     args = _args("smoke", "--runs", str(tmp_path / "runs"), "--out", str(out), "--data", str(data_dir))
