@@ -29,6 +29,9 @@ def session_tmp(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- trained model (TRAIN helper)
+TEST_MODEL_FAR = 0.1
+
+
 class TrainedModel:
     """A model trained by facemeta.train for the tests, with the rows it was trained and validated on."""
 
@@ -42,14 +45,15 @@ class TrainedModel:
 def trained_model(data_dir, session_tmp) -> TrainedModel:
     """ERM on the `smoke` preset's real slice (40 LFW people of folds 1-5 + 30 ORL subjects, MTCNN-aligned):
     mobilenetv3_small_050 at 64x64, 200 SGD steps of batch 32, one thread (about a minute on 2 cores).
-    Its verification threshold is calibrated at FAR 1e-2 on the held-out source identities (a small
-    model's working point; the presets use 1e-3)."""
+    Its verification threshold is calibrated at FAR TEST_MODEL_FAR = 0.1 on the held-out source identities:
+    this small model accepts only about half of the genuine pairs at FAR 1e-2 (measured: TAR 0.45, AUC 0.93),
+    so the tests use a looser working point (the presets use 1e-3)."""
     from facemeta.train.config import load_config
     from facemeta.train.trainer import Trainer, prepare_data
 
     out = session_tmp / "trained-smoke"
     cfg = load_config("smoke", overrides={"data.root": str(data_dir), "output": str(out), "threads": 1,
-                                          "log_every": 25, "checkpoint_every": 100, "eval.far": 1e-2})
+                                          "log_every": 25, "checkpoint_every": 100, "eval.far": TEST_MODEL_FAR})
     path = Trainer(cfg, progress=False).fit()
     data = prepare_data(cfg)
     return TrainedModel(out, path, cfg.steps, data.train, data.heldout)

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TEST_MODEL_FAR
 
 from facemeta.errors import ConfigError
 from facemeta.train.config import apply_overrides, config_from_dict, load_config, preset_names, read_yaml
@@ -144,11 +145,11 @@ def test_checkpoint_meta_and_threshold(trained_model):
 
     meta = read_checkpoint_info(trained_model.model_path)["meta"]
     assert meta["method"] == "erm" and meta["step"] == trained_model.steps
-    assert meta["threshold_far"] == pytest.approx(1e-2)  # the fixture's setting (presets: 1e-3)
+    assert meta["threshold_far"] == pytest.approx(TEST_MODEL_FAR)  # the fixture's setting (presets: 1e-3)
     assert [s["set"] for s in meta["training"]["sources"]] == ["lfw", "orl"]
     assert meta["training"]["targets"] == ["yaleb"]
     assert "yaleb" not in meta["training"]["heldout"]  # calibrated on sources only
-    # the stored threshold is the FAR=1e-2 threshold of the held-out source pairs
+    # the stored threshold is the FAR=TEST_MODEL_FAR threshold of the held-out source pairs
     from facemeta.eval.benchmark import embed_rows
     from facemeta.models.checkpoint import load_checkpoint
 
@@ -156,9 +157,9 @@ def test_checkpoint_meta_and_threshold(trained_model):
     emb = embed_rows(model, trained_model.heldout, flip=True)
     ia, ib, same = all_pairs([r.identity for r in trained_model.heldout])
     scores = pair_scores(emb, ia, ib)
-    assert meta["threshold"] == pytest.approx(threshold_at_far(scores, same, 1e-2), abs=1e-5)
+    assert meta["threshold"] == pytest.approx(threshold_at_far(scores, same, TEST_MODEL_FAR), abs=1e-5)
     far = float(np.mean(scores[~same] >= meta["threshold"]))
-    assert far <= 1e-2
+    assert far <= TEST_MODEL_FAR
 
 
 def test_metrics_log(trained_model):
