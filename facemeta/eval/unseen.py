@@ -290,8 +290,12 @@ def write_summary(preset: BenchPreset, results: list[dict[str, Any]], out_dir: P
             diff = float(np.mean(vals) - np.mean(base))
             spread = max(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                          float(np.std(base, ddof=1)) if len(base) > 1 else 0.0)
-            verdict = "beats ERM by more than the spread over seeds" if diff > spread and len(vals) > 1 else \
-                "does NOT beat ERM by more than the spread over seeds"
+            if len(vals) < 2 or len(base) < 2:
+                verdict = "one seed only: no spread over seeds to judge by"
+            elif diff > spread:
+                verdict = "beats ERM by more than the spread over seeds"
+            else:
+                verdict = "does NOT beat ERM by more than the spread over seeds"
             lines.append(f"- {m}: {diff:+.3f} vs ERM (spread {spread:.3f}): {verdict}.")
         lines.append("")
     summary = {"preset": preset.name, "train_preset": preset.train, "overrides": preset.overrides,
