@@ -204,10 +204,12 @@ def render(r: dict) -> str:
         "",
         f"Run {r['date']}, torch {r['torch']}, {r['cpu_count']} CPUs, torch threads {r['threads']}, "
         f"{r['rounds']} interleaved rounds (each variant in a fresh process), median shown with the "
-        f"range over rounds. Load average before/after: {r['loadavg_before']} / {r['loadavg_after']}: the "
-        "2 CPUs were shared with other jobs during the run, so absolute figures are low and noisy; the "
-        "ratios compare variants measured side by side in the same rounds. Images per CPU-second (time "
-        "the process itself ran, all threads) is less sensitive to the other jobs than wall-clock images/s.",
+        f"range over rounds. Load average before/after: {r['loadavg_before']} / {r['loadavg_after']}"
+        + (": the CPUs were shared with other jobs during the run, so absolute figures are low and noisy; "
+           if max(r["loadavg_before"][0], r["loadavg_after"][0]) > 2.5 else
+           " (no other heavy job ran). ")
+        + "The ratios compare variants measured side by side in the same rounds. Images per CPU-second "
+        "(time the process itself ran, all threads) is the figure least sensitive to other jobs.",
         "",
         f"## Training ({r['image_size']}x{r['image_size']}, batch {r['train_batch']}, forward + backward + "
         "SGD step, CosFace head over 1,000 classes, inputs in memory)",
