@@ -13,6 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from facemeta.data.manifest import first_per_identity
+
 SHARED_SETS = ("lfw", "yaleb", "mfr2", "orl")
 PAIR_SETS = ("lfw", "mfr2")
 
@@ -62,19 +64,6 @@ def parse_folds(text: str | None) -> set[int] | None:
     return folds
 
 
-def _limit(rows: list, k: int | None) -> list:
-    """First k rows of each identity (in order)."""
-    if not k:
-        return rows
-    seen: dict[str, int] = {}
-    out = []
-    for r in rows:
-        if seen.get(r.identity, 0) < k:
-            seen[r.identity] = seen.get(r.identity, 0) + 1
-            out.append(r)
-    return out
-
-
 def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds: set[int] | None = None,
                    limit_per_identity: int | None = None, data: str | None = None, cache: str | None = None,
                    progress: bool = False) -> tuple[list, list | None, str]:
@@ -102,7 +91,7 @@ def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds
             wanted = {str(Path(p.a)) for p in pairs} | {str(Path(p.b)) for p in pairs}
             raw = [r for r in raw if str(Path(r.path)) in wanted]
         else:
-            raw = _limit(raw, limit_per_identity)
+            raw = first_per_identity(raw, limit_per_identity)
         dst = cache_root(cache) / "aligned" / f"{set_name}-{align_size}"
         rows, _failures = align_rows(raw, dst, size=align_size, pre_cropped=set_name in PRE_CROPPED_SETS,
                                      progress=progress)
@@ -112,11 +101,11 @@ def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds
         return rows, pairs, label
     path = Path(set_name).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
-        return _limit(read_manifest(path), limit_per_identity), None, f"{path.name} all pairs"
+        return first_per_identity(read_manifest(path), limit_per_identity), None, f"{path.name} all pairs"
     if path.is_dir():
         from facemeta.data.folder import image_folder
 
-        raw = _limit(image_folder(path), limit_per_identity)
+        raw = first_per_identity(image_folder(path), limit_per_identity)
         if not raw:
             raise ConfigError(f"--set {set_name}: no images in this folder")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]

@@ -94,3 +94,16 @@ def read_manifest(path: str | os.PathLike, resolve: bool = True) -> list[Manifes
             rows.append(ManifestRow(p, rec.pop("identity"), rec.pop("domain"),
                                     {k: v for k, v in rec.items() if k is not None}))
     return rows
+
+
+def first_per_identity(rows: Sequence[ManifestRow], k: int | None) -> list[ManifestRow]:
+    """The first `k` rows of each identity, in their order (all rows when k is None or 0)."""
+    if not k:
+        return list(rows)
+    seen: dict[str, int] = {}
+    out = []
+    for row in rows:
+        if seen.get(row.identity, 0) < k:
+            seen[row.identity] = seen.get(row.identity, 0) + 1
+            out.append(row)
+    return out

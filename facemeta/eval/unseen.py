@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from facemeta.data.manifest import first_per_identity
 from facemeta.errors import ConfigError
 from facemeta.train.config import (
     LODO_TARGETS,
@@ -122,18 +123,6 @@ def run_config(preset: BenchPreset, target: str, method: str, seed: int, data_ro
     return config_from_dict(apply_overrides(data, over))
 
 
-def _first_per_identity(rows: list, k: int | None) -> list:
-    if k is None:
-        return rows
-    seen: dict[str, int] = {}
-    out = []
-    for r in rows:
-        if seen.get(r.identity, 0) < k:
-            seen[r.identity] = seen.get(r.identity, 0) + 1
-            out.append(r)
-    return out
-
-
 def _lfw_pairs(k: int | None) -> list:
     """LFW pairs.txt folds 6-10 (the first k same and k different pairs of each fold when k is set)."""
     from facemeta.data.sets import read_pairs
@@ -160,7 +149,7 @@ def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dic
     model, _ = load_checkpoint(model_path)
     size, root, cache = cfg.data.align_size, cfg.data.root, cfg.data.cache
     out: dict[str, Any] = {}
-    rows = _first_per_identity(aligned_set(target, size, data=root, cache=cache), preset.target_limit_per_identity)
+    rows = first_per_identity(aligned_set(target, size, data=root, cache=cache), preset.target_limit_per_identity)
     out[target] = evaluate_rows(model, rows, flip=preset.flip)
     if target == "mfr2":
         out["mfr2-pairs"] = evaluate_rows(model, rows, pairs=read_pairs("mfr2", root), flip=preset.flip)
