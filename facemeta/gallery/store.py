@@ -495,6 +495,24 @@ class Gallery:
         self._gpu = None
         self._mean_cache.clear()
 
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction that also bumps the stored generation; rolled back on any error.
+
+        The in-memory generation follows only once the commit has happened.
+        """
+        with _db_errors(self.path / DB_NAME):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(self.generation + 1),))
+                _fault("before_commit")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        self.generation += 1
+
     def _check_open(self, write: bool = False) -> None:
         if self._closed:
             raise GalleryError(f"gallery {self.path} is closed")
@@ -550,39 +568,28 @@ class Gallery:
             if len(sources) != n or len(scores) != n:
                 raise GalleryError("sources and scores must have one entry per embedding")
             now = time.time()
-            conn = self._conn
-            db = self.path / DB_NAME
             new_ids: list[int] = []
             new_idents: list[int] = []
-            with _db_errors(db):
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    known: dict[str, int] = {}
-                    for name, vec, src, score in zip(names, x, sources, scores, strict=True):
-                        ident = known.get(name)
-                        if ident is None:
-                            row = conn.execute("SELECT id FROM identities WHERE name=?", (name,)).fetchone()
-                            if row is None:
-                                ident = conn.execute("INSERT INTO identities(name, created) VALUES (?, ?)",
-                                                     (name, now)).lastrowid
-                            else:
-                                ident = row[0]
-                            known[name] = ident
-                        cur = conn.execute(
-                            "INSERT INTO embeddings(identity_id, source, score, fingerprint, created, vector) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (ident, None if src is None else str(src), None if score is None else float(score),
-                             fingerprint, now, vec.tobytes()))
-                        new_ids.append(cur.lastrowid)
-                        new_idents.append(ident)
-                    conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(self.generation + 1),))
-                    _fault("before_commit")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+            with self._change() as conn:
+                known: dict[str, int] = {}
+                for name, vec, src, score in zip(names, x, sources, scores, strict=True):
+                    ident = known.get(name)
+                    if ident is None:
+                        row = conn.execute("SELECT id FROM identities WHERE name=?", (name,)).fetchone()
+                        if row is None:
+                            ident = conn.execute("INSERT INTO identities(name, created) VALUES (?, ?)",
+                                                 (name, now)).lastrowid
+                        else:
+                            ident = row[0]
+                        known[name] = ident
+                    cur = conn.execute(
+                        "INSERT INTO embeddings(identity_id, source, score, fingerprint, created, vector) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (ident, None if src is None else str(src), None if score is None else float(score),
+                         fingerprint, now, vec.tobytes()))
+                    new_ids.append(cur.lastrowid)
+                    new_idents.append(ident)
             _fault("after_commit")
-            self.generation += 1
             ids = np.array(new_ids, np.int64)
             S.add_vectors(self._built, x, ids)
             self._ids.add(ids, np.array(new_idents, np.int64))
@@ -601,17 +608,10 @@ class Gallery:
             self._check_open(write=True)
             with _db_errors(self.path / DB_NAME):
                 ident = self._identity_id(name)
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    eids = [r[0] for r in self._conn.execute("SELECT id FROM embeddings WHERE identity_id=?", (ident,))]
-                    self._conn.execute("DELETE FROM embeddings WHERE identity_id=?", (ident,))
-                    self._conn.execute("DELETE FROM identities WHERE id=?", (ident,))
-                    self._conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(self.generation + 1),))
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            self.generation += 1
+            with self._change() as conn:
+                eids = [r[0] for r in conn.execute("SELECT id FROM embeddings WHERE identity_id=?", (ident,))]
+                conn.execute("DELETE FROM embeddings WHERE identity_id=?", (ident,))
+                conn.execute("DELETE FROM identities WHERE id=?", (ident,))
             S.remove_ids(self._built, eids)
             self._ids.remove(np.array(eids, np.int64))
             self._after_change()
@@ -622,19 +622,11 @@ class Gallery:
         with self._mutex:
             self._check_open(write=True)
             ids = [int(i) for i in ids]
-            with _db_errors(self.path / DB_NAME):
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    gone = 0
-                    for i in ids:
-                        gone += self._conn.execute("DELETE FROM embeddings WHERE id=?", (i,)).rowcount
-                    self._conn.execute("DELETE FROM identities WHERE id NOT IN (SELECT identity_id FROM embeddings)")
-                    self._conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(self.generation + 1),))
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            self.generation += 1
+            gone = 0
+            with self._change() as conn:
+                for i in ids:
+                    gone += conn.execute("DELETE FROM embeddings WHERE id=?", (i,)).rowcount
+                conn.execute("DELETE FROM identities WHERE id NOT IN (SELECT identity_id FROM embeddings)")
             present = [i for i in ids if self._ids.lookup(np.array([i]))[0] >= 0]
             S.remove_ids(self._built, present)
             self._ids.remove(np.array(present, np.int64))
@@ -650,15 +642,8 @@ class Gallery:
                 ident = self._identity_id(old)
                 if self._conn.execute("SELECT 1 FROM identities WHERE name=?", (new,)).fetchone():
                     raise GalleryError(f"an identity named {new!r} already exists; remove it first or pick another name")
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._conn.execute("UPDATE identities SET name=? WHERE id=?", (new, ident))
-                    self._conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(self.generation + 1),))
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            self.generation += 1
+            with self._change() as conn:
+                conn.execute("UPDATE identities SET name=? WHERE id=?", (new, ident))
 
     def set_defaults(self, scoring: str | None = None, threshold: float | None = None,
                      clear_threshold: bool = False) -> None:
