@@ -91,3 +91,28 @@ def aligned_sample(data_dir, session_tmp):
         return cache[key]
 
     return make
+
+
+# ---------------------------------------------------------------- helpers shared by several test modules
+def load_benchmark_script(name: str):
+    """Import benchmarks/<name>.py as a module (the meta tests run the benchmark scripts' code)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (tiny matrices: more threads only add overhead), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

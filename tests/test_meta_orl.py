@@ -10,31 +10,16 @@ before meta-training, with the paired 95% CI of the gain clear of zero (measured
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_orl_fewshot.py"
+from conftest import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def orl():
-    spec = importlib.util.spec_from_file_location("meta_orl_fewshot", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["meta_orl_fewshot"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("meta_orl_fewshot")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check(res: dict) -> None:

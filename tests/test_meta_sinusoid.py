@@ -11,32 +11,19 @@ runs the full benchmark configuration and asserts the same with MAML < 0.5 x poo
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_sinusoid.py"
+from conftest import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def sin():
-    spec = importlib.util.spec_from_file_location("meta_sinusoid", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["meta_sinusoid"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("meta_sinusoid")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
