@@ -28,6 +28,19 @@ def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("session")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Aligned faces and runs go to a cache of this test session, not the user's ~/.cache/facemeta:
+    results never depend on what an older version left there (subprocesses inherit it too)."""
+    before = os.environ.get("FACEMETA_CACHE")
+    os.environ["FACEMETA_CACHE"] = str(tmp_path_factory.mktemp("facemeta-cache"))
+    yield
+    if before is None:
+        os.environ.pop("FACEMETA_CACHE", None)
+    else:
+        os.environ["FACEMETA_CACHE"] = before
+
+
 # ---------------------------------------------------------------- trained model (TRAIN helper)
 TEST_MODEL_FAR = 0.1
 
