@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from facemeta.data.manifest import ManifestRow
-from facemeta.eval.benchmark import evaluate_rows, identification_split
+from facemeta.eval.benchmark import evaluate_rows, identification_split, verification_metrics
 from facemeta.eval.metrics import (
     best_accuracy_threshold,
     kfold_accuracy,
     rank1,
+    rates_at_threshold,
     roc_auc,
     roc_curve,
     tar_at_far,
@@ -47,6 +48,14 @@ def test_tar_and_threshold_at_far_by_hand():
     # ties move together: with the top negative tied to a positive, FAR 0 accepts neither
     assert tar_at_far([0.9, 0.9, 0.5], [True, False, True], 0.0) == 0.0
     assert threshold_at_far([0.9, 0.9, 0.5], [True, False, True], 0.0) > 0.9
+
+
+def test_rates_at_a_fixed_threshold_by_hand():
+    assert rates_at_threshold(S6, Y6, 0.75) == (pytest.approx(2 / 3), 0.0)
+    assert rates_at_threshold(S6, Y6, 0.55) == (1.0, pytest.approx(1 / 3))
+    assert rates_at_threshold(S6, Y6, 0.5) == (1.0, pytest.approx(2 / 3))  # accepted when score >= threshold
+    res = verification_metrics(S6, Y6, thresholds={"calibrated": 0.55})
+    assert res["at_threshold"]["calibrated"] == {"threshold": 0.55, "tar": 1.0, "far": pytest.approx(1 / 3)}
 
 
 def test_auc_with_ties_equals_roc_area_and_threshold_keeps_far():

@@ -183,6 +183,19 @@ def test_checkpoint_round_trip_gives_equal_outputs(r18, faces64, tmp_path):
                                   embed(r18, faces64[:2], channels_last=False))
 
 
+def test_half_checkpoint_is_half_the_size_and_close(r18, faces64, tmp_path):
+    full = save_checkpoint(r18, tmp_path / "full.safetensors", meta={"method": "erm"})
+    half = save_checkpoint(r18, tmp_path / "half.safetensors", meta={"method": "erm"}, half=True)
+    assert half.stat().st_size < 0.52 * full.stat().st_size
+    model, meta = load_checkpoint(half)
+    assert meta == {"method": "erm", "weights_dtype": "float16"}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # computed in float32 on load
+    a = embed(r18, faces64, channels_last=False)
+    b = embed(model, faces64, channels_last=False)
+    assert not np.array_equal(a, b)  # the weights were rounded ...
+    assert np.abs((a * b).sum(1) - 1).max() < 1e-3  # ... but the embeddings barely move (cosine)
+
+
 def test_update_meta_leaves_weights_untouched(r18, tmp_path):
     path = save_checkpoint(r18, tmp_path / "m.safetensors", meta={"method": "erm"})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -10,9 +10,10 @@ import sys
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `train` and its options."""
     p = subparsers.add_parser(
-        "train", help="train a face embedder from a YAML preset (smoke, cpu, gpu or a file)",
-        description="Train a face embedder (ERM over pooled source domains) from a YAML preset: a file path "
-                    "or a shipped preset name (smoke, cpu, gpu). Checkpoints, metrics.jsonl and the final "
+        "train", help="train a face embedder from a YAML preset (smoke, cpu, gpu, mobile or a file)",
+        description="Train a face embedder from a YAML preset: a file path or a shipped preset name (smoke, "
+                    "cpu, gpu, or mobile: the recipe of the model in weights/). The preset's `method` picks "
+                    "the objective (erm, mfr, cdt, maml-fo, reptile; --set method=mfr). Checkpoints, metrics.jsonl and the final "
                     "model.safetensors (with a verification threshold calibrated on held-out source-domain "
                     "identities) go to the output folder. Under torchrun every process trains its share of "
                     "each batch (DDP: gloo on CPU, nccl on CUDA).")

@@ -15,6 +15,7 @@ from facemeta.errors import ImageReadError
 from facemeta.eval.metrics import (
     kfold_accuracy,
     rank1,
+    rates_at_threshold,
     roc_auc,
     roc_curve,
     tar_at_far,
@@ -67,8 +68,13 @@ def identification_split(identities: Sequence[str]) -> tuple[np.ndarray, np.ndar
 
 
 def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray | int | None = None,
-                         far_levels: Sequence[float] = FAR_LEVELS) -> dict[str, Any]:
-    """TAR@FAR, thresholds, AUC (and k-fold accuracy when `folds` is given) of scored pairs."""
+                         far_levels: Sequence[float] = FAR_LEVELS,
+                         thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """TAR@FAR, thresholds, AUC (and k-fold accuracy when `folds` is given) of scored pairs.
+
+    `thresholds` (name -> fixed threshold, e.g. one calibrated on other data) adds the TAR and FAR
+    each one gives on these pairs under ``at_threshold``.
+    """
     same = np.asarray(same, dtype=bool)
     out: dict[str, Any] = {"n_pairs": int(same.size), "n_pos": int(same.sum()), "n_neg": int((~same).sum())}
     for far in far_levels:
@@ -76,6 +82,11 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray
         out[far_key(far).replace("tar@", "threshold@")] = threshold_at_far(scores, same, far)
         out[far_key(far) + "_resolved"] = bool(far * out["n_neg"] >= 1)  # enough negatives for this FAR
     out["auc"] = roc_auc(scores, same)
+    if thresholds:
+        out["at_threshold"] = {}
+        for name, thr in thresholds.items():
+            tar, far = rates_at_threshold(scores, same, thr)
+            out["at_threshold"][name] = {"threshold": float(thr), "tar": tar, "far": far}
     if folds is not None:
         mean, std, _ = kfold_accuracy(scores, same, folds)
         out["acc"], out["acc_std"] = mean, std
@@ -87,14 +98,15 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray
 
 def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs: Sequence | None = None,
                   flip: bool = True, batch_size: int = 64, channels_last: bool = True,
-                  far_levels: Sequence[float] = FAR_LEVELS) -> dict[str, Any]:
+                  far_levels: Sequence[float] = FAR_LEVELS, thresholds: dict[str, float] | None = None
+                  ) -> dict[str, Any]:
     """Embed aligned `rows` and measure verification and rank-1 identification; returns a JSON-ready dict.
 
     Verification uses `pairs` (objects with a, b, same, fold, e.g. LFW pairs.txt) when given, with
     10-fold accuracy over the pairs' folds, else every pair of the rows (same identity = positive).
     Rank-1: the first image of each identity is enrolled, the others are probes (cosine similarity).
     Images are read with OpenCV and resized to the model's input size; flip averages each face with
-    its mirror (insightface's test-time augmentation).
+    its mirror (insightface's test-time augmentation). `thresholds`: see :func:`verification_metrics`.
     """
     rows = list(rows)
     if not rows:
@@ -116,7 +128,7 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
         folds = m.fold if np.unique(m.fold).size >= 2 else 10
         result["protocol"] = "pairs"
         result["pairs_missing"] = len(m.missing)
-        result.update(verification_metrics(scores, m.same, folds, far_levels))
+        result.update(verification_metrics(scores, m.same, folds, far_levels, thresholds))
     else:
         ia, ib, same = all_pairs(ids)
         if same.all() or not same.any():
@@ -125,7 +137,7 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
         scores = pair_scores(emb, ia, ib)
         del ia, ib
         result["protocol"] = "all_pairs"
-        result.update(verification_metrics(scores, same, None, far_levels))
+        result.update(verification_metrics(scores, same, None, far_levels, thresholds))
     gallery, probe = identification_split(ids)
     if probe.size:
         result["rank1"] = rank1(emb[gallery], ids[gallery], emb[probe], ids[probe])

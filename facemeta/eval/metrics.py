@@ -85,6 +85,13 @@ def threshold_at_far(scores, same, far: float) -> float:
     return _between(thr[i - 1], lo)
 
 
+def rates_at_threshold(scores, same, threshold: float) -> tuple[float, float]:
+    """(TAR, FAR) when pairs with score >= `threshold` are accepted: how a fixed threshold fares on a new set."""
+    s, y = _inputs(scores, same)
+    accept = s >= threshold
+    return float(accept[y].mean()), float(accept[~y].mean())
+
+
 def _between(accepted: float, rejected: float) -> float:
     """A threshold that accepts `accepted` and rejects the lower `rejected` (midpoint)."""
     if not np.isfinite(rejected):

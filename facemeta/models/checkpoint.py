@@ -39,22 +39,26 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
-def save_checkpoint(model: FaceEmbeddingModel, path: str | os.PathLike, meta: dict[str, Any] | None = None
-                    ) -> Path:
+def save_checkpoint(model: FaceEmbeddingModel, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                    half: bool = False) -> Path:
     """Write `path` (.safetensors) and its .json sidecar atomically; returns the weights path.
 
-    `meta` must be JSON-serialisable (numbers, strings, lists, dicts).
+    `meta` must be JSON-serialisable (numbers, strings, lists, dicts). `half` stores the floating
+    tensors as float16 (half the file; :func:`load_checkpoint` casts them back to the model's float32).
     """
     from safetensors.torch import save
 
     weights, sidecar = _paths(path)
-    doc = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "meta": dict(meta or {})}
+    meta = {**dict(meta or {}), **({"weights_dtype": "float16"} if half else {})}
+    doc = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "meta": meta}
     try:
         text = json.dumps(doc, indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
     # clone: safetensors refuses tensors that share storage; contiguous: channels_last weights.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     blob = save(tensors, metadata={META_KEY: text})
     with atomic_write(weights, "wb") as fh:
         fh.write(blob)
