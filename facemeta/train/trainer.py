@@ -245,10 +245,11 @@ class Trainer:
         return torch.device(want)
 
     def _metrics(self, record: dict[str, Any]) -> None:
+        """Append one record to metrics.jsonl, stamped with the wall-clock time (Unix seconds)."""
         if not self.is_main:
             return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=False) + "\n")
+            fh.write(json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=False) + "\n")
 
     def _trim_metrics(self, step: int) -> None:
         """On resume, drop log lines written after the checkpoint we restart from."""
