@@ -107,7 +107,8 @@ def write_card(card: dict, note: str, path: Path) -> None:
     lines = [
         "# facemeta default model", "",
         f"`weights/default.safetensors` ({m['file_mb']:.1f} MB, {card['dtype']}; sha256 `{m['sha256'][:16]}…`), "
-        f"written by `tools/ship_model.py` on {card['written']} from the run `{card['run']}`.", "",
+        f"written by `tools/ship_model.py` on {card['written']} from the run `{card['run']}`"
+        + (f" (`{card['command']}`)." if card.get("command") else "."), "",
         "## Model", "",
         f"- Backbone: timm `{m['backbone']}` (`pretrained=False`: trained from random initialisation here), "
         f"{m['parameters'] / 1e6:.2f} M parameters, {m['image_size']}×{m['image_size']} input "
@@ -195,8 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("weights"), help="where to write default.safetensors")
     ap.add_argument("--note", type=Path, help="Markdown file: why this method (goes into the card)")
     ap.add_argument("--data", help="shared data folder (default $FACEMETA_DATA or ../shared/data)")
+    ap.add_argument("--command", help="the training command, for the card")
     ap.add_argument("--machine", default=f"{platform.machine()} CPU", help="how to name the training machine")
+    ap.add_argument("--card-only", action="store_true",
+                    help="only rewrite MODEL_CARD.md from OUT/model-card.json (e.g. after editing the note)")
     args = ap.parse_args(argv)
+    note = args.note.read_text(encoding="utf-8") if args.note else ""
+    if args.card_only:
+        card = json.loads((args.out / "model-card.json").read_text(encoding="utf-8"))
+        write_card(card, note, args.out / "MODEL_CARD.md")
+        print(f"wrote {args.out / 'MODEL_CARD.md'}")
+        return 0
 
     from facemeta.models.checkpoint import load_checkpoint, save_checkpoint
     from facemeta.paths import data_root
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                for k, v in unseen[dtype].items()}}
     dst = save_checkpoint(model, args.out / "default.safetensors", meta=shipped_meta, half=dtype == "float16")
     card = {
-        "written": time.strftime("%Y-%m-%d"), "run": str(args.run), "dtype": dtype, "fp16_diffs": diffs,
+        "written": time.strftime("%Y-%m-%d"), "run": str(args.run), "command": args.command, "dtype": dtype, "fp16_diffs": diffs,
         "machine": args.machine,
         "model": {**model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
                   "file_mb": dst.stat().st_size / 1e6, "sha256": hashlib.sha256(dst.read_bytes()).hexdigest()},
@@ -234,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         "orl_end_to_end": orl_end_to_end(dst, data_root(args.data)),
     }
     (args.out / "model-card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    note = args.note.read_text(encoding="utf-8") if args.note else ""
     write_card(card, note, args.out / "MODEL_CARD.md")
     print(f"wrote {dst} ({dtype}, {dst.stat().st_size / 1e6:.1f} MB), {args.out / 'MODEL_CARD.md'}")
     print(f"ORL rank-1 end to end: {card['orl_end_to_end']['rank1']:.4f}; float16 diffs: {diffs}")
