@@ -212,8 +212,9 @@ def run_files(data: Path, people: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
-            model, which = default_model_path(), "project model"
-            FaceEmbedder(model)
+            model = default_model_path()
+            cfg = FaceEmbedder(model).model.config
+            which = f"shipped model weights/{model.name} ({cfg.backbone}, {cfg.image_size} px)"
         except CheckpointError:
             from facemeta.models.backbone import ModelConfig, build_model
             from facemeta.models.checkpoint import save_checkpoint
