@@ -178,7 +178,7 @@ def write_card(card: dict, note: str, path: Path) -> None:
     lines += [
         "", "## For scale (not ours)", "",
         "`../shared/data/figures.md` gives dlib's ResNet encoder (trained by its author on about 3 million faces) "
-        "on the same files: ORL TAR@FAR=1e-2 99.39%, LFW `pairs.txt` 10-fold accuracy 98.17%. Those are its "
+        "on the same files: ORL TAR@FAR=1e-2 99.39%, LFW `pairs.txt` (all ten folds, ours uses folds 6-10) 10-fold accuracy 98.17%. Those are its "
         "figures, quoted; this model saw about 6 thousand faces on a CPU and is far from them on these two sets. "
         "The unseen-domain comparison per method is in `benchmarks/results/cpu/`.", "",
         "## Limits", "",
