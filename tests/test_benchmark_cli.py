@@ -60,3 +60,24 @@ def test_smoke_benchmark_writes_the_table_and_resumes(data_dir, tmp_path, capsys
     # a second call finds every run finished and only rewrites the summary
     assert benchmark.run(args) == 0
     assert capsys.readouterr().out.count("(done, skipped)") == 2
+
+
+def test_summary_draws_roc_only_for_methods_whose_runs_carry_points(tmp_path):
+    """A result.json rebuilt from a results.json has no ROC points: its method stays in the tables, not the plot."""
+    from facemeta.eval.unseen import write_summary
+
+    def run(method, seed, tar, roc=True):
+        orl = {"tar@far=1e-2": tar, "tar@far=1e-3": tar / 2, "auc": 0.9, "rank1": 0.5}
+        if roc:
+            orl["roc"] = {"far": [0.0, 0.01, 1.0], "tar": [0.0, tar, 1.0]}
+        lfw = {"tar@far=1e-2": 0.1, "tar@far=1e-3": 0.05, "auc": 0.7, "rank1": 0.02, "acc": 0.66}
+        return {"target": "orl", "method": method, "seed": seed, "metrics": {"orl": orl, "lfw": lfw}}
+
+    results = [run("erm", s, 0.30 + 0.01 * s, roc=False) for s in range(3)]
+    results += [run("cdt", s, 0.50 + 0.01 * s) for s in range(3)]
+    summary = write_summary(load_bench_preset("smoke"), results, tmp_path)
+    text = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert (tmp_path / "roc-orl.png").stat().st_size > 0
+    assert "ROC curve not drawn for erm" in text and "ROC curve not drawn for cdt" not in text
+    assert summary["goal"]["erm"]["mean TAR@FAR=1e-2 over targets"] == pytest.approx([0.30, 0.31, 0.32])
+    assert "- cdt: +0.200 vs ERM (spread 0.010): beats ERM by more than the spread over seeds." in text

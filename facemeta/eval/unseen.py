@@ -247,6 +247,7 @@ def write_summary(preset: BenchPreset, results: list[dict[str, Any]], out_dir: P
         rows: dict[str, dict[str, list[float]]] = {}
         sets = [t] + (["mfr2-pairs"] if t == "mfr2" else []) + ["lfw"]
         curves: dict[str, tuple] = {}
+        no_roc: list[str] = []
         for m in methods:
             runs = [r for r in results if r["target"] == t and r["method"] == m]
             cells: dict[str, list[float]] = {}
@@ -257,14 +258,18 @@ def write_summary(preset: BenchPreset, results: list[dict[str, Any]], out_dir: P
             rows[m] = cells
             for r in runs:
                 per_method_mean[m].setdefault(r["seed"], []).append(r["metrics"][t]["tar@far=1e-2"])
-            if runs:
+            if runs and all("roc" in r["metrics"][t] for r in runs):
                 curves[m] = _mean_roc([r["metrics"][t]["roc"] for r in runs])
+            elif runs:  # e.g. a result.json rebuilt from a results.json, which keeps no ROC points
+                no_roc.append(m)
         table[t] = rows
         cols = list(next(iter(rows.values())))
         lines += [f"## Target {t}", "", markdown_table(rows, columns=cols, digits=3), ""]
         if curves:
             plot_roc(curves, out_dir / f"roc-{t}.png", title=f"unseen target {t} (mean over seeds)", far_min=1e-5)
             lines += [f"![ROC {t}](roc-{t}.png)", ""]
+        if no_roc:
+            lines += [f"ROC curve not drawn for {', '.join(no_roc)}: some of its runs carry no ROC points.", ""]
     # the goal metric: mean TAR@FAR=1e-2 over the unseen targets, per seed, then mean ± std over seeds
     goal = {m: {"mean TAR@FAR=1e-2 over targets": [float(np.mean(v)) for _, v in sorted(per_method_mean[m].items())
                                                    if len(v) == len(targets)]} for m in methods}
