@@ -39,6 +39,16 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+OTHER_PEOPLE = [("Anna_Kournikova", 1), ("Andre_Agassi", 1)]  # compared with Bill Gates's photo 1
+
+
+def verify_json(capsys, model, a: str, b: str) -> dict:
+    """`facemeta verify A B --model M --json`, asserting it succeeded; the parsed result."""
+    code, out, err = run_cli(capsys, "verify", a, b, "--model", model, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
 @pytest.fixture(scope="module")
 def embedder(trained_model):
     from facemeta.embedder import FaceEmbedder
@@ -54,30 +64,21 @@ def test_pictures_used_are_training_identities(trained_model):
 def test_verify_same_person(trained_model, data_dir, capsys):
     decisions = []
     for i, j in itertools.combinations(range(1, 5), 2):
-        code, out, err = run_cli(capsys, "verify", lfw(data_dir, "Bill_Gates", i), lfw(data_dir, "Bill_Gates", j),
-                                 "--model", trained_model.model_path, "--json")
-        assert code == 0, err
-        res = json.loads(out)
+        res = verify_json(capsys, trained_model.model_path, lfw(data_dir, "Bill_Gates", i),
+                          lfw(data_dir, "Bill_Gates", j))
         assert res["same"] == (res["decision"] == "same") == (res["score"] >= res["threshold"]), res
         assert res["threshold_far"] == pytest.approx(TEST_MODEL_FAR)
         assert len(res["fingerprint"]) == 16 and len(res["faces"]) == 2
         decisions.append((res["decision"], round(res["score"], 3), round(res["threshold"], 3)))
     assert sum(d[0] == "same" for d in decisions) >= 3, decisions
-    others = []
-    for other in [("Anna_Kournikova", 1), ("Andre_Agassi", 1)]:
-        code, out, err = run_cli(capsys, "verify", lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other),
-                                 "--model", trained_model.model_path, "--json")
-        assert code == 0, err
-        others.append(json.loads(out)["score"])
+    others = [verify_json(capsys, trained_model.model_path, lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other))
+              ["score"] for other in OTHER_PEOPLE]
     assert max(d[1] for d in decisions) > max(others), (decisions, others)
 
 
-@pytest.mark.parametrize("other", [("Anna_Kournikova", 1), ("Andre_Agassi", 1)])
+@pytest.mark.parametrize("other", OTHER_PEOPLE)
 def test_verify_different_people(trained_model, data_dir, capsys, other):
-    code, out, err = run_cli(capsys, "verify", lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other),
-                             "--model", trained_model.model_path, "--json")
-    assert code == 0, err
-    res = json.loads(out)
+    res = verify_json(capsys, trained_model.model_path, lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other))
     assert res["decision"] == "different" and res["score"] < res["threshold"], res
 
 
