@@ -2,7 +2,7 @@
 
 It loads a facemeta checkpoint (safetensors + JSON), detects faces with MTCNN, warps each onto the
 template at the size the model was trained on (``align_size`` in the checkpoint meta, 112 by
-default), and embeds it exactly as training and evaluation do (resize to the model's input size,
+default; ``align_chip`` says which template, DESIGN.md's or dlib's chip for models from the prior), and embeds it exactly as training and evaluation do (resize to the model's input size,
 normalise, flip test-time augmentation). The calibrated verification threshold travels with the
 checkpoint (meta ``threshold`` at false-accept rate ``threshold_far``).
 """
@@ -71,6 +71,7 @@ class FaceEmbedder:
         self.select = select
         self.flip = flip
         self.align_size = int(self.meta.get("align_size", 112))
+        self.align_chip = str(self.meta.get("align_chip", "arcface"))
         self._detector = None
         self._fingerprint: str | None = None
 
@@ -123,7 +124,7 @@ class FaceEmbedder:
         faces = self.detector.detect(image)
         if faces:
             return faces
-        res = align_image(image, self.detector, size=self.align_size, select=self.select)
+        res = align_image(image, self.detector, size=self.align_size, select=self.select, chip=self.align_chip)
         if res.face is None or res.landmarks is None:
             return []
         pts = np.asarray(res.landmarks, dtype=np.float32)
@@ -147,7 +148,7 @@ class FaceEmbedder:
         faces = select_faces(self._faces(image), "all")
         if not faces:
             return []
-        crops = np.stack([warp_face(image, f.landmarks, self.align_size) for f in faces])
+        crops = np.stack([warp_face(image, f.landmarks, self.align_size, self.align_chip) for f in faces])
         vectors = self.embed_aligned(crops)
         return list(zip(vectors, faces, strict=True))
 
@@ -161,7 +162,7 @@ class FaceEmbedder:
         if not faces:
             raise NoFaceError(f"no face found in {path}")
         face = select_faces(faces, self.select)[0]
-        crop = warp_face(image, face.landmarks, self.align_size)
+        crop = warp_face(image, face.landmarks, self.align_size, self.align_chip)
         return self.embed_aligned(crop[None])[0], face
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:

@@ -72,6 +72,29 @@ def trained_model(data_dir, session_tmp) -> TrainedModel:
     return TrainedModel(out, path, cfg.steps, data.train, data.heldout)
 
 
+PRIOR_MODEL_FAR = 1e-2
+
+
+@pytest.fixture(scope="session")
+def prior_model(data_dir, session_tmp) -> TrainedModel:
+    """The prior (dlib's encoder ported to PyTorch) zero-shot: the `prior` preset with ``steps: 0`` on the smoke
+    preset's slice of sources (40 LFW people of folds 1-5 + 30 ORL subjects, dlib chips), so no step is taken
+    and only the verification threshold is calibrated, at FAR PRIOR_MODEL_FAR on the held-out source identities.
+    This is a model that recognises faces for real: the tests that assert what a face model decides use it."""
+    from facemeta.train.config import load_config
+    from facemeta.train.trainer import Trainer, prepare_data
+
+    out = session_tmp / "prior-zero-shot"
+    smoke_sources = [{"set": "lfw", "people_folds": [1, 2, 3, 4, 5], "min_images": 4, "max_identities": 40,
+                      "limit_per_identity": 8}, {"set": "orl", "max_identities": 30, "limit_per_identity": 8}]
+    cfg = load_config("prior", overrides={"data.root": str(data_dir), "output": str(out), "threads": 2,
+                                          "steps": 0, "data.sources": smoke_sources, "data.targets": ["yaleb"],
+                                          "eval.far": PRIOR_MODEL_FAR})
+    path = Trainer(cfg, progress=False).fit()
+    data = prepare_data(cfg)
+    return TrainedModel(out, path, cfg.steps, data.train, data.heldout)
+
+
 # ---------------------------------------------------------------- aligned samples (ALIGN helper)
 ALIGN_SAMPLE_SEED = 7
 

@@ -1,15 +1,12 @@
-"""`facemeta verify`, `facemeta eval` and FaceEmbedder with the model trained by the `trained_model` fixture.
+"""`facemeta verify`, `facemeta eval` and FaceEmbedder.
 
-The test model is small and trained for 200 steps on 34 LFW people and 26 ORL subjects, so the
-photos compared here are of people it was trained on (LFW people.txt folds 1-5): photos of Bill
-Gates against each other (same), and Bill Gates against Anna Kournikova and Andre Agassi (different),
-decided at the threshold calibrated at FAR TEST_MODEL_FAR (0.1) on held-out source identities.
-A model this small accepts only some genuine pairs at any strict FAR, so "decides correctly on two
-photos of one person" is asserted over the six pairs of Gates's photos 1-4: at least half decided
-"same", and the best of them scoring above both different-person pairs. Measured with one such model:
-threshold 0.80 at FAR 1e-2, Gates/Gates 0.43-0.94, Gates/Kournikova 0.04, Gates/Agassi 0.07. The
-model trained inside a full CI run (2026-11-29) decided 3 of 6 "same" (scores 0.15-0.79 at threshold
-0.57) where a run of this file alone decided at least 4: the bar is half, not four.
+What a face model DECIDES is asserted with the `prior_model` fixture: the prior (dlib's encoder ported to
+PyTorch) zero-shot, with its threshold calibrated at FAR 1e-2 on held-out source identities. It recognises
+faces for real (LFW TAR@FAR=1e-2 about 0.97), so "two photos of Bill Gates: same; Gates and another person:
+different" holds with margin on any CPU. The small model trained inside the suite (`trained_model`) was asked
+the same once and failed on another x86 machine (all six Gates pairs below its threshold); it is now used only
+for what any model must do: the command's output format, its errors, checkpoints of another architecture, the
+embedder's API and `facemeta eval`.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import TEST_MODEL_FAR
+from conftest import PRIOR_MODEL_FAR, TEST_MODEL_FAR
 
 from facemeta.cli import main
 from facemeta.errors import CheckpointError, ImageReadError, NoFaceError
@@ -61,36 +58,37 @@ def test_pictures_used_are_training_identities(trained_model):
     assert {"Bill_Gates", "Anna_Kournikova", "Andre_Agassi"} <= names
 
 
-def test_verify_same_person(trained_model, data_dir, capsys):
+def test_verify_same_person(prior_model, data_dir, capsys):
     decisions = []
     for i, j in itertools.combinations(range(1, 5), 2):
-        res = verify_json(capsys, trained_model.model_path, lfw(data_dir, "Bill_Gates", i),
+        res = verify_json(capsys, prior_model.model_path, lfw(data_dir, "Bill_Gates", i),
                           lfw(data_dir, "Bill_Gates", j))
         assert res["same"] == (res["decision"] == "same") == (res["score"] >= res["threshold"]), res
-        assert res["threshold_far"] == pytest.approx(TEST_MODEL_FAR)
+        assert res["threshold_far"] == pytest.approx(PRIOR_MODEL_FAR)
         assert len(res["fingerprint"]) == 16 and len(res["faces"]) == 2
         decisions.append((res["decision"], round(res["score"], 3), round(res["threshold"], 3)))
-    assert sum(d[0] == "same" for d in decisions) >= 3, decisions
-    others = [verify_json(capsys, trained_model.model_path, lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other))
+    # all six pairs of one person's photos accepted; the least similar still above both different people
+    assert all(d[0] == "same" for d in decisions), decisions
+    others = [verify_json(capsys, prior_model.model_path, lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other))
               ["score"] for other in OTHER_PEOPLE]
-    assert max(d[1] for d in decisions) > max(others), (decisions, others)
+    assert min(d[1] for d in decisions) > max(others), (decisions, others)
 
 
 @pytest.mark.parametrize("other", OTHER_PEOPLE)
-def test_verify_different_people(trained_model, data_dir, capsys, other):
-    res = verify_json(capsys, trained_model.model_path, lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other))
+def test_verify_different_people(prior_model, data_dir, capsys, other):
+    res = verify_json(capsys, prior_model.model_path, lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, *other))
     assert res["decision"] == "different" and res["score"] < res["threshold"], res
 
 
-def test_verify_text_output_and_threshold_override(trained_model, data_dir, capsys):
+def test_verify_text_output_and_threshold_override(prior_model, data_dir, capsys):
     a, b = lfw(data_dir, "Bill_Gates", 1), lfw(data_dir, "Anna_Kournikova", 1)
-    code, out, _ = run_cli(capsys, "verify", a, b, "--model", trained_model.model_path)
+    code, out, _ = run_cli(capsys, "verify", a, b, "--model", prior_model.model_path)
     assert code == 0
     lines = out.strip().splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["score", "threshold", "decision"]
-    assert f"FAR {TEST_MODEL_FAR:g}" in lines[1] and lines[2] == "decision: different"
+    assert f"FAR {PRIOR_MODEL_FAR:g}" in lines[1] and lines[2] == "decision: different"
     # a threshold below every cosine accepts the pair
-    code, out, _ = run_cli(capsys, "verify", a, b, "--model", trained_model.model_path, "--threshold", "-1")
+    code, out, _ = run_cli(capsys, "verify", a, b, "--model", prior_model.model_path, "--threshold", "-1")
     assert code == 0 and out.strip().endswith("decision: same")
 
 

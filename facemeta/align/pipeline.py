@@ -124,12 +124,12 @@ def _equalise(image: np.ndarray) -> np.ndarray:
 def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int = 112,
                 pre_cropped: bool = False, select: str = "largest",
                 layouts: Sequence[np.ndarray | None] | None = None,
-                crop_fallback: bool | None = None) -> list[AlignResult]:
+                crop_fallback: bool | None = None, chip: str = "arcface") -> list[AlignResult]:
     """Align several RGB images at once: each fallback route runs as one batched detector call
     over the images still without a face. `layouts` (per image, fractions of w/h) feed the
     template crop of pre-cropped images; None uses the default layout. `crop_fallback=False`
     leaves pre-cropped images without a face as failures (the folder job crops them later, with
-    layouts learnt from the rest of the set)."""
+    layouts learnt from the rest of the set). `chip` picks the template (facemeta.align.warp.CHIPS)."""
     if crop_fallback is None:
         crop_fallback = pre_cropped
     if select not in SELECT:
@@ -162,29 +162,30 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
             if not faces:
                 still.append(i)
                 continue
-            results[i] = _from_faces(images[i], faces, route, size, select)
+            results[i] = _from_faces(images[i], faces, route, size, select, chip)
         todo = still
     for i in todo:
         if crop_fallback:
             layout = layouts[i] if layouts is not None else None
-            results[i] = AlignResult(template_crop(images[i], size, layout), "template-crop", None, None, None)
+            results[i] = AlignResult(template_crop(images[i], size, layout, chip), "template-crop", None, None, None)
         else:
             results[i] = AlignResult(None, "none", None, None, "no face")
     return results  # type: ignore[return-value]
 
 
-def _from_faces(image: np.ndarray, faces: list[Face], route: str, size: int, select: str) -> AlignResult:
+def _from_faces(image: np.ndarray, faces: list[Face], route: str, size: int, select: str,
+                chip: str = "arcface") -> AlignResult:
     if select == "single" and len(faces) > 1:
         return AlignResult(None, route, None, None, f"several faces ({len(faces)})", faces=len(faces))
     face = select_faces(faces, "confident" if select == "confident" else "largest")[0]
-    return AlignResult(warp_face(image, face.landmarks, size), route, face.score, face.landmarks, None,
+    return AlignResult(warp_face(image, face.landmarks, size, chip), route, face.score, face.landmarks, None,
                        faces=len(faces), fit_error=fit_error(face.landmarks))
 
 
 def align_image(image: np.ndarray, detector: FaceDetector, size: int = 112, pre_cropped: bool = False,
-                select: str = "largest", layout: np.ndarray | None = None) -> AlignResult:
+                select: str = "largest", layout: np.ndarray | None = None, chip: str = "arcface") -> AlignResult:
     """Align one RGB image through the fallback routes (see the module docstring)."""
-    return align_batch([image], detector, size, pre_cropped, select, [layout])[0]
+    return align_batch([image], detector, size, pre_cropped, select, [layout], chip=chip)[0]
 
 
 # ----------------------------------------------------------------------------- folder jobs
@@ -200,9 +201,9 @@ def _init_worker(detector_kwargs: dict) -> None:
     _WORKER["detector"] = FaceDetector(**detector_kwargs)
 
 
-def _process_chunk(task: tuple[list[tuple[str, str]], int, str, bool, dict | None]) -> list[dict]:
+def _process_chunk(task: tuple[list[tuple[str, str]], int, str, bool, dict | None, str]) -> list[dict]:
     """Load, align (without the template crop, done later with set-wide layouts) and save a chunk."""
-    items, size, select, pre_cropped, detector_kwargs = task
+    items, size, select, pre_cropped, detector_kwargs, chip = task
     detector = _WORKER.get("detector")
     if detector is None:
         detector = _WORKER["detector"] = FaceDetector(**(detector_kwargs or {}))
@@ -218,7 +219,8 @@ def _process_chunk(task: tuple[list[tuple[str, str]], int, str, bool, dict | Non
             continue
         rec.update(width=int(img.shape[1]), height=int(img.shape[0]))
         loaded.append((k, img))
-    results = align_batch([img for _, img in loaded], detector, size, pre_cropped, select, crop_fallback=False)
+    results = align_batch([img for _, img in loaded], detector, size, pre_cropped, select, crop_fallback=False,
+                          chip=chip)
     for (k, _), res in zip(loaded, results, strict=True):
         rec = records[k]
         if res.face is None:
@@ -296,7 +298,7 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
                pre_cropped: bool = False, progress: bool = True, select: str = "largest",
                chunk_size: int = 32, retry_failures: bool = False,
                detector_kwargs: dict | None = None,
-               stats: dict | None = None) -> tuple[list[ManifestRow], list[dict]]:
+               stats: dict | None = None, chip: str = "arcface") -> tuple[list[ManifestRow], list[dict]]:
     """Align every row's image into dst_dir (same tree, PNG); resumable; writes manifest.csv and failures.csv.
 
     Returns (aligned rows, failure records). Aligned rows point at the PNG and keep the source
@@ -305,13 +307,14 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
     several faces) and detail. Every finished image is appended to dst_dir/.align-journal.jsonl,
     so an interrupted or repeated run skips what is done (failures too, unless retry_failures).
     `stats`, when given, is filled with the counts of :func:`summarise` (including images skipped).
+    `chip` picks the template faces are warped onto (``arcface``: DESIGN.md's; ``dlib``: dlib's face chip).
     """
     if select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
-    template(size)  # validates size
+    template(size, chip)  # validates size and chip
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    _check_config(dst, size)
+    _check_config(dst, size, chip)
     rows = list(rows)
     outs = _output_paths(rows, dst)
     journal_path = dst / JOURNAL
@@ -323,7 +326,7 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
             todo.append((row.path, str(out)))
     skipped = len(rows) - len(todo)
     with open(journal_path, "a", encoding="utf-8") as journal:
-        for rec in _run_chunks(todo, size, select, pre_cropped, workers, chunk_size, progress, detector_kwargs):
+        for rec in _run_chunks(todo, size, select, pre_cropped, workers, chunk_size, progress, detector_kwargs, chip):
             records[rec["src"]] = rec
             journal.write(json.dumps(rec) + "\n")
         journal.flush()
@@ -341,7 +344,7 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
                                             f"detector said {rec.get('landmarks')} at {rec.get('score')}"}
                 if bad:
                     img = load_image(row.path)
-                    _save_png(template_crop(img, size, layout), str(out))
+                    _save_png(template_crop(img, size, layout, chip), str(out))
                     rec = {**rec, "ok": True, "route": "template-crop", "score": None, "landmarks": "",
                            "fit_error": None}
                     records[row.path] = rec
@@ -369,9 +372,9 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
     return aligned, failures
 
 
-def _check_config(dst: Path, size: int) -> None:
-    """Refuse a destination aligned at another size; start afresh when the pipeline version changed
-    (the previous journal is kept as .align-journal.jsonl.v<old>)."""
+def _check_config(dst: Path, size: int, chip: str = "arcface") -> None:
+    """Refuse a destination aligned at another size or onto another chip; start afresh when the pipeline
+    version changed (the previous journal is kept as .align-journal.jsonl.v<old>)."""
     cfg_path = dst / CONFIG
     if cfg_path.is_file():
         try:
@@ -381,12 +384,16 @@ def _check_config(dst: Path, size: int) -> None:
         if int(cfg.get("size", size)) != size:
             raise FacemetaError(f"{dst} holds faces aligned at size {cfg['size']}, not {size}: "
                                 "use another destination folder")
+        if cfg.get("chip", "arcface") != chip:
+            raise FacemetaError(f"{dst} holds faces aligned onto the {cfg.get('chip')} chip, not {chip}: "
+                                "use another destination folder")
         if cfg.get("version") == PIPELINE_VERSION:
             return
         journal = dst / JOURNAL
         if journal.is_file():
             os.replace(journal, dst / f"{JOURNAL}.v{cfg.get('version', 1)}")
-    cfg_path.write_text(json.dumps({"size": size, "version": PIPELINE_VERSION}) + "\n")
+    record = {"size": size, "version": PIPELINE_VERSION, **({"chip": chip} if chip != "arcface" else {})}
+    cfg_path.write_text(json.dumps(record) + "\n")
 
 
 def _write_failures(failures: list[dict], path: Path) -> None:
@@ -401,7 +408,7 @@ def _write_failures(failures: list[dict], path: Path) -> None:
 
 
 def _run_chunks(todo: list[tuple[str, str]], size: int, select: str, pre_cropped: bool, workers: int,
-                chunk_size: int, progress: bool, detector_kwargs: dict | None):
+                chunk_size: int, progress: bool, detector_kwargs: dict | None, chip: str = "arcface"):
     """Yield one record per image, from worker processes (workers > 1) or in this process."""
     if not todo:
         return
@@ -410,7 +417,7 @@ def _run_chunks(todo: list[tuple[str, str]], size: int, select: str, pre_cropped
     workers = max(1, int(workers))
     per = max(4, min(chunk_size, -(-len(todo) // (workers * 4))))
     chunks = [todo[i:i + per] for i in range(0, len(todo), per)]
-    tasks = [(c, size, select, pre_cropped, detector_kwargs) for c in chunks]
+    tasks = [(c, size, select, pre_cropped, detector_kwargs, chip) for c in chunks]
     bar = tqdm(total=len(todo), desc="align", unit="img", disable=not progress, file=sys.stderr)
     try:
         if workers == 1:
@@ -441,16 +448,23 @@ def summarise(aligned: Sequence[ManifestRow], failures: Sequence[dict], skipped:
             "reasons": dict(Counter(f["reason"] for f in failures))}
 
 
+def aligned_dir(name: str, size: int = 112, chip: str = "arcface", cache: str | os.PathLike | None = None) -> Path:
+    """The cache folder of a set aligned at `size` onto `chip`: cache_root()/aligned/<name>-<size> for DESIGN.md's
+    template, <name>-dlib<size> for dlib's chip (one place that builds this path)."""
+    from facemeta.paths import cache_root
+
+    return cache_root(cache) / "aligned" / (f"{name}-{size}" if chip == "arcface" else f"{name}-{chip}{size}")
+
+
 def aligned_set(name: str, size: int = 112, data: str | os.PathLike | None = None,
                 cache: str | os.PathLike | None = None, limit_per_identity: int | None = None,
-                workers: int = 2, progress: bool = False) -> list[ManifestRow]:
-    """Aligned faces of a shared set (lfw, yaleb, mfr2, orl), cached in cache_root()/aligned/<name>-<size>/.
+                workers: int = 2, progress: bool = False, chip: str = "arcface") -> list[ManifestRow]:
+    """Aligned faces of a shared set (lfw, yaleb, mfr2, orl), cached in :func:`aligned_dir`.
 
     The first call aligns (yaleb and orl as pre-cropped sets); later calls only check the files.
     `limit_per_identity` keeps the first k images of each identity (in the set's order).
     """
     from facemeta.data.sets import read_set
-    from facemeta.paths import cache_root
 
     rows = read_set(name, data)
     if limit_per_identity is not None:
@@ -461,7 +475,6 @@ def aligned_set(name: str, size: int = 112, data: str | os.PathLike | None = Non
                 seen[r.identity] += 1
                 kept.append(r)
         rows = kept
-    dst = cache_root(cache) / "aligned" / f"{name}-{size}"
-    aligned, _ = align_rows(rows, dst, size=size, workers=workers, pre_cropped=name in PRE_CROPPED_SETS,
-                            progress=progress)
+    aligned, _ = align_rows(rows, aligned_dir(name, size, chip, cache), size=size, workers=workers,
+                            pre_cropped=name in PRE_CROPPED_SETS, progress=progress, chip=chip)
     return aligned

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from facemeta.errors import ConfigError
-    from facemeta.eval.unseen import check_grid, load_bench_preset, run_benchmark
+    from facemeta.eval.unseen import ZERO_SHOT, check_grid, load_bench_preset, run_benchmark
     from facemeta.train.methods import METHODS
 
     preset = load_bench_preset(args.preset)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         preset.seeds = args.seeds
     if args.runs:
         preset.runs = args.runs
-    check_grid(preset.methods, preset.targets, preset.seeds, METHODS)
+    check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / preset.name
     try:
         run_benchmark(preset, out, data_root=args.data, progress=args.progress)

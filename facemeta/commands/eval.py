@@ -66,15 +66,14 @@ def parse_folds(text: str | None) -> set[int] | None:
 
 def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds: set[int] | None = None,
                    limit_per_identity: int | None = None, data: str | None = None, cache: str | None = None,
-                   progress: bool = False) -> tuple[list, list | None, str]:
+                   progress: bool = False, chip: str = "arcface") -> tuple[list, list | None, str]:
     """Aligned rows (and a pair list or None) of a set for evaluation, plus a label for reports.
 
     Only the images a protocol needs are aligned (LFW pairs.txt folds name about 7.7k of its 13k images).
     """
-    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
+    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows, aligned_dir
     from facemeta.data.manifest import read_manifest
     from facemeta.errors import ConfigError
-    from facemeta.paths import cache_root
 
     if set_name in SHARED_SETS:
         from facemeta.data.sets import read_pairs, read_set
@@ -92,9 +91,8 @@ def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds
             raw = [r for r in raw if str(Path(r.path)) in wanted]
         else:
             raw = first_per_identity(raw, limit_per_identity)
-        dst = cache_root(cache) / "aligned" / f"{set_name}-{align_size}"
-        rows, _failures = align_rows(raw, dst, size=align_size, pre_cropped=set_name in PRE_CROPPED_SETS,
-                                     progress=progress)
+        rows, _failures = align_rows(raw, aligned_dir(set_name, align_size, chip, cache), size=align_size,
+                                     pre_cropped=set_name in PRE_CROPPED_SETS, progress=progress, chip=chip)
         label = set_name + (" pairs.txt" if use_pairs else " all pairs")
         if use_pairs and folds:
             label += f" folds {','.join(str(f) for f in sorted(folds))}"
@@ -109,8 +107,8 @@ def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds
         if not raw:
             raise ConfigError(f"--set {set_name}: no images in this folder")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
-        dst = cache_root(cache) / "aligned" / f"folder-{path.name}-{digest}-{align_size}"
-        rows, _failures = align_rows(raw, dst, size=align_size, progress=progress)
+        dst = aligned_dir(f"folder-{path.name}-{digest}", align_size, chip, cache)
+        rows, _failures = align_rows(raw, dst, size=align_size, progress=progress, chip=chip)
         return rows, None, f"{path.name} all pairs"
     raise ConfigError(f"--set must be one of {', '.join(SHARED_SETS)}, an image folder or a manifest .csv; "
                       f"{set_name!r} is none of these")
@@ -144,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     model.to(args.device)
     align_size = int(meta.get("align_size", 112))
     rows, pairs, label = load_eval_rows(args.set_name, align_size, args.protocol, parse_folds(args.folds),
-                                        args.limit_per_identity, args.data, args.cache)
+                                        args.limit_per_identity, args.data, args.cache,
+                                        chip=meta.get("align_chip", "arcface"))
     if len({r.identity for r in rows}) < 2 and pairs is None:
         raise ConfigError(f"--set {args.set_name}: need images of at least two identities")
     try:

@@ -38,6 +38,9 @@ from facemeta.train.config import (
 )
 
 BENCH_DIR = PRESET_DIR / "bench"
+# The benchmark row of the starting weights themselves (no training step; the prior zero-shot). It is the same
+# for every seed, so it runs once, with the first seed.
+ZERO_SHOT = "teacher"
 METRICS = ("tar@far=1e-2", "tar@far=1e-3", "auc", "rank1")
 ROC_GRID = np.logspace(-5, 0, 101)
 
@@ -84,7 +87,7 @@ def load_bench_preset(name_or_path: str) -> BenchPreset:
             raise ConfigError(f"benchmark preset {path.name}: unknown key '{key}' (allowed: {', '.join(sorted(known))})")
     data.setdefault("name", path.stem)
     preset = BenchPreset(**data)
-    check_grid(preset.methods, preset.targets, preset.seeds, METHODS)
+    check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
     resolve_config_path(preset.train)
     return preset
 
@@ -118,6 +121,8 @@ def run_config(preset: BenchPreset, target: str, method: str, seed: int, data_ro
         spec.update(copy.deepcopy(preset.sources.get(spec["set"], {})))
     over = dict(preset.overrides)
     over.update({"method": method, "seed": seed, "output": str(run_dir(preset, target, method, seed))})
+    if method == ZERO_SHOT:  # the starting weights, calibrated, no step taken
+        over.update({"method": "erm", "steps": 0})
     if data_root:
         over["data.root"] = data_root
     return config_from_dict(apply_overrides(data, over))
@@ -147,29 +152,30 @@ def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dic
     from facemeta.models.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(model_path)
-    size, root, cache = cfg.data.align_size, cfg.data.root, cfg.data.cache
+    size, chip, root, cache = cfg.data.align_size, cfg.data.align_chip, cfg.data.root, cfg.data.cache
     out: dict[str, Any] = {}
-    rows = first_per_identity(aligned_set(target, size, data=root, cache=cache), preset.target_limit_per_identity)
+    rows = first_per_identity(aligned_set(target, size, data=root, cache=cache, chip=chip),
+                              preset.target_limit_per_identity)
     out[target] = evaluate_rows(model, rows, flip=preset.flip)
     if target == "mfr2":
         out["mfr2-pairs"] = evaluate_rows(model, rows, pairs=read_pairs("mfr2", root), flip=preset.flip)
-    pairs, lfw_rows = _lfw_eval_rows(preset.lfw_pairs_per_fold, root, cache, size, cfg.data.align_workers)
+    pairs, lfw_rows = _lfw_eval_rows(preset.lfw_pairs_per_fold, root, cache, size, cfg.data.align_workers, chip)
     out["lfw"] = evaluate_rows(model, lfw_rows, pairs=pairs, flip=preset.flip)
     return out
 
 
 @functools.lru_cache(maxsize=4)
-def _lfw_eval_rows(k: int | None, root: str | None, cache: str | None, size: int, workers: int) -> tuple[list, list]:
+def _lfw_eval_rows(k: int | None, root: str | None, cache: str | None, size: int, workers: int,
+                   chip: str = "arcface") -> tuple[list, list]:
     """LFW folds 6-10 pairs and their aligned rows, aligned (cached) once per process, not once per run."""
-    from facemeta.align.pipeline import align_rows
+    from facemeta.align.pipeline import align_rows, aligned_dir
     from facemeta.data.sets import read_set
-    from facemeta.paths import cache_root
 
     pairs = _lfw_pairs(k)
     wanted = {Path(p).stem for pr in pairs for p in (pr.a, pr.b)}
     raw = [r for r in read_set("lfw", root) if Path(r.path).stem in wanted]
-    rows, _ = align_rows(raw, cache_root(cache) / "aligned" / f"lfw-{size}", size=size, workers=workers,
-                         progress=False)
+    rows, _ = align_rows(raw, aligned_dir("lfw", size, chip, cache), size=size, workers=workers,
+                         progress=False, chip=chip)
     return pairs, rows
 
 
@@ -203,7 +209,8 @@ def run_one(preset: BenchPreset, target: str, method: str, seed: int, data_root:
 def run_benchmark(preset: BenchPreset, out_dir: Path, data_root: str | None = None,
                   log: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
     """Every (target, method, seed) run of the preset, then the summary files in out_dir."""
-    grid = [(t, m, s) for t in preset.targets for m in preset.methods for s in preset.seeds]
+    grid = [(t, m, s) for t in preset.targets for m in preset.methods
+            for s in (preset.seeds[:1] if m == ZERO_SHOT else preset.seeds)]
     results = []
     t0 = time.perf_counter()
     for i, (t, m, s) in enumerate(grid, 1):
@@ -291,6 +298,25 @@ def write_summary(preset: BenchPreset, results: list[dict[str, Any]], out_dir: P
             else:
                 verdict = "does NOT beat ERM by more than the spread over seeds"
             lines.append(f"- {m}: {diff:+.3f} vs ERM (spread {spread:.3f}): {verdict}.")
+        lines.append("")
+    if ZERO_SHOT in methods:
+        lines += [f"Against the zero-shot starting weights (`{ZERO_SHOT}`), TAR@FAR=1e-2 per target "
+                  "(mean over seeds):", ""]
+        for m in methods:
+            if m == ZERO_SHOT:
+                continue
+            parts, below = [], []
+            for t in targets:
+                mine = [r["metrics"][t]["tar@far=1e-2"] for r in results if r["target"] == t and r["method"] == m]
+                ref = [r["metrics"][t]["tar@far=1e-2"] for r in results
+                       if r["target"] == t and r["method"] == ZERO_SHOT]
+                if mine and ref:
+                    diff = float(np.mean(mine) - np.mean(ref))
+                    parts.append(f"{t} {diff:+.3f}")
+                    if diff < 0:
+                        below.append(t)
+            verdict = f"below the teacher on {', '.join(below)}" if below else "not below the teacher on any target"
+            lines.append(f"- {m}: {', '.join(parts)}: {verdict}.")
         lines.append("")
     summary = {"preset": preset.name, "train_preset": preset.train, "overrides": preset.overrides,
                "sources": preset.sources, "runs": [{k: v for k, v in r.items() if k != "metrics"} |

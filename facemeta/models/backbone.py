@@ -7,6 +7,9 @@ BatchNorm1d has its scale fixed at 1 (insightface freezes it) - here it is a buf
 parameter, so optimisers and functional (meta-learning) code see only trainable parameters.
 Token backbones (ViT-like, output [B, N, C]) are read as a C x N x 1 map; NHWC backbones (timm's Swin)
 are permuted to NCHW.
+
+A second head, ``linear``, is a global average pool and a linear layer without bias: dlib's encoder (the prior,
+``dlib_resnet29``) ends that way, so with its weights the model is the prior itself, zero-shot.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from facemeta.errors import CheckpointError, ConfigError
+from facemeta.models import dlib_resnet  # registers dlib_resnet29 with timm
+
+HEADS = ("insightface", "linear")
+
+
+def default_normalisation(backbone: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) a backbone expects when none is given: dlib's for the prior's architecture, 0.5 otherwise."""
+    if backbone == dlib_resnet.PRIOR_NAME:
+        return dlib_resnet.PRIOR_MEAN, dlib_resnet.PRIOR_STD
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 @dataclass
@@ -36,8 +49,11 @@ class ModelConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     dropout: float = 0.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str = "insightface"
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -71,7 +87,7 @@ class ModelConfig:
     def architecture(self) -> tuple:
         """The fields that decide the weight shapes (compared when a checkpoint is loaded)."""
         return (self.backbone, self.embedding_size, self.image_size,
-                tuple(sorted(self.backbone_kwargs.items())))
+                tuple(sorted(self.backbone_kwargs.items())), self.head)
 
 
 def _create_backbone(config: ModelConfig) -> tuple[nn.Module, str, tuple[int, int, int]]:
@@ -121,11 +137,13 @@ def _probe(trunk: nn.Module, size: int) -> torch.Tensor:
 
 
 class FaceEmbeddingModel(nn.Module):
-    """timm backbone + embedding head (BN2d, dropout, flatten, linear, BN1d) -> unit vectors [B, E].
+    """timm backbone + embedding head -> unit vectors [B, E].
 
-    `pretrained_path` loads backbone weights from a local file (.safetensors, or a torch file read
-    with ``weights_only=True``); a classifier in that file is ignored, any other missing or
-    mismatched key is a CheckpointError.
+    Head ``insightface``: BN2d, dropout, flatten, linear, BN1d. Head ``linear``: global average pool, dropout,
+    linear without bias. `pretrained_path` loads backbone weights from a local file (.safetensors, or a torch
+    file read with ``weights_only=True``); a classifier in that file is ignored, any other missing or
+    mismatched key is a CheckpointError. With the ``linear`` head, an ``fc.weight`` of the head's shape in
+    that file (the prior's 128-d projection) is loaded into the head too.
     """
 
     def __init__(self, config: ModelConfig | None = None, pretrained_path: str | os.PathLike | None = None):
@@ -134,15 +152,23 @@ class FaceEmbeddingModel(nn.Module):
         self.backbone, self.layout, (c, h, w) = _create_backbone(self.config)
         self.feature_shape = (c, h, w)
         e = self.config.embedding_size
-        self.bn2 = nn.BatchNorm2d(c, eps=1e-5)
         self.dropout = nn.Dropout(p=self.config.dropout)
-        self.fc = nn.Linear(c * h * w, e)
-        self.features = nn.BatchNorm1d(e, eps=1e-5)
-        # insightface fixes the last BN's scale at 1: keep it as a buffer so it is never trained.
-        del self.features.weight
-        self.features.register_buffer("weight", torch.ones(e))
+        if self.config.head == "linear":
+            self.fc = nn.Linear(c, e, bias=False)
+        else:
+            self.bn2 = nn.BatchNorm2d(c, eps=1e-5)
+            self.fc = nn.Linear(c * h * w, e)
+            self.features = nn.BatchNorm1d(e, eps=1e-5)
+            # insightface fixes the last BN's scale at 1: keep it as a buffer so it is never trained.
+            del self.features.weight
+            self.features.register_buffer("weight", torch.ones(e))
         if pretrained_path is not None:
-            load_backbone_weights(self.backbone, pretrained_path)
+            state = load_backbone_weights(self.backbone, pretrained_path)
+            projection = state.get("fc.weight")
+            if self.config.head == "linear" and projection is not None \
+                    and tuple(projection.shape) == tuple(self.fc.weight.shape):
+                with torch.no_grad():
+                    self.fc.weight.copy_(projection)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone output as an NCHW map (tokens become C x N x 1)."""
@@ -154,7 +180,9 @@ class FaceEmbeddingModel(nn.Module):
         return f
 
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedding before L2 normalisation (what insightface's network returns)."""
+        """Embedding before L2 normalisation (what insightface's network, or dlib's, returns)."""
+        if self.config.head == "linear":
+            return self.fc(self.dropout(self.feature_map(x).mean(dim=(2, 3))))
         f = self.bn2(self.feature_map(x))
         f = self.dropout(f)
         f = torch.flatten(f, 1)
@@ -201,9 +229,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load trunk weights from a local file into `backbone`; drops a classifier, strips a 'backbone.' prefix."""
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load trunk weights from a local file into `backbone`; drops a classifier, strips a 'backbone.' prefix.
+    Returns everything the file held (so a caller can take a projection the trunk did not)."""
     state = read_state_dict(path)
+    everything = dict(state)
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     own = backbone.state_dict()
@@ -212,6 +242,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     if problems:
         raise CheckpointError(f"{path} does not fit backbone: {problems}")
     backbone.load_state_dict(state, strict=True)
+    return everything
 
 
 def check_state_dict(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str:

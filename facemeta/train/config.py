@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,13 +31,24 @@ LFW_TRAIN_FOLDS = [1, 2, 3, 4, 5]
 
 @dataclass
 class ModelSection:
-    """Backbone and embedding head (see facemeta.models.backbone.ModelConfig)."""
+    """Backbone and embedding head (see facemeta.models.backbone.ModelConfig).
+
+    ``head``: ``insightface`` (BN, flatten, linear, BN) or ``linear`` (global average pool + linear, no bias:
+    the prior's own 128-d projection). ``pretrained: true`` starts from the backbone's installed weights (for
+    ``dlib_resnet29``, the prior converted from face-recognition-models; no other backbone has local weights,
+    use ``pretrained_path``); ``pretrained_path`` loads a local file instead. ``mean``/``std``: the input
+    normalisation, null for the backbone's own (the prior's, for dlib_resnet29; 0.5 otherwise).
+    """
 
     backbone: str = "resnet18"
     embedding_size: int = 512
     image_size: int = 112
     dropout: float = 0.0
+    head: Literal["insightface", "linear"] = "insightface"
+    pretrained: bool = False
     pretrained_path: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass
@@ -66,6 +78,7 @@ class DataSection:
     root: str | None = None
     cache: str | None = None
     align_size: int = 112
+    align_chip: Literal["arcface", "dlib"] = "arcface"
     workers: int = 0
     align_workers: int = 2
 
@@ -262,6 +275,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(m.embedding_size > 0, "model.embedding_size", "must be > 0", m.embedding_size)
     _check(16 <= m.image_size <= 1024, "model.image_size", "must be in 16..1024", m.image_size)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+    _check(not (m.pretrained and m.pretrained_path), "model.pretrained", "and model.pretrained_path exclude each "
+           "other (pretrained: the backbone's installed weights; pretrained_path: a file)", m.pretrained)
+    for key, values in (("model.mean", m.mean), ("model.std", m.std)):
+        _check(values is None or (len(values) == 3 and all(math.isfinite(v) for v in values)), key,
+               "must be three finite numbers (R, G, B) or null", values)
+    _check(m.std is None or all(v > 0 for v in m.std), "model.std", "must be positive", m.std)
     _check(len(d.sources) >= 1, "data.sources", "needs at least one source domain", d.sources)
     seen = set()
     for i, src in enumerate(d.sources):
@@ -307,7 +326,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(len(d.sources) > cfg.meta.meta_test_domains, "meta.meta_test_domains",
                f"must be smaller than the number of source domains ({len(d.sources)}) for method {cfg.method}",
                cfg.meta.meta_test_domains)
-    _check(cfg.steps >= 1, "steps", "must be >= 1", cfg.steps)
+    _check(cfg.steps >= 0, "steps", "must be >= 0 (0: no training, the starting weights calibrated)", cfg.steps)
+    _check(cfg.steps > 0 or bool(m.pretrained or m.pretrained_path), "steps",
+           "0 (no training) needs starting weights (model.pretrained or model.pretrained_path)", cfg.steps)
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)", cfg.checkpoint_every)
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
     _check(cfg.log_every >= 1, "log_every", "must be >= 1", cfg.log_every)

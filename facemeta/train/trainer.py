@@ -106,12 +106,11 @@ def _heldout_identities(names: list[str], fraction: float, minimum: int, keep: i
 def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
     """Align (cached) the source domains' selected images and split identities train / held-out.
 
-    Images are aligned into cache_root()/aligned/<set>-<align_size>/ (shared with aligned_set);
+    Images are aligned into facemeta.align.pipeline.aligned_dir (shared with aligned_set);
     identities with fewer than `min_images` aligned images are dropped. Identity names are made
     domain-qualified (``lfw/Name``) so classes of different domains never merge.
     """
-    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
-    from facemeta.paths import cache_root
+    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows, aligned_dir
 
     train: list[ManifestRow] = []
     heldout: list[ManifestRow] = []
@@ -119,9 +118,10 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
     keep = cfg.sampler.identities_per_domain
     for spec in cfg.data.sources:
         raw = select_source_rows(spec, cfg.data.root)
-        dst = cache_root(cfg.data.cache) / "aligned" / f"{spec.set}-{cfg.data.align_size}"
+        dst = aligned_dir(spec.set, cfg.data.align_size, cfg.data.align_chip, cfg.data.cache)
         aligned, failed = align_rows(raw, dst, size=cfg.data.align_size, workers=cfg.data.align_workers,
-                                     pre_cropped=spec.set in PRE_CROPPED_SETS, progress=progress)
+                                     pre_cropped=spec.set in PRE_CROPPED_SETS, progress=progress,
+                                     chip=cfg.data.align_chip)
         failures[spec.set] = len(failed)
         groups = {n: g for n, g in _group(aligned).items() if len(g) >= spec.min_images}
         held = _heldout_identities(sorted(groups), cfg.eval.heldout_fraction, cfg.eval.min_heldout, keep)
@@ -133,6 +133,32 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
                 row = ManifestRow(r.path, f"{spec.set}/{name}", spec.set, dict(r.extra))
                 (heldout if name in held else train).append(row)
     return SourceData(train, heldout, failures)
+
+
+# ---------------------------------------------------------------- model
+def model_config(cfg: TrainConfig):
+    """The ModelConfig of a run: its model section, with the backbone's own normalisation where none is given."""
+    from facemeta.models.backbone import ModelConfig, default_normalisation
+
+    mean, std = default_normalisation(cfg.model.backbone)
+    return ModelConfig(backbone=cfg.model.backbone, embedding_size=cfg.model.embedding_size,
+                       image_size=cfg.model.image_size, dropout=cfg.model.dropout, head=cfg.model.head,
+                       mean=tuple(cfg.model.mean or mean), std=tuple(cfg.model.std or std))
+
+
+def pretrained_file(cfg: TrainConfig) -> str | None:
+    """The weights a run starts from: model.pretrained_path, or with model.pretrained the backbone's installed
+    weights (the prior for dlib_resnet29, converted into the cache on first use); None for random weights."""
+    from facemeta.models import dlib_resnet
+
+    if cfg.model.pretrained_path:
+        return cfg.model.pretrained_path
+    if not cfg.model.pretrained:
+        return None
+    if cfg.model.backbone != dlib_resnet.PRIOR_NAME:
+        raise ConfigError(f"model.pretrained: no installed weights for '{cfg.model.backbone}' (facemeta never "
+                          f"downloads); use backbone {dlib_resnet.PRIOR_NAME} or give model.pretrained_path")
+    return str(dlib_resnet.prior_weights_path(cfg.data.cache))
 
 
 # ---------------------------------------------------------------- schedule and state
@@ -379,7 +405,7 @@ class Trainer:
     def _fit(self) -> Path:
         from facemeta.data.samplers import DomainBalancedBatchSampler, FaceDataset
         from facemeta.data.transforms import build_train_transform
-        from facemeta.models.backbone import ModelConfig, build_model
+        from facemeta.models.backbone import build_model
         from facemeta.models.checkpoint import load_checkpoint, save_checkpoint
         from facemeta.objectives.margins import ArcFaceHead, CosFaceHead
 
@@ -420,8 +446,7 @@ class Trainer:
         domain_to_index = {d: i for i, d in enumerate(domains)}
         identity_to_label = {n: i for i, n in enumerate(sorted({r.identity for r in data.train}))}
         augment = build_augment(cfg.augment)
-        model_cfg = ModelConfig(backbone=cfg.model.backbone, embedding_size=cfg.model.embedding_size,
-                                image_size=cfg.model.image_size, dropout=cfg.model.dropout)
+        model_cfg = model_config(cfg)
         transform = build_train_transform(augment, cfg.model.image_size, model_cfg.mean, model_cfg.std)
         dataset = FaceDataset(data.train, transform, identity_to_label, domain_to_index)
         sampler = DomainBalancedBatchSampler(
@@ -430,7 +455,7 @@ class Trainer:
 
         # model, head, optimiser (the same seed on every rank: identical initial weights)
         seed_everything(cfg.seed)
-        model = build_model(model_cfg, pretrained_path=cfg.model.pretrained_path)
+        model = build_model(model_cfg, pretrained_path=pretrained_file(cfg))
         head_cls = ArcFaceHead if cfg.loss.head == "arcface" else CosFaceHead
         if cfg.method == "erm":
             head = head_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m)
@@ -486,7 +511,7 @@ class Trainer:
                            "data": data.summary(), "batch_size": sampler.batch_size * self.world_size,
                            "classes": len(identity_to_label)})
 
-        meta = {"method": cfg.method, "align_size": cfg.data.align_size,
+        meta = {"method": cfg.method if cfg.steps else "zero-shot", "align_size": cfg.data.align_size, "align_chip": cfg.data.align_chip,
                 "training": {"sources": [s.__dict__ for s in cfg.data.sources], "targets": list(cfg.data.targets),
                              "steps": cfg.steps, "seed": cfg.seed, "batch_size": sampler.batch_size * self.world_size,
                              "images_seen": cfg.steps * sampler.batch_size * self.world_size,
