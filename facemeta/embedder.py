@@ -165,6 +165,31 @@ class FaceEmbedder:
         crop = warp_face(image, face.landmarks, self.align_size, self.align_chip)
         return self.embed_aligned(crop[None])[0], face
 
+    def embed_files(self, paths: list[str | os.PathLike], batch_size: int = 16) -> list[np.ndarray | None]:
+        """One face per image file (the select policy), in batches: decode, MTCNN on the whole batch with the
+        alignment pipeline's fallback routes, warp, embed together. -> a unit vector per path, or None where
+        the file is unreadable or holds no face (the per-file reason is what :meth:`embed_file` raises)."""
+        from facemeta.align.pipeline import align_batch
+        from facemeta.errors import ImageReadError
+
+        out: list[np.ndarray | None] = [None] * len(paths)
+        for start in range(0, len(paths), max(1, batch_size)):
+            loaded: list[tuple[int, np.ndarray]] = []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    loaded.append((i, self._load(paths[i])))
+                except ImageReadError:
+                    continue
+            results = align_batch([img for _, img in loaded], self.detector, self.align_size,
+                                  select=self.select if self.select != "confident" else "confident",
+                                  crop_fallback=False, chip=self.align_chip)
+            found = [(i, r.face) for (i, _), r in zip(loaded, results, strict=True) if r.face is not None]
+            if found:
+                vectors = self.embed_aligned(np.stack([f for _, f in found]))
+                for (i, _), v in zip(found, vectors, strict=True):
+                    out[i] = v
+        return out
+
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         """Cosine similarity of two embeddings (unit vectors: their dot product)."""
         return float(np.dot(np.asarray(a, np.float32), np.asarray(b, np.float32)))

@@ -46,15 +46,16 @@ def budget(run: Path) -> dict:
             "device": start.get("device"), "world_size": start.get("world_size")}
 
 
-def evaluate_unseen(model, align_size: int, thresholds: dict[str, float], data: str | None) -> dict:
+def evaluate_unseen(model, align_size: int, thresholds: dict[str, float] | None, data: str | None,
+                    chip: str = "arcface") -> dict:
     """Verification and rank-1 of `model` on each UNSEEN set, with the calibrated thresholds applied."""
     from facemeta.commands.eval import load_eval_rows
     from facemeta.eval.benchmark import evaluate_rows
 
     out = {}
     for name, protocol, folds in UNSEEN:
-        rows, pairs, label = load_eval_rows(name, align_size, protocol, folds, data=data)
-        res = evaluate_rows(model, rows, pairs=pairs, flip=True, thresholds=thresholds)
+        rows, pairs, label = load_eval_rows(name, align_size, protocol, folds, data=data, chip=chip)
+        res = evaluate_rows(model, rows, pairs=pairs, flip=True, thresholds=thresholds or None)
         res.pop("roc", None)
         res["set"] = label
         out[name] = res

@@ -37,7 +37,8 @@ class ModelSection:
     the prior's own 128-d projection). ``pretrained: true`` starts from the backbone's installed weights (for
     ``dlib_resnet29``, the prior converted from face-recognition-models; no other backbone has local weights,
     use ``pretrained_path``); ``pretrained_path`` loads a local file instead. ``mean``/``std``: the input
-    normalisation, null for the backbone's own (the prior's, for dlib_resnet29; 0.5 otherwise).
+    normalisation, null for the backbone's own (the prior's, for dlib_resnet29; 0.5 otherwise). ``frozen``:
+    prefixes of parameter names (``backbone.stem``, ``backbone.blocks.0``) kept fixed during training.
     """
 
     backbone: str = "resnet18"
@@ -49,6 +50,7 @@ class ModelSection:
     pretrained_path: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,11 +109,18 @@ class OptimSection:
 
 @dataclass
 class LossSection:
-    """Margin head on the embeddings (insightface's ArcFace or CosFace)."""
+    """Margin head on the embeddings (insightface's ArcFace or CosFace).
+
+    ``init``: the class weights of the head(s) start ``random`` (from scratch) or as ``prototypes``: the
+    normalised mean embedding of each training identity under the starting weights. From a prior, random
+    class weights make the first steps' gradients noise that the backbone absorbs; prototypes give a
+    classifier that is right from step 0, so fine-tuning refines the prior instead of unlearning it.
+    """
 
     head: Literal["arcface", "cosface"] = "arcface"
     s: float = 64.0
     m: float = 0.5
+    init: Literal["random", "prototypes"] = "random"
 
 
 @dataclass

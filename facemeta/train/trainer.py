@@ -161,6 +161,51 @@ def pretrained_file(cfg: TrainConfig) -> str | None:
     return str(dlib_resnet.prior_weights_path(cfg.data.cache))
 
 
+def freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """Keep the parameters whose names start with one of `prefixes` fixed; returns how many were frozen.
+    A prefix that names no parameter is a ConfigError (a typo would otherwise train everything)."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise ConfigError(f"model.frozen: no parameter name starts with '{prefix}' (e.g. {names[0]})")
+    count = 0
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+            count += 1
+    return count
+
+
+def class_prototypes(model: nn.Module, rows: list[ManifestRow], identity_to_label: dict[str, int],
+                     device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Normalised mean embedding of each identity's training faces under `model` (no augmentation) -> [C, E]."""
+    from facemeta.align.image import load_image
+    from facemeta.models.backbone import embed
+
+    sums = torch.zeros(len(identity_to_label), model.config.embedding_size)
+    model.to(device)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        vectors = torch.from_numpy(embed(model, [load_image(r.path) for r in part], channels_last=False))
+        labels = torch.tensor([identity_to_label[r.identity] for r in part])
+        sums.index_add_(0, labels, vectors)
+    return F.normalize(sums, dim=1)
+
+
+def init_class_weights(head: nn.Module, prototypes: torch.Tensor) -> int:
+    """Copy `prototypes` [C, E] into every class-weight matrix of that shape in `head`; returns how many."""
+    count = 0
+    with torch.no_grad():
+        for module in head.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and tuple(weight.shape) == tuple(prototypes.shape):
+                weight.copy_(prototypes.to(weight.device, weight.dtype))
+                count += 1
+    if not count:
+        raise ConfigError("loss.init: prototypes found no class-weight matrix of the training classes' shape")
+    return count
+
+
 # ---------------------------------------------------------------- schedule and state
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """LR multiplier at `step` (0-based): linear warm-up to 1, then cosine down to `min_ratio` (or constant)."""
@@ -456,6 +501,7 @@ class Trainer:
         # model, head, optimiser (the same seed on every rank: identical initial weights)
         seed_everything(cfg.seed)
         model = build_model(model_cfg, pretrained_path=pretrained_file(cfg))
+        freeze(model, cfg.model.frozen)
         head_cls = ArcFaceHead if cfg.loss.head == "arcface" else CosFaceHead
         if cfg.method == "erm":
             head = head_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m)
@@ -469,6 +515,8 @@ class Trainer:
                 cfg.method, cfg.model.embedding_size, len(identity_to_label),
                 lambda: margin_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m),
                 cfg.meta))
+        if state is None and cfg.loss.init == "prototypes" and cfg.steps:
+            init_class_weights(head, class_prototypes(model, data.train, identity_to_label, device))
         if state is not None:
             loaded, _ = load_checkpoint(self.ckpt_dir / state["checkpoint"], expected=model_cfg)
             model.load_state_dict(loaded.state_dict())
@@ -480,7 +528,8 @@ class Trainer:
             objective = ddp.wrap(objective, device)
         decay, no_decay = [], []
         for p in list(model.parameters()) + list(head.parameters()):
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         if cfg.optim.name == "sgd":

