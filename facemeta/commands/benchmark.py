@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", help="folder for the training runs (default: the preset's, runs/bench)")
     p.add_argument("--data", help="root of the shared face sets (default $FACEMETA_DATA or ../shared/data)")
     p.add_argument("--progress", action="store_true", help="a progress bar per training run")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: write the tables from the runs finished so far (to commit a long run's "
+                        "cells as they finish)")
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from facemeta.errors import ConfigError
-    from facemeta.eval.unseen import ZERO_SHOT, check_grid, load_bench_preset, run_benchmark
+    from facemeta.eval.unseen import (
+        ZERO_SHOT,
+        check_grid,
+        finished_results,
+        load_bench_preset,
+        run_benchmark,
+        write_summary,
+    )
     from facemeta.train.methods import METHODS
 
     preset = load_bench_preset(args.preset)
@@ -48,6 +58,13 @@ def run(args: argparse.Namespace) -> int:
         preset.runs = args.runs
     check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / preset.name
+    if args.summary_only:
+        results = finished_results(preset)
+        if not results:
+            raise ConfigError(f"no finished runs of preset {preset.name} under {preset.runs}")
+        write_summary(preset, results, out)
+        print(f"wrote {out / 'results.md'} from {len(results)} finished runs")
+        return 0
     try:
         run_benchmark(preset, out, data_root=args.data, progress=args.progress)
     except KeyboardInterrupt:

@@ -206,16 +206,31 @@ def run_one(preset: BenchPreset, target: str, method: str, seed: int, data_root:
     return result
 
 
+def grid(preset: BenchPreset) -> list[tuple[str, str, int]]:
+    """(target, method, seed) of every run of the preset; the zero-shot row runs with the first seed only."""
+    return [(t, m, s) for t in preset.targets for m in preset.methods
+            for s in (preset.seeds[:1] if m == ZERO_SHOT else preset.seeds)]
+
+
+def finished_results(preset: BenchPreset) -> list[dict[str, Any]]:
+    """The results of the runs of the grid that have finished (their result.json), in grid order."""
+    out = []
+    for t, m, s in grid(preset):
+        done = run_dir(preset, t, m, s) / "result.json"
+        if done.is_file():
+            out.append(json.loads(done.read_text(encoding="utf-8")))
+    return out
+
+
 def run_benchmark(preset: BenchPreset, out_dir: Path, data_root: str | None = None,
                   log: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
     """Every (target, method, seed) run of the preset, then the summary files in out_dir."""
-    grid = [(t, m, s) for t in preset.targets for m in preset.methods
-            for s in (preset.seeds[:1] if m == ZERO_SHOT else preset.seeds)]
+    cells = grid(preset)
     results = []
     t0 = time.perf_counter()
-    for i, (t, m, s) in enumerate(grid, 1):
+    for i, (t, m, s) in enumerate(cells, 1):
         cached = (run_dir(preset, t, m, s) / "result.json").is_file()
-        log(f"[{i}/{len(grid)}] target={t} method={m} seed={s}" + (" (done, skipped)" if cached else " ..."))
+        log(f"[{i}/{len(cells)}] target={t} method={m} seed={s}" + (" (done, skipped)" if cached else " ..."))
         r = run_one(preset, t, m, s, data_root, progress)
         results.append(r)
         if not cached:
@@ -286,7 +301,7 @@ def write_summary(preset: BenchPreset, results: list[dict[str, Any]], out_dir: P
         base = goal["erm"]["mean TAR@FAR=1e-2 over targets"]
         for m in methods:
             vals = goal[m]["mean TAR@FAR=1e-2 over targets"]
-            if m == "erm" or not vals or not base:
+            if m in ("erm", ZERO_SHOT) or not vals or not base:
                 continue
             diff = float(np.mean(vals) - np.mean(base))
             spread = max(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,

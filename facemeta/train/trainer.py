@@ -390,6 +390,15 @@ class Trainer:
         key = far_key(self.cfg.eval.far)
         res["threshold"] = res[key.replace("tar@", "threshold@")]
         res["threshold_far"] = float(self.cfg.eval.far)
+        domains = sorted({r.domain for r in heldout})
+        if len(domains) > 1:  # pooled pairs mix the domains' score scales: each domain on its own too
+            res["per_domain"] = {}
+            for dom in domains:
+                rows = [r for r in heldout if r.domain == dom]
+                if len({r.identity for r in rows}) >= 2:
+                    one = evaluate_rows(model, rows, flip=self.cfg.eval.flip, far_levels=far_levels,
+                                        channels_last=channels_last)
+                    res["per_domain"][dom] = {k: one[k] for k in ("n_images", "tar@far=1e-2", "tar@far=1e-3", "auc")}
         return res
 
     # -- meta methods (facemeta.train.methods): one episode of every source domain per step
@@ -660,7 +669,8 @@ class Trainer:
                 meta["threshold_far"] = val["threshold_far"]
                 meta["validation"] = {"set": "held-out source identities (all pairs)",
                                       **{k: v for k, v in val.items()
-                                         if isinstance(v, (int, float, str, bool)) or v is None}}
+                                         if isinstance(v, (int, float, str, bool)) or v is None},
+                                      **({"per_domain": val["per_domain"]} if "per_domain" in val else {})}
             save_checkpoint(model, final, {**meta, "step": self.step})
             self._metrics({"event": "end", "step": self.step, "checkpoint": str(final), "replicas_in_sync": in_sync,
                            "threshold": meta.get("threshold"), "auc": meta.get("validation", {}).get("auc")})

