@@ -163,3 +163,53 @@ def test_every_method_fine_tunes_the_prior(method, prior_model, data_dir, tmp_pa
     moved = (model.backbone.stem_conv.weight - prior["stem_conv.weight"]).abs().max().item()
     assert 0 < moved < 0.5
     assert torch.isfinite(torch.stack([p.detach().abs().sum() for p in model.parameters()])).all()
+
+
+def test_distillation_loss_terms():
+    import torch
+
+    from facemeta.objectives.distill import DistillationLoss
+
+    torch.manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(6, 128), dim=1)
+    same = DistillationLoss(128, 128, weight=1.0, pair_weight=1.0)
+    total, match, structure = same(t.clone(), t)
+    assert float(total.detach()) == pytest.approx(0.0, abs=1e-6)  # a student that is the teacher: nothing to learn
+    other = torch.randn(6, 64, requires_grad=True)
+    total, match, structure = DistillationLoss(64, 128, weight=1.0, pair_weight=2.0)(other, t)
+    assert float(match) > 0.1 and float(structure) > 0.0
+    assert float(total.detach()) == pytest.approx(float(match) + 2 * float(structure), rel=1e-5)
+    total.backward()
+    assert other.grad is not None and torch.isfinite(other.grad).all()
+    t_missing = t.clone()
+    t_missing[2] = float("nan")  # a face whose teacher chip could not be made
+    total, _, _ = DistillationLoss(128, 128, pair_weight=1.0)(t.clone(), t_missing)
+    assert torch.isfinite(total) and float(total.detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["erm", "mfr"])
+def test_distil_the_prior_into_a_timm_student(method, prior_model, data_dir, tmp_path):
+    """Teacher mode: a timm student on DESIGN.md's 112 template learns with the prior's cached embeddings of the
+    same source faces (on dlib's chips) added to its method's loss."""
+    import json
+
+    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.paths import cache_root
+    from facemeta.train.config import load_config
+    from facemeta.train.trainer import Trainer
+
+    cfg = load_config("smoke", overrides={
+        "data.root": str(data_dir), "output": str(tmp_path / method), "threads": 2, "steps": 3, "method": method,
+        "checkpoint_every": 0, "log_every": 1, "distill.weight": 1.0, "distill.pair_weight": 1.0})
+    trainer = Trainer(cfg, progress=False)
+    model, meta = load_checkpoint(trainer.fit())
+    assert model.config.backbone == "mobilenetv3_small_050" and meta["align_chip"] == "arcface"
+    teacher = trainer.teacher.numpy()
+    assert teacher.shape[1] == 128 and np.isfinite(teacher).all(axis=1).mean() > 0.95
+    assert np.allclose(np.linalg.norm(teacher[np.isfinite(teacher).all(axis=1)], axis=1), 1.0, atol=1e-4)
+    assert list((cache_root() / "teacher").glob("*.npy"))  # computed once, cached
+    logs = [json.loads(x) for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "loss" in r]
+    assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
+    if method != "erm":
+        assert all(r["distill_match"] > 0 for r in steps)

@@ -124,6 +124,19 @@ class LossSection:
 
 
 @dataclass
+class DistillSection:
+    """Distillation from the prior (teacher mode; facemeta.objectives.distill), added to any method's loss.
+
+    ``weight``: the embedding-match term (through a learned projection to the teacher's 128 dimensions);
+    ``pair_weight``: the batch's pairwise-similarity structure. Both 0 (the default): no teacher. The teacher's
+    embeddings of the training faces are computed once on dlib's chips and cached (facemeta.train.teacher).
+    """
+
+    weight: float = 0.0
+    pair_weight: float = 0.0
+
+
+@dataclass
 class EvalSection:
     """Held-out source-domain identities for validation and threshold calibration.
 
@@ -151,6 +164,7 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     method: Literal["erm", "mfr", "cdt", "maml-fo", "reptile"] = "erm"
     meta: MethodSettings = field(default_factory=MethodSettings)
+    distill: DistillSection = field(default_factory=DistillSection)
     steps: int = 1000
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -321,6 +335,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
     _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be > 0 or null", o.grad_clip)
     _check(lo.s > 0, "loss.s", "must be > 0", lo.s)
+    for key, value in (("distill.weight", cfg.distill.weight), ("distill.pair_weight", cfg.distill.pair_weight)):
+        _check(math.isfinite(value) and 0 <= value <= 100, key, "must be in [0, 100]", value)
     _check(0 <= lo.m < 1.5, "loss.m", "must be in [0, 1.5)", lo.m)
     _check(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}", cfg.method)
     try:

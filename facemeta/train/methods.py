@@ -378,12 +378,21 @@ class StepResult:
 
 
 def train_step(method: str, joint: Joint, batch: EpisodeBatch, optimizer: torch.optim.Optimizer,
-               settings: MethodSettings, grad_clip: float | None = None) -> StepResult:
-    """One step of ``method``: zero grads, accumulate its gradient, clip, optimiser step."""
+               settings: MethodSettings, grad_clip: float | None = None,
+               extra_loss: Callable[[Joint, EpisodeBatch], tuple[Tensor, dict[str, float]]] | None = None
+               ) -> StepResult:
+    """One step of ``method``: zero grads, accumulate its gradient, clip, optimiser step.
+
+    `extra_loss` (e.g. distillation from a teacher) is computed at the current parameters on the episode's
+    images after the method's own gradient, and its gradient added to it (a term of the outer objective)."""
     if method not in GRADS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     optimizer.zero_grad(set_to_none=True)
     losses = GRADS[method](joint, batch, settings)
+    if extra_loss is not None:
+        loss, logged = extra_loss(joint, batch)
+        loss.backward()
+        losses = {**losses, **logged}
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if grad_clip:
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))

@@ -266,20 +266,39 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class _Objective(nn.Module):
-    """Model + margin head as one module, so DDP synchronises both; returns (loss, correct)."""
+    """Model + margin head (+ distillation, with teacher vectors) as one module, so DDP synchronises them all;
+    returns (loss, correct)."""
 
-    def __init__(self, model: nn.Module, head: nn.Module):
+    def __init__(self, model: nn.Module, head: nn.Module, distill: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.head = head
+        self.distill = distill
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.model(x)
         with torch.autocast(x.device.type, enabled=False):  # margins and softmax in float32
             logits = self.head(emb.float(), labels)
             loss = F.cross_entropy(logits, labels)
+            if self.distill is not None and teacher is not None:
+                loss = loss + self.distill(emb.float(), teacher)[0]
         correct = (logits.detach().argmax(1) == labels).sum()
         return loss, correct
+
+
+class _WithTeacher(torch.utils.data.Dataset):
+    """A FaceDataset whose items also carry the teacher's embedding of that face (for distillation)."""
+
+    def __init__(self, dataset, teacher: torch.Tensor):
+        self.dataset, self.teacher = dataset, teacher
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index = int(item[0]) if isinstance(item, (tuple, list)) else int(item)
+        return (*self.dataset[item], self.teacher[index])
 
 
 # ---------------------------------------------------------------- trainer
@@ -302,6 +321,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.step = 0
         self.resumed_from: int | None = None
+        self.distill: nn.Module | None = None  # distillation from the prior (cfg.distill), built in fit
+        self.teacher: torch.Tensor | None = None  # the teacher's embedding of each training face
 
     # -- setup
     def _device(self) -> torch.device:
@@ -364,6 +385,7 @@ class Trainer:
             "config": json.dumps(self._result_config(), sort_keys=True),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "head": head.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "distill": self.distill.state_dict() if self.distill is not None else None,
             "sampler": sampler.state_dict(consumed=position) | {"epoch": epoch},
             "rng": rng_state(),
         }
@@ -418,8 +440,17 @@ class Trainer:
         joint = Joint(model, head).train()
         loss_sum, seen, t_log = 0.0, 0, time.perf_counter()
         while self.step < cfg.steps:
-            batch = load_episode(dataset, episodes.episode(self.step), cfg.seed, device)
-            res = train_step(cfg.method, joint, batch, optimizer, cfg.meta, cfg.optim.grad_clip)
+            episode = episodes.episode(self.step)
+            batch = load_episode(dataset, episode, cfg.seed, device)
+            extra = None
+            if self.distill is not None:
+                teacher = self.teacher[torch.from_numpy(episode.indices)].to(device)
+
+                def extra(joint, batch, teacher=teacher):
+                    emb = joint(torch.cat([d.images for d in batch.domains]))
+                    loss, match, structure = self.distill(emb.float(), teacher)
+                    return loss, {"distill_match": float(match), "distill_structure": float(structure)}
+            res = train_step(cfg.method, joint, batch, optimizer, cfg.meta, cfg.optim.grad_clip, extra_loss=extra)
             scheduler.step()
             self.step += 1
             loss_value = res.losses["loss"]
@@ -526,17 +557,29 @@ class Trainer:
                 cfg.meta))
         if state is None and cfg.loss.init == "prototypes" and cfg.steps:
             init_class_weights(head, class_prototypes(model, data.train, identity_to_label, device))
+        self.distill, self.teacher = None, None
+        if cfg.distill.weight or cfg.distill.pair_weight:
+            from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE
+            from facemeta.objectives.distill import DistillationLoss
+            from facemeta.train.teacher import teacher_embeddings
+
+            self.teacher = torch.from_numpy(teacher_embeddings(data.train, cfg.data.cache, cfg.data.align_workers))
+            self.distill = DistillationLoss(cfg.model.embedding_size, PRIOR_EMBEDDING_SIZE, cfg.distill.weight,
+                                            cfg.distill.pair_weight).to(device)
         if state is not None:
             loaded, _ = load_checkpoint(self.ckpt_dir / state["checkpoint"], expected=model_cfg)
             model.load_state_dict(loaded.state_dict())
             head.load_state_dict(state["head"])
+            if self.distill is not None and state.get("distill"):
+                self.distill.load_state_dict(state["distill"])
         model.to(device)
         head.to(device)
-        objective: nn.Module = _Objective(model, head)
+        objective: nn.Module = _Objective(model, head, self.distill)
         if self.world_size > 1:
             objective = ddp.wrap(objective, device)
         decay, no_decay = [], []
-        for p in list(model.parameters()) + list(head.parameters()):
+        extra_params = list(self.distill.parameters()) if self.distill is not None else []
+        for p in list(model.parameters()) + list(head.parameters()) + extra_params:
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -593,15 +636,16 @@ class Trainer:
                 if position:
                     sampler.load_state_dict({"epoch": epoch, "position": position})
                 loader = torch.utils.data.DataLoader(
-                    dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                    dataset if self.teacher is None else _WithTeacher(dataset, self.teacher), batch_sampler=sampler, num_workers=cfg.data.workers,
                     pin_memory=device.type == "cuda", persistent_workers=False,
                     # own generator: creating a loader must not draw from the global torch RNG
                     generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-                for x, labels, _dom in loader:
+                for x, labels, _dom, *teacher in loader:
                     x = x.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
+                    teacher = teacher[0].to(device, non_blocking=True) if teacher else None
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        loss, correct = objective(x, labels)
+                        loss, correct = objective(x, labels, teacher)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()
