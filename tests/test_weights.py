@@ -31,7 +31,9 @@ def test_shipped_model_matches_its_card(card, monkeypatch):
     assert default_model_path() == MODEL
     assert hashlib.sha256(MODEL.read_bytes()).hexdigest() == card["model"]["sha256"]
     model, meta = load_checkpoint(MODEL)
-    assert model.config.backbone == card["model"]["backbone"] == "mobilenetv3_large_100"  # mobile class
+    # fine-tuned by facemeta from the prior (dlib's public-domain encoder), on dlib's chips
+    assert model.config.backbone == card["model"]["backbone"] == "dlib_resnet29"
+    assert meta["config"]["model"]["pretrained"] and meta["align_chip"] == "dlib" and meta["training"]["steps"] > 0
     assert meta.get("weights_dtype", "float32") == card["dtype"]
     assert MODEL.stat().st_size < 25e6  # small enough to commit and to ship
     # the default verification threshold is the one calibrated at FAR 1e-3 on held-out source identities

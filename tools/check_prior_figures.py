@@ -63,7 +63,7 @@ def main() -> None:
     from facemeta.eval.pairs import all_pairs, pair_scores
     from facemeta.models.dlib_resnet import DlibResNet29, find_prior_file, load_prior_state
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     models = find_prior_file().parent
     shapes = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
     encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))

@@ -177,11 +177,23 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
 
 
 def class_prototypes(model: nn.Module, rows: list[ManifestRow], identity_to_label: dict[str, int],
-                     device: torch.device, chunk: int = 256) -> torch.Tensor:
-    """Normalised mean embedding of each identity's training faces under `model` (no augmentation) -> [C, E]."""
+                     device: torch.device, chunk: int = 256, cache_key: str | None = None,
+                     cache: str | None = None) -> torch.Tensor:
+    """Normalised mean embedding of each identity's training faces under `model` (no augmentation) -> [C, E].
+
+    With `cache_key` (the starting weights' file name: runs of every method and seed from the same weights on
+    the same data share it), the result is kept in ``cache_root()/prototypes/``."""
     from facemeta.align.image import load_image
     from facemeta.models.backbone import embed
+    from facemeta.paths import cache_root
 
+    path = None
+    if cache_key:
+        text = "\n".join([cache_key, json.dumps(model.config.to_dict(), sort_keys=True),
+                          *(f"{r.path}\t{identity_to_label[r.identity]}" for r in rows)])
+        path = cache_root(cache) / "prototypes" / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()[:20]}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path, allow_pickle=False))
     sums = torch.zeros(len(identity_to_label), model.config.embedding_size)
     model.to(device)
     for start in range(0, len(rows), chunk):
@@ -189,7 +201,19 @@ def class_prototypes(model: nn.Module, rows: list[ManifestRow], identity_to_labe
         vectors = torch.from_numpy(embed(model, [load_image(r.path) for r in part], channels_last=False))
         labels = torch.tensor([identity_to_label[r.identity] for r in part])
         sums.index_add_(0, labels, vectors)
-    return F.normalize(sums, dim=1)
+    prototypes = F.normalize(sums, dim=1)
+    if path is not None:
+        from facemeta.atomic import atomic_write
+
+        with atomic_write(path, "wb") as fh:
+            np.save(fh, prototypes.numpy(), allow_pickle=False)
+    return prototypes
+
+
+def _file_key(path: str) -> str:
+    """Name, size and modification time of a weights file: enough to tell two starting points apart."""
+    st = Path(path).stat()
+    return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def init_class_weights(head: nn.Module, prototypes: torch.Tensor) -> int:
@@ -556,7 +580,10 @@ class Trainer:
                 lambda: margin_cls(cfg.model.embedding_size, len(identity_to_label), s=cfg.loss.s, m=cfg.loss.m),
                 cfg.meta))
         if state is None and cfg.loss.init == "prototypes" and cfg.steps:
-            init_class_weights(head, class_prototypes(model, data.train, identity_to_label, device))
+            start = pretrained_file(cfg)
+            init_class_weights(head, class_prototypes(model, data.train, identity_to_label, device,
+                                                      cache_key=_file_key(start) if start else None,
+                                                      cache=cfg.data.cache))
         self.distill, self.teacher = None, None
         if cfg.distill.weight or cfg.distill.pair_weight:
             from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE
