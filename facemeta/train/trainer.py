@@ -181,7 +181,7 @@ def class_prototypes(model: nn.Module, rows: list[ManifestRow], identity_to_labe
                      cache: str | None = None) -> torch.Tensor:
     """Normalised mean embedding of each identity's training faces under `model` (no augmentation) -> [C, E].
 
-    With `cache_key` (the starting weights' file name: runs of every method and seed from the same weights on
+    With `cache_key` (naming the starting weights file: runs of every method and seed from the same weights on
     the same data share it), the result is kept in ``cache_root()/prototypes/``."""
     from facemeta.align.image import load_image
     from facemeta.models.backbone import embed
