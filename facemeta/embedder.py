@@ -181,7 +181,7 @@ class FaceEmbedder:
                 except ImageReadError:
                     continue
             results = align_batch([img for _, img in loaded], self.detector, self.align_size,
-                                  select=self.select if self.select != "confident" else "confident",
+                                  select=self.select,
                                   crop_fallback=False, chip=self.align_chip)
             found = [(i, r.face) for (i, _), r in zip(loaded, results, strict=True) if r.face is not None]
             if found:
