@@ -2,8 +2,9 @@
 
 It loads a facemeta checkpoint (safetensors + JSON), detects faces with MTCNN, warps each onto the
 template at the size the model was trained on (``align_size`` in the checkpoint meta, 112 by
-default; ``align_chip`` says which template, DESIGN.md's or dlib's chip for models from the prior), and embeds it exactly as training and evaluation do (resize to the model's input size,
-normalise, flip test-time augmentation). The calibrated verification threshold travels with the
+default; ``align_chip`` says which template: DESIGN.md's, or dlib's chip for models from the prior), and
+embeds it exactly as training and evaluation do (resize to the model's input size, normalise, flip test-time
+augmentation). The calibrated verification threshold travels with the
 checkpoint (meta ``threshold`` at false-accept rate ``threshold_far``).
 """
 
@@ -125,14 +126,10 @@ class FaceEmbedder:
         if faces:
             return faces
         res = align_image(image, self.detector, size=self.align_size, select=self.select, chip=self.align_chip)
-        if res.face is None or res.landmarks is None:
+        if res.face is None or res.landmarks is None or res.box is None:
             return []
-        pts = np.asarray(res.landmarks, dtype=np.float32)
-        # no box from the fallback: the landmarks' bounds, widened to a face-sized box
-        (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
-        pad_x, pad_y = 0.6 * (x2 - x1), 0.8 * (y2 - y1)
-        box = np.array([x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + 0.5 * pad_y], dtype=np.float32)
-        return [Face(box, float(res.score or 0.0), pts)]
+        return [Face(np.asarray(res.box, dtype=np.float32), float(res.score or 0.0),
+                     np.asarray(res.landmarks, dtype=np.float32))]
 
     def _load(self, path: str | os.PathLike) -> np.ndarray:
         from facemeta.align.image import load_image
@@ -172,16 +169,17 @@ class FaceEmbedder:
         from facemeta.align.pipeline import align_batch
         from facemeta.errors import ImageReadError
 
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         out: list[np.ndarray | None] = [None] * len(paths)
-        for start in range(0, len(paths), max(1, batch_size)):
+        for start in range(0, len(paths), batch_size):
             loaded: list[tuple[int, np.ndarray]] = []
             for i in range(start, min(start + batch_size, len(paths))):
                 try:
                     loaded.append((i, self._load(paths[i])))
                 except ImageReadError:
                     continue
-            results = align_batch([img for _, img in loaded], self.detector, self.align_size,
-                                  select=self.select,
+            results = align_batch([img for _, img in loaded], self.detector, self.align_size, select=self.select,
                                   crop_fallback=False, chip=self.align_chip)
             found = [(i, r.face) for (i, _), r in zip(loaded, results, strict=True) if r.face is not None]
             if found:

@@ -100,10 +100,15 @@ def test_align_image_routes(data_dir):
     res = align_image(yb, det, pre_cropped=True)
     assert res.route == "padded" and res.landmarks is not None
     assert (res.landmarks[:, 0] > 0).all() and (res.landmarks[:, 1] > 0).all()
+    # the chosen face's box, mapped back to the crop's pixels like its landmarks, and around them
+    x1, y1, x2, y2 = res.box[:4]
+    assert x1 < res.landmarks[:, 0].min() and res.landmarks[:, 0].max() < x2
+    assert y1 < res.landmarks[:, 1].min() and res.landmarks[:, 1].max() < y2
     flat = np.full((150, 150, 3), 90, np.uint8)
     assert align_image(flat, det).error == "no face"
     crop = align_image(flat, det, pre_cropped=True)
     assert crop.route == "template-crop" and crop.face.shape == (112, 112, 3) and crop.landmarks is None
+    assert crop.box is None
 
 
 def _bad_tree(root, data_dir):

@@ -45,6 +45,8 @@ def dlib_chips(data_dir, session_tmp):
 
 
 def test_port_matches_dlib_on_real_faces(dlib_chips, prior_file):
+    import torch
+
     from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, embed
     from facemeta.models.dlib_resnet import prior_weights_path
 
@@ -59,7 +61,7 @@ def test_port_matches_dlib_on_real_faces(dlib_chips, prior_file):
     assert cos.min() >= 0.999, np.sort(cos)[:5]
     assert cos.mean() >= 0.9999, cos.mean()
     # and the raw (unnormalised) output is dlib's vector itself, length included
-    with __import__("torch").inference_mode():
+    with torch.inference_mode():
         raw = model.eval().forward_raw(model.preprocess(dlib_chips[:8])).numpy()
     assert np.allclose(raw, theirs[:8], atol=1e-3)
 
@@ -119,9 +121,12 @@ def test_dlib_chip_template_lands_points():
         template(150, "insightface")
 
 
-def test_zero_shot_checkpoint_is_the_prior(prior_model, data_dir):
+def test_zero_shot_checkpoint_is_the_prior(prior_model, prior_file, data_dir):
+    from facemeta.align.image import load_image
+    from facemeta.align.warp import warp_face
     from facemeta.embedder import FaceEmbedder
-    from facemeta.models.checkpoint import read_checkpoint_info
+    from facemeta.eval.benchmark import evaluate_rows
+    from facemeta.models.checkpoint import load_checkpoint, read_checkpoint_info
 
     meta = read_checkpoint_info(prior_model.model_path)["meta"]
     assert meta["method"] == "zero-shot" and meta["training"]["images_seen"] == 0
@@ -130,14 +135,19 @@ def test_zero_shot_checkpoint_is_the_prior(prior_model, data_dir):
     emb = FaceEmbedder(prior_model.model_path, flip=False)
     path = data_dir / "lfw" / "images" / "Colin_Powell" / "Colin_Powell_0001.jpg"
     vec, face = emb.embed_file(path)
-    from facemeta.align.image import load_image
-    from facemeta.align.warp import warp_face
-
     chip = warp_face(load_image(path), face.landmarks, 150, chip="dlib")
-    encoder = dlib.face_recognition_model_v1(str(__import__("facemeta.models.dlib_resnet", fromlist=["x"])
-                                                 .find_prior_file()))
-    theirs = np.array(encoder.compute_face_descriptor(chip))
+    theirs = np.array(dlib.face_recognition_model_v1(str(prior_file)).compute_face_descriptor(chip))
     assert float(vec @ theirs / np.linalg.norm(theirs)) >= 0.999
+    # held-out validation per source domain: scored from the one pass over all held-out faces, it agrees with
+    # each domain evaluated on its own
+    per_domain = meta["validation"]["per_domain"]
+    assert set(per_domain) == {"lfw", "orl"}
+    model, _ = load_checkpoint(prior_model.model_path)
+    for dom, got in per_domain.items():
+        alone = evaluate_rows(model, [r for r in prior_model.heldout if r.domain == dom], flip=False,
+                              channels_last=True)
+        assert got["n_images"] == alone["n_images"]
+        assert got["auc"] == pytest.approx(alone["auc"], abs=1e-3)
 
 
 @pytest.mark.parametrize("method", ["erm", "mfr", "cdt", "reptile"])
@@ -213,3 +223,18 @@ def test_distil_the_prior_into_a_timm_student(method, prior_model, data_dir, tmp
     assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
     if method != "erm":
         assert all(r["distill_match"] > 0 for r in steps)
+
+
+def test_freeze_keeps_named_parameters_fixed():
+    from facemeta.errors import ConfigError
+    from facemeta.models.backbone import ModelConfig, build_model
+    from facemeta.train.trainer import freeze
+
+    model = build_model(ModelConfig(backbone="dlib_resnet29", embedding_size=128, image_size=150, head="linear"))
+    count = freeze(model, ["backbone.stem", "backbone.blocks.0."])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert count == len(frozen) == 4 + 8  # stem conv + affine; block 0's two convs and two affines
+    assert all(n.startswith(("backbone.stem", "backbone.blocks.0.")) for n in frozen)
+    assert model.fc.weight.requires_grad
+    with pytest.raises(ConfigError, match="backbone.blockz"):
+        freeze(model, ["backbone.blockz"])

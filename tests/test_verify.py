@@ -2,7 +2,7 @@
 
 What a face model DECIDES is asserted with the `prior_model` fixture: the prior (dlib's encoder ported to
 PyTorch) zero-shot, with its threshold calibrated at FAR 1e-2 on held-out source identities. It recognises
-faces for real (LFW TAR@FAR=1e-2 about 0.97), so "two photos of Bill Gates: same; Gates and another person:
+faces for real (LFW pairs.txt folds 6-10 TAR@FAR=1e-2 0.994, weights/MODEL_CARD.md), so "two photos of Bill Gates: same; Gates and another person:
 different" holds with margin on any CPU. The small model trained inside the suite (`trained_model`) was asked
 the same once and failed on another x86 machine (all six Gates pairs below its threshold); it is now used only
 for what any model must do: the command's output format, its errors, checkpoints of another architecture, the

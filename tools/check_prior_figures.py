@@ -27,29 +27,15 @@ FIGURES = {  # ../shared/data/figures.md, second table: TAR@FAR=1e-2 (%), (Eucli
 
 def boxes_from_pipeline(images: list[np.ndarray], pre_cropped: bool) -> list[np.ndarray | None]:
     """The box of the face the alignment pipeline picks in each image (its routes), or None."""
-    from facemeta.align import pipeline
-    from facemeta.align.detect import FaceDetector, select_faces
+    from facemeta.align.detect import FaceDetector
+    from facemeta.align.pipeline import align_batch
 
-    chosen: list[np.ndarray | None] = []
-    original = pipeline._from_faces
-
-    def record(image, faces, route, size, select, chip="arcface"):
-        chosen.append((id(image), select_faces(faces, "largest")[0].box))
-        return original(image, faces, route, size, select, chip)
-
-    pipeline._from_faces = record
-    try:
-        detector = FaceDetector()
-        out: list[np.ndarray | None] = []
-        for start in range(0, len(images), 32):
-            part = images[start:start + 32]
-            chosen.clear()
-            pipeline.align_batch(part, detector, 112, pre_cropped=pre_cropped, crop_fallback=False)
-            found = dict(chosen)
-            out += [found.get(id(img)) for img in part]
-        return out
-    finally:
-        pipeline._from_faces = original
+    detector = FaceDetector()
+    out: list[np.ndarray | None] = []
+    for start in range(0, len(images), 32):
+        results = align_batch(images[start:start + 32], detector, 112, pre_cropped=pre_cropped, crop_fallback=False)
+        out += [r.box for r in results]
+    return out
 
 
 def main() -> None:

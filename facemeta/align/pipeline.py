@@ -73,8 +73,8 @@ CONFIG = ".align-config.json"
 class AlignResult:
     """Outcome for one image: the aligned face (or None), the route taken, detector score, landmarks
     (in the source image's pixels; None for a template crop), an error reason when it failed, the
-    number of faces the detector saw, and the mean distance (112-px scale) of the fitted landmarks
-    to the template."""
+    number of faces the detector saw, the mean distance (112-px scale) of the fitted landmarks
+    to the template, and the chosen face's detection box (source pixels; None for a template crop)."""
 
     face: np.ndarray | None
     route: str
@@ -83,6 +83,7 @@ class AlignResult:
     error: str | None
     faces: int = 0
     fit_error: float | None = None
+    box: np.ndarray | None = None
 
 
 def fit_error(landmarks: np.ndarray) -> float:
@@ -179,7 +180,7 @@ def _from_faces(image: np.ndarray, faces: list[Face], route: str, size: int, sel
         return AlignResult(None, route, None, None, f"several faces ({len(faces)})", faces=len(faces))
     face = select_faces(faces, "confident" if select == "confident" else "largest")[0]
     return AlignResult(warp_face(image, face.landmarks, size, chip), route, face.score, face.landmarks, None,
-                       faces=len(faces), fit_error=fit_error(face.landmarks))
+                       faces=len(faces), fit_error=fit_error(face.landmarks), box=face.box)
 
 
 def align_image(image: np.ndarray, detector: FaceDetector, size: int = 112, pre_cropped: bool = False,

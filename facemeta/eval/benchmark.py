@@ -98,8 +98,8 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray
 
 def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs: Sequence | None = None,
                   flip: bool = True, batch_size: int = 64, channels_last: bool = True,
-                  far_levels: Sequence[float] = FAR_LEVELS, thresholds: dict[str, float] | None = None
-                  ) -> dict[str, Any]:
+                  far_levels: Sequence[float] = FAR_LEVELS, thresholds: dict[str, float] | None = None,
+                  embeddings: np.ndarray | None = None) -> dict[str, Any]:
     """Embed aligned `rows` and measure verification and rank-1 identification; returns a JSON-ready dict.
 
     Verification uses `pairs` (objects with a, b, same, fold, e.g. LFW pairs.txt) when given, with
@@ -107,12 +107,18 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
     Rank-1: the first image of each identity is enrolled, the others are probes (cosine similarity).
     Images are read with OpenCV and resized to the model's input size; flip averages each face with
     its mirror (insightface's test-time augmentation). `thresholds`: see :func:`verification_metrics`.
+    `embeddings` [N, E] of the rows, when the caller already has them, are used instead of embedding again.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("no rows to evaluate")
     t0 = time.perf_counter()
-    emb = embed_rows(model, rows, flip=flip, batch_size=batch_size, channels_last=channels_last)
+    if embeddings is None:
+        emb = embed_rows(model, rows, flip=flip, batch_size=batch_size, channels_last=channels_last)
+    elif len(embeddings) != len(rows):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(rows)} rows")
+    else:
+        emb = np.asarray(embeddings, dtype=np.float32)
     t_embed = time.perf_counter() - t0
     ids = np.asarray([r.identity for r in rows])
     result: dict[str, Any] = {"n_images": len(rows), "n_identities": int(np.unique(ids).size),
@@ -144,6 +150,7 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
         result["n_probes"] = int(probe.size)
     else:
         result["rank1"], result["n_probes"] = None, 0
-    result["embed_seconds"] = t_embed
-    result["images_per_s"] = len(rows) / t_embed if t_embed > 0 else None
+    embedded_here = embeddings is None
+    result["embed_seconds"] = t_embed if embedded_here else None
+    result["images_per_s"] = len(rows) / t_embed if embedded_here and t_embed > 0 else None
     return result

@@ -23,6 +23,7 @@ no bias), which holds dlib's 128-d projection when the prior's weights are loade
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -161,8 +162,9 @@ def find_prior_file() -> Path:
 def network_to_state_dict(network) -> dict[str, torch.Tensor]:
     """Map a parsed :class:`~facemeta.models.dlib_format.DlibNetwork` onto :class:`DlibResNet29`'s state dict.
 
-    The layer sequence must be exactly dlib's encoder (checked against :data:`STAGES`); a different network
-    is a DlibFormatError naming where it differs.
+    The network must be exactly dlib's encoder: layer counts, every convolution's stride and padding, and every
+    tensor's shape are checked against :class:`DlibResNet29`; a different network is a DlibFormatError naming
+    where it differs.
     """
     from facemeta.models.dlib_format import DlibFormatError
 
@@ -176,12 +178,16 @@ def network_to_state_dict(network) -> dict[str, torch.Tensor]:
                               f"fully connected layers; dlib's encoder has {expected_convs}, {expected_convs} and 1")
     if (network.chip_rows, network.chip_cols) != (PRIOR_CHIP_SIZE, PRIOR_CHIP_SIZE):
         raise DlibFormatError(f"input chip {network.chip_rows}x{network.chip_cols}, expected 150x150")
-    names = ["stem"] + [f"blocks.{b}.{part}" for b in range(expected_convs // 2) for part in ("1", "2")]
-    reference = DlibResNet29().state_dict()
+    target = DlibResNet29(num_classes=PRIOR_EMBEDDING_SIZE)
+    keys = [("stem_conv", "stem_affine")] + [(f"blocks.{b}.conv{i}", f"blocks.{b}.affine{i}")
+                                              for b in range(len(target.blocks)) for i in (1, 2)]
     state: dict[str, torch.Tensor] = {}
-    for name, conv, affine in zip(names, convs, affines, strict=True):
-        conv_key = "stem_conv" if name == "stem" else name[:-2] + ".conv" + name[-1]
-        affine_key = "stem_affine" if name == "stem" else name[:-2] + ".affine" + name[-1]
+    for (conv_key, affine_key), conv, affine in zip(keys, convs, affines, strict=True):
+        module = target.get_submodule(conv_key)
+        stored = (conv.settings["stride_y"], conv.settings["stride_x"], conv.settings["pad_y"], conv.settings["pad_x"])
+        if stored != (*module.stride, *module.padding):
+            raise DlibFormatError(f"layer {conv_key}: stride and padding {stored} in the file, dlib's encoder has "
+                                  f"{(*module.stride, *module.padding)}")
         # Fold each affine into the convolution before it: gamma * (W x + b) + beta = (gamma W) x + (gamma b + beta),
         # leaving the affine at identity (still a trainable per-channel scale and shift). The same function, but
         # dlib's batch norm left the convolutions' weights tiny (|w| ~ 4e-4 under scales gamma up to 23): trained
@@ -195,8 +201,7 @@ def network_to_state_dict(network) -> dict[str, torch.Tensor]:
         state[f"{affine_key}.weight"] = torch.ones(len(gamma))
         state[f"{affine_key}.bias"] = torch.zeros(len(gamma))
     state["fc.weight"] = torch.from_numpy(np.ascontiguousarray(fcs[0].arrays["weight"].T))
-    reference["fc.weight"] = torch.zeros(PRIOR_EMBEDDING_SIZE, STAGES[-1][0])
-    for key, value in reference.items():
+    for key, value in target.state_dict().items():
         if key not in state or tuple(state[key].shape) != tuple(value.shape):
             got = tuple(state[key].shape) if key in state else "nothing"
             raise DlibFormatError(f"layer {key}: file gives {got}, dlib's encoder needs {tuple(value.shape)}")
@@ -223,17 +228,25 @@ def convert_prior(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
+@functools.lru_cache(maxsize=4)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, remembered per (path, size, modification time): the .dat is read once per process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def prior_weights_path(cache: str | os.PathLike | None = None) -> Path:
-    """The port's weights in the cache (``<cache>/prior/dlib_resnet29-<sha of the .dat>.safetensors``),
+    """The port's weights in the cache (``<cache>/prior/dlib_resnet29-v<converter>-<sha of the .dat>.safetensors``),
     converted from the installed package on first use."""
     from facemeta.paths import cache_root
 
     src = find_prior_file()
-    h = hashlib.sha256()
-    with open(src, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    dst = cache_root(cache) / "prior" / f"{PRIOR_NAME}-v{CONVERTER_VERSION}-{h.hexdigest()[:16]}.safetensors"
+    st = src.stat()
+    digest = _sha256(str(src), st.st_size, st.st_mtime_ns)
+    dst = cache_root(cache) / "prior" / f"{PRIOR_NAME}-v{CONVERTER_VERSION}-{digest[:16]}.safetensors"
     if not dst.is_file():
         convert_prior(src, dst)
     return dst

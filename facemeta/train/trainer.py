@@ -427,11 +427,12 @@ class Trainer:
     # -- validation
     def _validate(self, model: nn.Module, heldout: list[ManifestRow], channels_last: bool = False) -> dict[str, Any]:
         """Verification on all pairs of the held-out source identities, with the threshold at eval.far."""
-        from facemeta.eval.benchmark import evaluate_rows, far_key
+        from facemeta.eval.benchmark import embed_rows, evaluate_rows, far_key
 
         far_levels = sorted({1e-2, 1e-3, float(self.cfg.eval.far)}, reverse=True)
-        res = evaluate_rows(model, heldout, flip=self.cfg.eval.flip, far_levels=far_levels,
-                            channels_last=channels_last)  # False mid-run: keep the training memory layout
+        # channels_last False mid-run: keep the training memory layout
+        emb = embed_rows(model, heldout, flip=self.cfg.eval.flip, channels_last=channels_last)
+        res = evaluate_rows(model, heldout, flip=self.cfg.eval.flip, far_levels=far_levels, embeddings=emb)
         res.pop("roc", None)
         key = far_key(self.cfg.eval.far)
         res["threshold"] = res[key.replace("tar@", "threshold@")]
@@ -440,10 +441,10 @@ class Trainer:
         if len(domains) > 1:  # pooled pairs mix the domains' score scales: each domain on its own too
             res["per_domain"] = {}
             for dom in domains:
-                rows = [r for r in heldout if r.domain == dom]
-                if len({r.identity for r in rows}) >= 2:
-                    one = evaluate_rows(model, rows, flip=self.cfg.eval.flip, far_levels=far_levels,
-                                        channels_last=channels_last)
+                idx = [i for i, r in enumerate(heldout) if r.domain == dom]
+                if len({heldout[i].identity for i in idx}) >= 2:
+                    one = evaluate_rows(model, [heldout[i] for i in idx], flip=self.cfg.eval.flip,
+                                        far_levels=far_levels, embeddings=emb[idx])
                     res["per_domain"][dom] = {k: one[k] for k in ("n_images", "tar@far=1e-2", "tar@far=1e-3", "auc")}
         return res
 
