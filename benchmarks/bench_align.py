@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 
 from facemeta.align.detect import FaceDetector, select_faces
-from facemeta.align.image import load_image
 from facemeta.align.pipeline import PIPELINE_VERSION, PRE_CROPPED_SETS, align_rows
 from facemeta.align.warp import warp_face
 from facemeta.data.sets import read_set
+from facemeta.images import load_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 YALEB_RE = re.compile(r"_P00A([+-]\d+)E([+-]\d+)\.png$")

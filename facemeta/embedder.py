@@ -36,6 +36,40 @@ def default_model_path() -> Path:
     raise CheckpointError(f"{where}; pass --model PATH (a .safetensors checkpoint) or set ${MODEL_ENV}")
 
 
+ALIGN_SIZES = (16, 1024)  # the aligned chip sides a checkpoint may ask for (as data.align_size allows, and more)
+
+
+def check_model_meta(meta: dict, where: str | os.PathLike) -> dict:
+    """The inference settings of a checkpoint's meta, checked: ``align_size`` (an integer in 16..1024),
+    ``align_chip`` (a known template), ``threshold`` (a finite cosine in [-1, 1]) and ``threshold_far``
+    (in (0, 1]); absent ones take their defaults. A bad value is a one-line CheckpointError naming
+    the file, before anything is allocated from it."""
+    import math
+
+    from facemeta.align.warp import CHIPS
+
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{where}: meta {key!r} must be {want}, got {meta.get(key)!r}")
+
+    size = meta.get("align_size", 112)
+    if isinstance(size, bool) or not isinstance(size, int) or not ALIGN_SIZES[0] <= size <= ALIGN_SIZES[1]:
+        raise bad("align_size", f"an integer in {ALIGN_SIZES[0]}..{ALIGN_SIZES[1]}")
+    chip = meta.get("align_chip", "arcface")
+    if chip not in CHIPS:
+        raise bad("align_chip", "one of " + ", ".join(CHIPS))
+    out = {"align_size": size, "align_chip": chip}
+    for key, low, high, want in (("threshold", -1.0, 1.0, "a finite cosine in [-1, 1] or null"),
+                                 ("threshold_far", 0.0, 1.0, "a rate in (0, 1] or null")):
+        value = meta.get(key)
+        if value is not None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not low <= value <= high or (key == "threshold_far" and value == 0):
+                raise bad(key, want)
+            value = float(value)
+        out[key] = value
+    return out
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
     """First 16 hex digits of the sha256 of a file (identifies a model's weights)."""
     h = hashlib.sha256()
@@ -56,6 +90,7 @@ class FaceEmbedder:
     def __init__(self, model_path: str | os.PathLike | None = None, device: str = "cpu", select: str = "largest",
                  flip: bool = True):
         from facemeta.align.detect import POLICIES
+        from facemeta.checks import check_device
         from facemeta.models.checkpoint import load_checkpoint
 
         if select not in POLICIES or select == "all":
@@ -66,13 +101,17 @@ class FaceEmbedder:
         elif path.suffix != ".safetensors":  # a bare stem, as load_checkpoint accepts
             path = path.with_name(path.name + ".safetensors")
         self.model_path = path
+        device = check_device(device)
         self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
         self.model.to(device).eval()
         self.device = device
         self.select = select
         self.flip = flip
-        self.align_size = int(self.meta.get("align_size", 112))
-        self.align_chip = str(self.meta.get("align_chip", "arcface"))
+        settings = check_model_meta(self.meta, self.model_path.with_suffix(".json"))
+        self.align_size = settings["align_size"]
+        self.align_chip = settings["align_chip"]
+        self._threshold = settings["threshold"]
+        self._threshold_far = settings["threshold_far"]
         self._detector = None
         self._fingerprint: str | None = None
 
@@ -96,14 +135,12 @@ class FaceEmbedder:
     @property
     def threshold(self) -> float | None:
         """The calibrated cosine threshold (same person when score >= threshold), or None."""
-        value = self.meta.get("threshold")
-        return None if value is None else float(value)
+        return self._threshold
 
     @property
     def threshold_far(self) -> float | None:
         """The false-accept rate the threshold was calibrated for (on held-out source identities)."""
-        value = self.meta.get("threshold_far")
-        return None if value is None else float(value)
+        return self._threshold_far
 
     @property
     def embedding_size(self) -> int:
@@ -132,7 +169,7 @@ class FaceEmbedder:
                      np.asarray(res.landmarks, dtype=np.float32))]
 
     def _load(self, path: str | os.PathLike) -> np.ndarray:
-        from facemeta.align.image import load_image
+        from facemeta.images import load_image
 
         return load_image(path)
 
@@ -157,7 +194,7 @@ class FaceEmbedder:
         image = self._load(path)
         faces = self._faces(image)
         if not faces:
-            raise NoFaceError(f"no face found in {path}")
+            raise NoFaceError(f"no face found in {path}{self.detector.miss_note(image)}")
         face = select_faces(faces, self.select)[0]
         crop = warp_face(image, face.landmarks, self.align_size, self.align_chip)
         return self.embed_aligned(crop[None])[0], face
@@ -195,9 +232,11 @@ class FaceEmbedder:
     def verify(self, path_a: str | os.PathLike, path_b: str | os.PathLike,
                threshold: float | None = None) -> dict:
         """Compare the faces of two image files -> {score, threshold, threshold_far, same}."""
+        from facemeta.checks import check_threshold
+
+        thr = self.threshold if threshold is None else check_threshold(threshold)
         ea, fa = self.embed_file(path_a)
         eb, fb = self.embed_file(path_b)
-        thr = self.threshold if threshold is None else float(threshold)
         if thr is None:
             raise CheckpointError(f"{self.model_path} has no calibrated threshold; pass --threshold")
         score = self.similarity(ea, eb)

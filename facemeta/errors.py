@@ -1,5 +1,7 @@
 """Errors that the command line reports as one clear line and a non-zero exit code."""
 
+import re
+
 
 class FacemetaError(Exception):
     """Base of every user-facing error (bad input, missing file, wrong checkpoint)."""
@@ -27,3 +29,22 @@ class ConfigError(FacemetaError):
 
 class GalleryError(FacemetaError):
     """A gallery is corrupt, locked, or holds embeddings of another model."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (terminal colour codes removed), for a one-line error.
+
+    PyTorch's refusal to unpickle code (``torch.load(weights_only=True)``) opens with advice on how
+    to load the file unsafely; it becomes a plain statement of what the file holds instead.
+    """
+    text = _ANSI.sub("", str(exc))
+    if text.startswith("Weights only load failed"):
+        found = _REFUSED_GLOBAL.search(text)
+        what = f" ({found[1]})" if found else ""
+        return f"the file holds pickled Python objects{what}, not only tensors; facemeta never unpickles code"
+    lines = text.strip().splitlines()
+    return (lines[0].strip() if lines else type(exc).__name__)[:limit]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from facemeta.align.detect import Face, FaceDetector, select_faces
-from facemeta.align.image import load_image
+from facemeta.images import load_image
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from facemeta.align.detect import FaceDetector
-from facemeta.align.image import load_image
 from facemeta.align.pipeline import JOURNAL, ROUTES, align_image, align_rows, aligned_set, fit_error
 from facemeta.align.warp import alignment_matrix, template, transform_points
 from facemeta.data.manifest import ManifestRow, parse_landmarks, read_manifest
+from facemeta.images import load_image
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,7 +113,7 @@ def test_align_image_routes(data_dir):
 
 def _bad_tree(root, data_dir):
     """identity/ tree: 3 good LFW images, and each kind of bad file the issue names."""
-    from tests.test_align_image import bad_files
+    from tests.test_images import bad_files
 
     good = data_dir / "lfw" / "images" / "Aaron_Sorkin" / "Aaron_Sorkin_0001.jpg"
     (root / "alice").mkdir(parents=True)

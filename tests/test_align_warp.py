@@ -91,7 +91,7 @@ def test_warp_grey_input_and_matrix():
 
 
 def test_template_crop_uses_layout(data_dir):
-    from facemeta.align.image import load_image
+    from facemeta.images import load_image
 
     img = load_image(data_dir / "yaleb" / "yaleB01" / "yaleB01_P00A+000E+00.png")
     assert img.shape == (192, 168, 3)

@@ -62,7 +62,7 @@ def test_detect_tight_crop_uses_padding(data_dir, capsys):
 def test_detect_bad_inputs_one_line_errors(data_dir, tmp_path, capsys):
     import numpy as np
 
-    from tests.test_align_image import bad_files
+    from tests.test_images import bad_files
 
     files = bad_files(tmp_path, data_dir / "lfw" / "images" / "Aaron_Sorkin" / "Aaron_Sorkin_0001.jpg")
     noface = tmp_path / "wall.png"

@@ -137,7 +137,7 @@ def test_bad_bin_files(lfw_files, tmp_path):
         read_bin(wrong)
     notimg = tmp_path / "notimg.bin"
     notimg.write_bytes(pickle.dumps(([b"hello", b"world"], [False])))
-    with pytest.raises(DataFormatError, match="image 0: not a decodable image"):
+    with pytest.raises(DataFormatError, match="image 0: not an image"):
         read_bin(notimg)
     with pytest.raises(DataFormatError, match="not found"):
         read_bin(tmp_path / "missing.bin")

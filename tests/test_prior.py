@@ -30,9 +30,9 @@ def prior_file():
 @pytest.fixture(scope="module")
 def dlib_chips(data_dir, session_tmp):
     """210 real faces (60 LFW, 50 each of ORL, MFR2, Yale B) aligned by facemeta onto dlib's chip."""
-    from facemeta.align.image import load_image
     from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
     from facemeta.data.sets import read_set
+    from facemeta.images import load_image
 
     chips = []
     for name, n in PARITY_SAMPLE.items():
@@ -122,10 +122,10 @@ def test_dlib_chip_template_lands_points():
 
 
 def test_zero_shot_checkpoint_is_the_prior(prior_model, prior_file, data_dir):
-    from facemeta.align.image import load_image
     from facemeta.align.warp import warp_face
     from facemeta.embedder import FaceEmbedder
     from facemeta.eval.benchmark import evaluate_rows
+    from facemeta.images import load_image
     from facemeta.models.checkpoint import load_checkpoint, read_checkpoint_info
 
     meta = read_checkpoint_info(prior_model.model_path)["meta"]

@@ -154,8 +154,8 @@ def test_embedder_api(embedder, trained_model, data_dir, tmp_path):
     every = embedder.embed_all(lfw(data_dir, "Bill_Gates", 1))
     assert len(every) >= 1 and np.allclose(every[0][0], vec, atol=1e-5)
     # the same face handed over already aligned gives the same vector
-    from facemeta.align.image import load_image
     from facemeta.align.warp import warp_face
+    from facemeta.images import load_image
 
     aligned = warp_face(load_image(lfw(data_dir, "Bill_Gates", 1)), face.landmarks, 112)
     assert np.allclose(embedder.embed_aligned(aligned[None])[0], vec, atol=1e-5)

@@ -42,11 +42,11 @@ def main() -> None:
     import dlib
     import torch
 
-    from facemeta.align.image import load_image
     from facemeta.align.pipeline import PRE_CROPPED_SETS
     from facemeta.data.sets import read_set
     from facemeta.eval.metrics import tar_at_far
     from facemeta.eval.pairs import all_pairs, pair_scores
+    from facemeta.images import load_image
     from facemeta.models.dlib_resnet import DlibResNet29, find_prior_file, load_prior_state
 
     torch.set_num_threads(1)

@@ -35,8 +35,8 @@ def main() -> None:
     import dlib
 
     from facemeta.align.detect import FaceDetector, select_faces
-    from facemeta.align.image import load_image
     from facemeta.data.sets import read_set
+    from facemeta.images import load_image
     from facemeta.models.dlib_resnet import find_prior_file
     from facemeta.paths import data_root
 

@@ -4,7 +4,6 @@ Heavy modules (torch, facenet-pytorch) load only when a FaceDetector is built.
 """
 
 from facemeta.align.detect import POLICIES, Face, FaceDetector, select_faces
-from facemeta.align.image import load_image
 from facemeta.align.pipeline import (
     ROUTES,
     AlignResult,
@@ -30,6 +29,6 @@ __all__ = [
     "POLICIES", "ROUTES", "PRECROPPED_LAYOUT", "TEMPLATE_112",
     "AlignResult", "Face", "FaceDetector",
     "align_batch", "align_image", "align_rows", "aligned_set", "alignment_matrix", "estimate_similarity",
-    "fit_error", "load_image", "select_faces", "summarise", "template", "template_crop",
+    "fit_error", "select_faces", "summarise", "template", "template_crop",
     "transform_points", "warp_face",
 ]

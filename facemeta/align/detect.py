@@ -67,7 +67,9 @@ class FaceDetector:
                  thresholds: Sequence[float] = (0.6, 0.7, 0.7), max_side: int = 1600, batch_size: int = 32):
         from facenet_pytorch import MTCNN
 
-        self.device = device
+        from facemeta.checks import check_device
+
+        self.device = device = check_device(device)
         self.min_face_size = int(min_face_size)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.max_side = int(max_side)
@@ -103,6 +105,8 @@ class FaceDetector:
         try:
             for shape, idx in groups.items():
                 self.mtcnn.min_face_size = max(self.min_face_size, int(min_face_fraction * min(shape[:2])))
+                if min(shape[:2]) < self.mtcnn.min_face_size:
+                    continue  # smaller than the smallest face MTCNN looks for: its image pyramid would be empty
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start:start + self.batch_size]
                     batch = np.stack([prepared[i] for i in chunk])
@@ -113,6 +117,13 @@ class FaceDetector:
             self.mtcnn.thresholds = saved
             self.mtcnn.min_face_size = self.min_face_size
         return results
+
+    def miss_note(self, image: np.ndarray) -> str:
+        """Why an image may hold no face the detector can see: '' or a note on its size, for error messages."""
+        h, w = np.shape(image)[:2]
+        if min(h, w) < self.min_face_size:
+            return f" (the image is {w}x{h} pixels, smaller than the smallest face looked for, {self.min_face_size} px)"
+        return ""
 
     def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """Make an RGB uint8 array no larger than max_side; return it and the scale applied."""

@@ -41,10 +41,10 @@ import cv2
 import numpy as np
 
 from facemeta.align.detect import Face, FaceDetector, select_faces
-from facemeta.align.image import load_image
 from facemeta.align.warp import alignment_matrix, template, template_crop, transform_points, warp_face
 from facemeta.data.manifest import ManifestRow, format_landmarks, parse_landmarks, write_manifest
 from facemeta.errors import FacemetaError, ImageReadError
+from facemeta.images import load_image
 
 ROUTES = ("direct", "padded", "equalised", "relaxed", "template-crop")
 SELECT = ("largest", "confident", "single")
@@ -220,10 +220,12 @@ def _process_chunk(task: tuple[list[tuple[str, str]], int, str, bool, dict | Non
             continue
         rec.update(width=int(img.shape[1]), height=int(img.shape[0]))
         loaded.append((k, img))
-    results = align_batch([img for _, img in loaded], detector, size, pre_cropped, select, crop_fallback=False,
-                          chip=chip)
+    results = _align_each_on_error([img for _, img in loaded], detector, size, pre_cropped, select, chip)
     for (k, _), res in zip(loaded, results, strict=True):
         rec = records[k]
+        if res.route == "error":
+            rec.update(reason="error", detail=res.error or "")
+            continue
         if res.face is None:
             reason = "several faces" if res.error and res.error.startswith("several") else "no face"
             rec.update(reason=reason, detail=res.error or "", faces=res.faces)
@@ -232,6 +234,25 @@ def _process_chunk(task: tuple[list[tuple[str, str]], int, str, bool, dict | Non
         rec.update(ok=True, route=res.route, score=round(float(res.score), 5), faces=res.faces,
                    landmarks=format_landmarks(res.landmarks), fit_error=round(float(res.fit_error), 3))
     return records
+
+
+def _align_each_on_error(images: list[np.ndarray], detector: FaceDetector, size: int, pre_cropped: bool,
+                         select: str, chip: str) -> list[AlignResult]:
+    """align_batch over a chunk; should it fail, each image on its own, so that one image that breaks
+    the detector or the warp becomes a failure record (route "error") and the folder job goes on."""
+    try:
+        return align_batch(images, detector, size, pre_cropped, select, crop_fallback=False, chip=chip)
+    except Exception:  # noqa: BLE001 - isolated below, image by image
+        pass
+    out = []
+    for img in images:
+        try:
+            out.append(align_batch([img], detector, size, pre_cropped, select, crop_fallback=False, chip=chip)[0])
+        except Exception as exc:  # noqa: BLE001 - recorded in failures.csv with its message
+            text = str(exc).strip().splitlines()
+            detail = f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+            out.append(AlignResult(None, "error", None, None, detail))
+    return out
 
 
 def _save_png(face: np.ndarray, out: str) -> None:
@@ -305,7 +326,7 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
     Returns (aligned rows, failure records). Aligned rows point at the PNG and keep the source
     row's extras plus ``source``, ``score``, ``landmarks`` (source pixels), ``route``, ``faces``
     and ``fit_error``. Failures are dicts with path, identity, domain, reason (unreadable, no face,
-    several faces) and detail. Every finished image is appended to dst_dir/.align-journal.jsonl,
+    several faces, error: the image broke the detector or the warp) and detail. Every finished image is appended to dst_dir/.align-journal.jsonl,
     so an interrupted or repeated run skips what is done (failures too, unless retry_failures).
     `stats`, when given, is filled with the counts of :func:`summarise` (including images skipped).
     `chip` picks the template faces are warped onto (``arcface``: DESIGN.md's; ``dlib``: dlib's face chip).
@@ -314,6 +335,19 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
     template(size, chip)  # validates size and chip
     dst = Path(dst_dir)
+    if dst.exists() and not dst.is_dir():
+        raise FacemetaError(f"{dst} exists and is not a folder: give a folder for the aligned faces")
+    try:
+        return _align_rows(rows, dst, size, workers, pre_cropped, progress, select, chunk_size, retry_failures,
+                           detector_kwargs, stats, chip)
+    except OSError as exc:
+        where = exc.filename or dst
+        raise FacemetaError(f"cannot write aligned faces into {dst}: {where}: {exc.strerror or exc}") from None
+
+
+def _align_rows(rows, dst: Path, size, workers, pre_cropped, progress, select, chunk_size, retry_failures,
+                detector_kwargs, stats, chip) -> tuple[list[ManifestRow], list[dict]]:
+    """The body of align_rows (which turns OSError from writing into a one-line FacemetaError)."""
     dst.mkdir(parents=True, exist_ok=True)
     _check_config(dst, size, chip)
     rows = list(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 SET_NAMES = ("lfw", "yaleb", "mfr2", "orl")
@@ -79,9 +80,19 @@ def run(args: argparse.Namespace) -> int:
                retry_failures=args.retry_failures, stats=stats)
     summary = {"src": str(args.src), "dst": str(dst), "size": args.size, "pre_cropped": pre_cropped, **stats,
                "manifest": str(dst / "manifest.csv"), "failures_csv": str(dst / "failures.csv")}
+    status = 0 if stats["aligned"] else 1  # a job that aligned nothing failed, whatever it reports
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
+    else:
+        _print_summary(stats, dst)
+    if status:
+        print(f"facemeta align: error: none of the {stats['images']} images gave an aligned face "
+              f"(reasons in {dst / 'failures.csv'})", file=sys.stderr)
+    return status
+
+
+def _print_summary(stats: dict, dst: Path) -> None:
+    """The human-readable end of a run: counts, routes, failure reasons, where the manifest is."""
     print(f"aligned {stats['aligned']} of {stats['images']} images into {dst}"
           + (f" ({stats['skipped']} already done, skipped)" if stats["skipped"] else ""))
     if stats["routes"]:
@@ -90,4 +101,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed {stats['failed']}: " + ", ".join(f"{k} {v}" for k, v in stats["reasons"].items())
               + f" (see {dst / 'failures.csv'})")
     print(f"manifest: {dst / 'manifest.csv'}")
-    return 0

@@ -27,9 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Detect, print, optionally draw; NoFaceError when there is no face."""
     from facemeta.align.detect import FaceDetector
-    from facemeta.align.image import load_image
     from facemeta.align.pipeline import _pad, box_inside, landmarks_inside
     from facemeta.errors import NoFaceError
+    from facemeta.images import load_image
 
     image = load_image(args.image)
     h, w = image.shape[:2]
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                  if box_inside(f.box, canvas.shape[1], canvas.shape[0])]
         faces = [f for f in faces if landmarks_inside(f.landmarks, w, h)]
     if not faces:
-        raise NoFaceError(f"{args.image}: no face found")
+        raise NoFaceError(f"{args.image}: no face found{detector.miss_note(image)}")
     if args.save:
         _save_annotated(image, faces, args.save)
     if args.json:

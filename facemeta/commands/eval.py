@@ -134,16 +134,19 @@ def _format(res: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Align the set (cached), embed, score; print metrics (text or JSON), optionally plot the ROC."""
+    from facemeta.checks import check_device
+    from facemeta.embedder import check_model_meta
     from facemeta.errors import ConfigError
     from facemeta.eval.benchmark import evaluate_rows
     from facemeta.models.checkpoint import load_checkpoint
 
+    args.device = check_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
     model.to(args.device)
-    align_size = int(meta.get("align_size", 112))
-    rows, pairs, label = load_eval_rows(args.set_name, align_size, args.protocol, parse_folds(args.folds),
-                                        args.limit_per_identity, args.data, args.cache,
-                                        chip=meta.get("align_chip", "arcface"))
+    settings = check_model_meta(meta, args.checkpoint)
+    rows, pairs, label = load_eval_rows(args.set_name, settings["align_size"], args.protocol,
+                                        parse_folds(args.folds), args.limit_per_identity, args.data, args.cache,
+                                        chip=settings["align_chip"])
     if len({r.identity for r in rows}) < 2 and pairs is None:
         raise ConfigError(f"--set {args.set_name}: need images of at least two identities")
     try:

@@ -27,11 +27,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 after printing every face; 1 (one-line error) when there is no face or bad input."""
+    from facemeta.checks import check_threshold
     from facemeta.errors import GalleryError
     from facemeta.recognizer import FaceRecognizer
 
     if args.top_k < 1:
         raise GalleryError(f"--top-k must be >= 1, got {args.top_k}")
+    check_threshold(args.threshold, "--threshold")
     with FaceRecognizer(args.gallery, args.model, device=args.device) as fr:
         if not fr.exists():
             raise GalleryError(f"no gallery at {args.gallery}; enroll someone first")

@@ -26,8 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 after printing the result (whatever the decision); 1 on bad input (one-line error)."""
+    from facemeta.checks import check_threshold
     from facemeta.embedder import FaceEmbedder
 
+    check_threshold(args.threshold, "--threshold")
     embedder = FaceEmbedder(args.model, device=args.device, select=args.select)
     result = embedder.verify(args.a, args.b, threshold=args.threshold)
     decision = "same" if result["same"] else "different"

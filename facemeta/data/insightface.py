@@ -29,6 +29,8 @@ import numpy as np
 from facemeta.atomic import atomic_write
 from facemeta.data.manifest import ManifestRow, write_manifest
 from facemeta.data.sets import DataFormatError
+from facemeta.errors import ImageReadError
+from facemeta.images import check_encoded_size
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -63,7 +65,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _decode(data: bytes, what: str) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 array (grey images become 3-channel)."""
+    """Encoded image bytes -> RGB uint8 array (grey images become 3-channel). The header's size is checked
+    against the image reader's pixel cap first, so a small file claiming a huge image is never decoded."""
+    try:
+        check_encoded_size(data, what)
+    except ImageReadError as exc:
+        raise DataFormatError(str(exc)) from None
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise DataFormatError(f"{what}: not a decodable image ({len(data)} bytes)")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facemeta.errors import CheckpointError, ConfigError
+from facemeta.errors import CheckpointError, ConfigError, one_line
 from facemeta.models import dlib_resnet  # registers dlib_resnet29 with timm
 
 HEADS = ("insightface", "linear")
@@ -220,7 +220,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors / pickle errors have many types
-        raise CheckpointError(f"cannot read weights from {path}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"cannot read weights from {path}: {one_line(exc)}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -260,10 +260,6 @@ def check_state_dict(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor
         parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
     return "; ".join(parts)
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def preprocess(faces: np.ndarray | list[np.ndarray], config: ModelConfig | None = None) -> torch.Tensor:

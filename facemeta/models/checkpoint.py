@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from facemeta.atomic import atomic_write
-from facemeta.errors import CheckpointError, ConfigError
-from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig, _one_line, check_state_dict
+from facemeta.errors import CheckpointError, ConfigError, one_line
+from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig, check_state_dict
 
 FORMAT = "facemeta-checkpoint"
 VERSION = 1
@@ -80,7 +80,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         try:
             doc = json.loads(sidecar.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint config {sidecar} is not valid JSON: {_one_line(exc)}") from exc
+            raise CheckpointError(f"checkpoint config {sidecar} is not valid JSON: {one_line(exc)}") from exc
         if (embedded is not None and isinstance(doc, dict)
                 and embedded.get("config") != doc.get("config")):
             raise CheckpointError(f"{sidecar.name} describes another model than {weights.name} "
@@ -105,13 +105,13 @@ def _embedded_doc(weights: Path) -> dict[str, Any] | None:
         with safe_open(str(weights), framework="pt") as fh:
             text = (fh.metadata() or {}).get(META_KEY)
     except Exception as exc:  # SafetensorError, OSError...
-        raise CheckpointError(f"corrupt checkpoint {weights}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"corrupt checkpoint {weights}: {one_line(exc)}") from exc
     if text is None:
         return None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupt config inside {weights}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"corrupt config inside {weights}: {one_line(exc)}") from exc
     return doc if isinstance(doc, dict) else None
 
 
@@ -134,7 +134,7 @@ def load_checkpoint(path: str | os.PathLike, expected: ModelConfig | None = None
     try:
         config = ModelConfig.from_dict(doc["config"])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad model config in checkpoint {weights}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"bad model config in checkpoint {weights}: {one_line(exc)}") from exc
     if expected is not None:
         if config.architecture() != expected.architecture():
             raise CheckpointError(f"checkpoint {weights.name} is {_describe(config)}, "
@@ -145,11 +145,11 @@ def load_checkpoint(path: str | os.PathLike, expected: ModelConfig | None = None
     try:
         state = load_bytes(weights.read_bytes())
     except Exception as exc:
-        raise CheckpointError(f"corrupt checkpoint {weights}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"corrupt checkpoint {weights}: {one_line(exc)}") from exc
     try:
         model = FaceEmbeddingModel(config)
     except (ConfigError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot build {_describe(config)} from {weights.name}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"cannot build {_describe(config)} from {weights.name}: {one_line(exc)}") from exc
     problems = check_state_dict(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"checkpoint {weights.name} does not match its architecture "
@@ -157,7 +157,7 @@ def load_checkpoint(path: str | os.PathLike, expected: ModelConfig | None = None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"cannot load {weights.name}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"cannot load {weights.name}: {one_line(exc)}") from exc
     model.to(torch.device(map_location)).eval()
     return model, dict(doc.get("meta") or {})
 

@@ -27,6 +27,7 @@ SET_NAMES = ("lfw", "yaleb", "mfr2", "orl")
 # The leave-one-domain-out protocol of DESIGN.md: targets, and LFW people folds used for training.
 LODO_TARGETS = ("yaleb", "orl", "mfr2")
 LFW_TRAIN_FOLDS = [1, 2, 3, 4, 5]
+MAX_EMBEDDING_SIZE = 65536  # as a gallery allows; larger heads would only exhaust memory
 
 
 @dataclass
@@ -243,11 +244,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    value = float(value)
                 except ValueError:
-                    pass
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+                    raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            else:
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -295,7 +303,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Range checks across sections; raises ConfigError naming the first bad key."""
     m, d, s, o, lo, e = cfg.model, cfg.data, cfg.sampler, cfg.optim, cfg.loss, cfg.eval
     _check(bool(m.backbone), "model.backbone", "must name a timm model", m.backbone)
-    _check(m.embedding_size > 0, "model.embedding_size", "must be > 0", m.embedding_size)
+    _check(1 <= m.embedding_size <= MAX_EMBEDDING_SIZE, "model.embedding_size", f"must be in 1..{MAX_EMBEDDING_SIZE}",
+           m.embedding_size)
     _check(16 <= m.image_size <= 1024, "model.image_size", "must be in 16..1024", m.image_size)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
     _check(not (m.pretrained and m.pretrained_path), "model.pretrained", "and model.pretrained_path exclude each "
@@ -394,6 +403,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -58,7 +58,7 @@ def teacher_embeddings(rows: list[ManifestRow], cache: str | os.PathLike | None 
 
 def _embed_chips(paths: list[str], weights: Path, chunk: int = 256) -> np.ndarray:
     """The prior's embeddings of dlib chips on disk (no flip), in chunks."""
-    from facemeta.align.image import load_image
+    from facemeta.images import load_image
     from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, embed
     from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE, PRIOR_NAME
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facemeta.data.manifest import ManifestRow
-from facemeta.errors import CheckpointError, ConfigError
+from facemeta.errors import CheckpointError, ConfigError, one_line
 from facemeta.train import ddp
 from facemeta.train.config import SourceSpec, TrainConfig, build_augment, dump_config
 
@@ -183,7 +183,7 @@ def class_prototypes(model: nn.Module, rows: list[ManifestRow], identity_to_labe
 
     With `cache_key` (naming the starting weights file: runs of every method and seed from the same weights on
     the same data share it), the result is kept in ``cache_root()/prototypes/``."""
-    from facemeta.align.image import load_image
+    from facemeta.images import load_image
     from facemeta.models.backbone import embed
     from facemeta.paths import cache_root
 
@@ -283,7 +283,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
-        raise CheckpointError(f"training state {path} is corrupt: {str(exc).splitlines()[0][:200]}") from exc
+        raise CheckpointError(f"training state {path} is unreadable: {one_line(exc)}") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"training state {path} is not a facemeta state file (version {STATE_VERSION})")
     return state

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facemeta.align.image import load_image
 from facemeta.errors import ImageReadError
+from facemeta.images import load_image
 
 
 @pytest.fixture(scope="module")
