@@ -36,8 +36,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
                        newline=None if binary else "") as fh:
             yield fh
             fh.flush()
+            os.fchmod(fh.fileno(), _FILE_MODE)  # on the open file: a link swapped in for tmp is never followed
             os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -6,13 +6,15 @@ the model's embedding size, fingerprint and calibrated threshold, and refuses an
 
     from facemeta import FaceRecognizer
     with FaceRecognizer("people") as fr:
-        fr.enroll("Ada", ["ada1.jpg", "ada2.jpg"])
+        fr.enroll("Ada", ["ada1.jpg", "ada2.jpg"])   # a rerun skips photos already enrolled
         fr.identify("party.jpg")   # every face: box, best identity or "unknown", score
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,23 +22,45 @@ from pathlib import Path
 import numpy as np
 
 from facemeta.errors import FacemetaError, GalleryError, NoFaceError
-from facemeta.gallery import UNKNOWN, Gallery, Identity, IndexSpec
+from facemeta.gallery import UNKNOWN, Gallery, Identity, IndexSpec, check_name
 from facemeta.gallery.store import DB_NAME
 
+ALREADY_ENROLLED = "already enrolled"  # how EnrollResult.skipped words a photo skipped as a repeat
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp", ".gif"}
 
 
 @dataclass
 class EnrollResult:
-    """What an enroll did: embeddings added per identity, and the images it could not use (path, reason)."""
+    """What an enroll did: embeddings added per identity, the images (or identity folders) it did not
+    use with the reason, and how many of those were skipped as already enrolled for that person."""
 
     added: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    already: int = 0
 
     @property
     def total(self) -> int:
         """Embeddings added in all."""
         return sum(self.added.values())
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a regular file's bytes (hex), or None when it is not one or cannot be read (the
+    embedder then says why); a FIFO is never waited on."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            while block := fh.read(1 << 20):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def image_files(items: Iterable[str | os.PathLike]) -> list[Path]:
@@ -116,7 +140,7 @@ class FaceRecognizer:
         if self._reader is None:
             if not self.exists():
                 raise GalleryError(f"no gallery at {self.path}; enroll someone first")
-            self._reader = Gallery.open(self.path)
+            self._reader = Gallery.open(self.path, load_index=False)  # the index loads on the first search
             self._check_model(self._reader)
         return self._reader
 
@@ -135,35 +159,56 @@ class FaceRecognizer:
 
     # -- verbs
     def enroll(self, name: str, images: str | os.PathLike | Sequence[str | os.PathLike],
-               on_image: Callable[[Path], None] | None = None) -> EnrollResult:
+               on_image: Callable[[Path], None] | None = None, force: bool = False) -> EnrollResult:
         """Add every usable image of one person (files or folders; one face per image by the select
-        policy) in one transaction. Unusable images are reported in ``skipped``; if none is usable,
-        NoFaceError."""
+        policy) in one transaction. A file whose bytes (sha256) are already enrolled for that person,
+        or repeat an earlier file of this call, is skipped as already enrolled unless ``force``;
+        unusable images are reported in ``skipped``. If no image is usable, NoFaceError with the reason."""
+        name = check_name(name)  # a bad name is refused before any image is read
         paths = image_files([images] if isinstance(images, str | os.PathLike) else images)
         if not paths:
             raise GalleryError(f"no images given for {name!r}")
+        known = set() if force or not self.exists() else self.gallery(write=True).content_hashes(name)
         result = EnrollResult()
-        vecs, sources, scores = [], [], []
+        vecs, sources, scores, hashes, failures = [], [], [], [], []
+        first_of: dict[str, Path] = {}
         for p in paths:
-            try:
-                v, face = self.embedder.embed_file(p)
-                vecs.append(v)
-                sources.append(str(p.resolve()))
-                scores.append(float(face.score))
-            except FacemetaError as exc:
-                result.skipped.append((str(p), str(exc)))
+            digest = file_sha256(p)
+            if not force and digest is not None and (digest in known or digest in first_of):
+                why = f"{ALREADY_ENROLLED} for {name!r}"
+                if digest not in known:
+                    why += f" (same content as {first_of[digest]})"
+                result.skipped.append((str(p), why))
+                result.already += 1
+            else:
+                try:
+                    v, face = self.embedder.embed_file(p)
+                    vecs.append(v)
+                    sources.append(str(p.resolve()))
+                    scores.append(float(face.score))
+                    hashes.append(digest)
+                    if digest is not None:
+                        first_of.setdefault(digest, p)
+                except FacemetaError as exc:
+                    failures.append(_one_line(exc))
+                    result.skipped.append((str(p), failures[-1]))
             if on_image:
                 on_image(p)
-        if not vecs:
-            raise NoFaceError(f"none of the {len(paths)} image(s) for {name!r} gave a usable face")
-        g = self.gallery(write=True)
-        g.enroll(name, np.stack(vecs), fingerprint=self.embedder.fingerprint, sources=sources, scores=scores)
-        result.added[name] = len(vecs)
+        if not vecs and not result.already:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise NoFaceError(f"none of the {len(paths)} image(s) for {name!r} gave a usable face: {failures[0]}{more}")
+        if vecs:
+            g = self.gallery(write=True)
+            g.enroll(name, np.stack(vecs), fingerprint=self.embedder.fingerprint, sources=sources, scores=scores,
+                     content_hashes=hashes)
+            result.added[name] = len(vecs)
         return result
 
-    def enroll_folder(self, root: str | os.PathLike, progress: bool = False) -> EnrollResult:
+    def enroll_folder(self, root: str | os.PathLike, progress: bool = False, force: bool = False) -> EnrollResult:
         """Enroll a folder of identity subfolders (one transaction per identity, so an interrupted
-        run keeps every identity it finished)."""
+        run keeps every identity it finished, and a rerun skips the photos already enrolled unless
+        ``force``). A subfolder with a bad name or no usable face is reported in ``skipped`` and the
+        rest continue; a problem with the gallery itself (locked, another model, damaged) stops the run."""
         people = identity_folders(root)
         total = sum(len(v) for v in people.values())
         bar = None
@@ -172,14 +217,27 @@ class FaceRecognizer:
             bar = tqdm(total=total, unit="img", desc="enroll")
         result = EnrollResult()
         try:
-            for name, files in people.items():
+            if self.exists():
+                self.gallery(write=True)  # open (and check) the gallery once, before any photo is embedded
+            for folder, files in people.items():
                 try:
-                    r = self.enroll(name, files, on_image=(lambda _p: bar.update(1)) if bar else None)
-                except NoFaceError as exc:
-                    result.skipped.append((name, str(exc)))
+                    name = check_name(folder)
+                except GalleryError as exc:
+                    result.skipped.append((str(Path(root) / folder), str(exc)))
+                    if bar:
+                        bar.update(len(files))
                     continue
-                result.added.update(r.added)
+                try:
+                    r = self.enroll(name, files, on_image=(lambda _p: bar.update(1)) if bar else None, force=force)
+                except GalleryError:
+                    raise  # the gallery itself (locked, another model, damaged): no point going on
+                except FacemetaError as exc:  # no usable face, or another problem of this person's photos
+                    result.skipped.append((folder, _one_line(exc)))
+                    continue
+                for k, v in r.added.items():
+                    result.added[k] = result.added.get(k, 0) + v
                 result.skipped.extend(r.skipped)
+                result.already += r.already
         finally:
             if bar:
                 bar.close()

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from facemeta.commands.text import shown
 from facemeta.errors import GalleryError, NoFaceError
 
 
@@ -17,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "gallery under NAME (created on first use with the model's fingerprint and threshold). "
                     "IMAGES may be files or folders of images. With --folder, every subfolder of DIR is one "
                     "person named after it. Each person is one transaction: an interrupted run keeps every "
-                    "person it finished.")
+                    "person it finished, and a rerun skips the photos (same file content) already enrolled "
+                    "for that person unless --force.")
     p.add_argument("gallery", metavar="GALLERY", help="gallery folder")
     p.add_argument("name", metavar="NAME", nargs="?", help="the person's name")
     p.add_argument("images", metavar="IMAGES", nargs="*", help="image files or folders of that person")
@@ -28,14 +30,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="which face of a photo with several to enroll")
     p.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat",
                    help="FAISS index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+    p.add_argument("--force", action="store_true",
+                   help="enroll photos again even when the same file content is already enrolled for that person")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 when at least one image was enrolled; 1 with a one-line error otherwise."""
-    from facemeta.recognizer import FaceRecognizer
+    """Exit 0 when at least one image was enrolled or all were already enrolled; 1 with a one-line
+    error otherwise."""
+    from facemeta.recognizer import ALREADY_ENROLLED, FaceRecognizer
 
     if args.folder and (args.name or args.images):
         raise GalleryError("give either NAME IMAGES... or --folder DIR, not both")
@@ -43,20 +48,30 @@ def run(args: argparse.Namespace) -> int:
         raise GalleryError("give NAME and at least one image (or --folder DIR)")
     with FaceRecognizer(args.gallery, args.model, device=args.device, select=args.select, index=args.index) as fr:
         if args.folder:
-            result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json)
+            result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json, force=args.force)
         else:
-            result = fr.enroll(args.name, args.images)
+            result = fr.enroll(args.name, args.images, force=args.force)
         info = fr.gallery().info() if fr.exists() else {"identities": 0, "embeddings": 0}
-    for what, why in result.skipped:
-        print(f"skipped {what}: {why}", file=sys.stderr)
-    if not result.total:
-        raise NoFaceError("nothing was enrolled: no usable face in any image")
+    failed = [(what, why) for what, why in result.skipped if not why.startswith(ALREADY_ENROLLED)]
+    for what, why in failed:
+        print(f"skipped {shown(what)}: {shown(why)}", file=sys.stderr)
+    if result.already:
+        print(f"skipped {result.already} image(s) already enrolled for the same person (--force adds them again)",
+              file=sys.stderr)
+    if not result.total and not result.already:
+        first = f": {shown(failed[0][0])}: {shown(failed[0][1])}" if failed else ""
+        raise NoFaceError(f"nothing was enrolled: no usable face in any image{first}")
     if args.json:
         print(json.dumps({"gallery": args.gallery, "added": result.added, "skipped": result.skipped,
+                          "already_enrolled": result.already,
                           "identities": info["identities"], "embeddings": info["embeddings"]}))
+    elif not result.total:
+        print(f"nothing new to enroll into {args.gallery}: {result.already} image(s) already enrolled "
+              f"({info['identities']} people, {info['embeddings']} embeddings; {len(failed)} skipped)")
     else:
         people = len(result.added)
-        who = next(iter(result.added)) if people == 1 else f"{people} people"
+        who = shown(next(iter(result.added))) if people == 1 else f"{people} people"
         print(f"enrolled {result.total} image(s) of {who} into {args.gallery} "
-              f"({info['identities']} people, {info['embeddings']} embeddings; {len(result.skipped)} skipped)")
+              f"({info['identities']} people, {info['embeddings']} embeddings; {len(failed)} skipped, "
+              f"{result.already} already enrolled)")
     return 0

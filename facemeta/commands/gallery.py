@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from facemeta.commands.text import shown
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `gallery` and its actions."""
@@ -15,9 +17,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     a = actions.add_parser("list", help="people and their number of photos")
     a.add_argument("gallery", metavar="GALLERY")
     a.add_argument("--json", action="store_true")
-    a = actions.add_parser("info", help="size, model fingerprint, index, threshold; --check verifies everything")
+    a = actions.add_parser("info", help="size, model fingerprint, index and its status, threshold; --check verifies everything")
     a.add_argument("gallery", metavar="GALLERY")
-    a.add_argument("--check", action="store_true", help="also run SQLite's integrity check and compare index ids")
+    a.add_argument("--check", action="store_true",
+                   help="also run SQLite's integrity check, recompute the embeddings digest, and compare the "
+                        "index's ids and vectors with the database")
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("remove", help="remove a person and all their photos")
     a.add_argument("gallery", metavar="GALLERY")
@@ -26,29 +30,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("gallery", metavar="GALLERY")
     a.add_argument("name", metavar="NAME")
     a.add_argument("new", metavar="NEW")
-    a = actions.add_parser("repair", help="rebuild a damaged index from the database (keeps the damaged file)")
+    a = actions.add_parser("repair", help="rebuild the index from the database, always (keeps the old file aside)")
     a.add_argument("gallery", metavar="GALLERY")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 on success; 1 with a one-line error (no gallery, unknown name, damaged files, locked)."""
+    """Exit 0 on success; 1 with a one-line error (no gallery, unknown name, damaged files, locked).
+    list and info read the database only, so they work when the index file is damaged."""
     from facemeta.gallery import Gallery
 
     if args.action == "list":
-        with Gallery.open(args.gallery) as g:
+        with Gallery.open(args.gallery, load_index=False) as g:
             people = g.identities()
         if args.json:
             print(json.dumps([{"name": p.name, "images": p.count, "created": p.created} for p in people]))
         else:
             for p in people:
-                print(f"{p.name}\t{p.count}")
+                print(f"{shown(p.name)}\t{p.count}")
             print(f"{len(people)} people, {sum(p.count for p in people)} embeddings")
     elif args.action == "info":
-        with Gallery.open(args.gallery) as g:
+        with Gallery.open(args.gallery, load_index=False) as g:
             info = g.info()
             if args.check:
                 info["check"] = g.check()
+                info["index_status"] = g.index_status()
         if args.json:
             print(json.dumps(info))
         else:
@@ -60,13 +66,19 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "remove":
         with Gallery.open(args.gallery, mode="w") as g:
             n = g.remove(args.name)
-        print(f"removed {args.name} ({n} embeddings)")
+        print(f"removed {shown(args.name.strip())} ({n} embeddings)")
     elif args.action == "rename":
         with Gallery.open(args.gallery, mode="w") as g:
             g.rename(args.name, args.new)
-        print(f"renamed {args.name} to {args.new}")
+        print(f"renamed {shown(args.name.strip())} to {shown(args.new.strip())}")
     elif args.action == "repair":
         with Gallery.open(args.gallery, mode="w", repair=True) as g:
             ok = g.check()
+            done = g.repaired
         print(f"index rebuilt from the database: {ok['embeddings']} embeddings, database {ok['database']}")
+        if done:
+            why = f" ({done['problem']})" if done["problem"] else ""
+            print(f"the previous index{why} is kept as {done['aside']}")
+            if done["digest_fixed"]:
+                print("the recorded embeddings digest did not match the stored embeddings and was recomputed")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from facemeta.commands.text import shown
 from facemeta.errors import NoFaceError
 
 
@@ -47,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     for i, f in enumerate(faces, 1):
         box = ",".join(f"{v:.0f}" for v in f["box"])
         score = "-" if f["score"] is None else f"{f['score']:.4f}"
-        line = f"face {i} [{box}]: {f['identity']} ({score})"
+        line = f"face {i} [{box}]: {shown(f['identity'])} ({score})"
         if args.top_k > 1 and f["candidates"]:
-            line += "  candidates: " + ", ".join(f"{c['identity']} {c['score']:.4f}" for c in f["candidates"])
+            line += "  candidates: " + ", ".join(f"{shown(c['identity'])} {c['score']:.4f}" for c in f["candidates"])
         elif f["identity"] == "unknown" and f["candidates"]:
-            line += f"  nearest: {f['candidates'][0]['identity']}"
+            line += f"  nearest: {shown(f['candidates'][0]['identity'])}"
         print(line)
     return 0

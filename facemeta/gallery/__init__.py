@@ -10,6 +10,6 @@ It imports nothing of facemeta beyond errors and atomic writes.
 """
 
 from facemeta.gallery.search import KINDS, SCORINGS, IndexSpec
-from facemeta.gallery.store import UNKNOWN, Gallery, Identity, Match, Record
+from facemeta.gallery.store import UNKNOWN, Gallery, Identity, Match, Record, check_name
 
-__all__ = ["Gallery", "Identity", "IndexSpec", "KINDS", "Match", "Record", "SCORINGS", "UNKNOWN"]
+__all__ = ["Gallery", "Identity", "IndexSpec", "KINDS", "Match", "Record", "SCORINGS", "UNKNOWN", "check_name"]

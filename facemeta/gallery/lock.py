@@ -2,16 +2,44 @@
 
 The kernel drops an flock when its holder dies (even by SIGKILL), so a crashed writer never
 leaves the gallery locked. Readers take no lock: SQLite's WAL snapshots keep them consistent.
+The lock file is opened without following a symbolic link and must be a regular file with no
+other hard link: the PID the holder writes into it never lands in a file outside the gallery.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 
 from facemeta.errors import GalleryError
+
+# O_NOFOLLOW: a symlink is refused (ELOOP) instead of followed; O_NONBLOCK: a FIFO put in its place
+# cannot hang the open.
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_lock_file(path: Path) -> int:
+    """Open (creating it if missing) the lock file as a plain file inside its folder and return the fd;
+    a symbolic link, a hard-linked file or anything but a regular file is a one-line GalleryError."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise GalleryError(f"the gallery lock {path} is a symbolic link; refusing to follow it "
+                               "(a gallery's files must be plain files inside its folder: remove the link)") from None
+        raise GalleryError(f"cannot open the gallery lock {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+               else "has other hard links" if st.st_nlink > 1 else None)
+    if problem:
+        os.close(fd)
+        raise GalleryError(f"the gallery lock {path} {problem}; refusing to write to it "
+                           "(a gallery's files must be plain files inside its folder: remove it)")
+    return fd
 
 
 class WriterLock:
@@ -30,10 +58,7 @@ class WriterLock:
         """Take the lock, waiting up to ``timeout`` seconds; GalleryError if another writer keeps it."""
         if self._fd is not None:
             return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise GalleryError(f"cannot create the gallery lock {self.path}: {exc.strerror}") from None
+        fd = open_lock_file(self.path)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             try:
@@ -68,6 +93,7 @@ class WriterLock:
 
 def _read_pid(fd: int) -> str:
     try:
-        return os.pread(fd, 32, 0).decode().strip()
+        text = os.pread(fd, 32, 0).decode().strip()
     except (OSError, UnicodeDecodeError):
         return ""
+    return text if text.isdigit() else ""

@@ -17,11 +17,15 @@ Index kinds (``IndexSpec.kind``):
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import stat
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -237,15 +241,21 @@ def to_gpu(built: BuiltIndex) -> faiss.Index | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The index file: MAGIC, u32 header length, JSON header (generation, crc32, sizes...), FAISS bytes.
+# The index file: MAGIC, u32 header length, JSON header (generation, crc32, sizes, and the binding to
+# its database: gallery id and embeddings digest), FAISS bytes.
 
-def save_index(built: BuiltIndex, path: Path, generation: int, fingerprint: str) -> None:
-    """Write the index atomically (temporary file, fsync, rename), stamped with the generation.
+def save_index(built: BuiltIndex, path: Path, generation: int, fingerprint: str, gallery: str | None = None,
+               digest: str | None = None) -> None:
+    """Write the index atomically (temporary file, fsync, rename), stamped with the generation and, for
+    a gallery, its id and the digest of the (id, vector) rows the index holds.
 
     FAISS streams the index into the file through a callback (no in-memory copy of a 2 GB index);
-    the header's room is reserved first and filled in with the length and crc32 at the end.
+    the header's room is reserved first and filled in with the length and crc32 at the end. The
+    rename replaces a symbolic link at ``path`` rather than writing through it.
     """
     header = built.header() | {"generation": int(generation), "fingerprint": fingerprint}
+    if gallery is not None:
+        header |= {"gallery": gallery, "digest": digest}
     room = len(json.dumps(header | {"payload_len": 2**63, "crc32": 2**32}, sort_keys=True).encode())
     with atomic_write(path, "wb") as fh:
         fh.write(MAGIC)
@@ -269,10 +279,47 @@ def save_index(built: BuiltIndex, path: Path, generation: int, fingerprint: str)
         fh.seek(0, os.SEEK_END)
 
 
-def read_index_header(path: Path) -> dict:
-    """Read and check only the header of an index file (GalleryError when it is not one)."""
-    with open(path, "rb") as fh:
-        return _read_header(fh, path)
+def open_regular(path: Path):
+    """Open a gallery file for reading without following a symbolic link or blocking on a FIFO;
+    anything but a regular file is a one-line GalleryError (OSError for a missing file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise GalleryError(f"{path} is a symbolic link; a gallery's files must be plain files inside "
+                               "its folder") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GalleryError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def read_index_header(path: Path, verify: bool = False) -> dict:
+    """Read and check the header of an index file (GalleryError when it is not one); ``verify`` also
+    checks the payload's length and crc32 (reading the file through, without parsing it)."""
+    try:
+        with open_regular(path) as fh:
+            header = _read_header(fh, path)
+            if verify:
+                _check_payload(fh, path, header)
+            return header
+    except OSError as exc:
+        raise GalleryError(f"cannot read gallery index {path}: {exc.strerror or exc}") from None
+
+
+def _check_payload(fh, path: Path, header: dict) -> None:
+    """Verify the payload after the header (length, streamed crc32) and rewind to its start."""
+    start = fh.tell()
+    size = os.fstat(fh.fileno()).st_size - start
+    if size != header["payload_len"]:
+        raise GalleryError(f"{path} is truncated or padded ({size} of {header['payload_len']} bytes)")
+    crc = 0
+    while block := fh.read(1 << 24):
+        crc = zlib.crc32(block, crc)
+    if crc != header["crc32"]:
+        raise GalleryError(f"{path} is corrupt (checksum mismatch)")
+    fh.seek(start)
 
 
 def _read_header(fh, path: Path) -> dict:
@@ -288,7 +335,10 @@ def _read_header(fh, path: Path) -> dict:
     head = fh.read(n)
     try:
         header = json.loads(head)
-        for key in ("generation", "crc32", "payload_len", "dim", "kind", "spec", "ntotal", "count"):
+        for key in ("generation", "crc32", "payload_len", "dim", "ntotal", "count"):
+            if not isinstance(header[key], int) or isinstance(header[key], bool):
+                raise TypeError(key)
+        for key in ("kind", "spec"):
             header[key]  # noqa: B018 - presence check
     except (ValueError, KeyError, TypeError):
         raise GalleryError(f"{path} is corrupt (unreadable header)") from None
@@ -302,18 +352,9 @@ def load_index(path: Path) -> tuple[BuiltIndex, dict]:
     the whole payload's crc32 is verified (streaming) before FAISS parses a single byte.
     """
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             header = _read_header(fh, path)
-            start = fh.tell()
-            size = os.fstat(fh.fileno()).st_size - start
-            if size != header["payload_len"]:
-                raise GalleryError(f"{path} is truncated or padded ({size} of {header['payload_len']} bytes)")
-            crc = 0
-            while block := fh.read(1 << 24):
-                crc = zlib.crc32(block, crc)
-            if crc != header["crc32"]:
-                raise GalleryError(f"{path} is corrupt (checksum mismatch)")
-            fh.seek(start)
+            _check_payload(fh, path, header)
             try:
                 index = faiss.read_index(faiss.PyCallbackIOReader(fh.read))
             except RuntimeError as exc:
@@ -381,3 +422,21 @@ def index_ids(built: BuiltIndex) -> np.ndarray:
                  for lst in range(ivf.nlist) if inv.list_size(lst)]
         ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
     return np.sort(ids.astype(np.int64))
+
+
+def stored_vectors(built: BuiltIndex, ids: np.ndarray, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The vectors the index holds for ``ids``, as (ids, vectors) chunks: exact for flat, HNSW and IVF,
+    decoded 8-bit codes for ivf_sq8 (the integrity check compares them with the database's)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    index = built.index
+    ivf = None if hasattr(index, "id_map") else faiss.extract_index_ivf(index)
+    if ivf is not None:  # IVF looks ids up through a direct map, built for the check and dropped after
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    try:
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            yield part, index.reconstruct_batch(part)
+    finally:
+        if ivf is not None:
+            with contextlib.suppress(RuntimeError):
+                ivf.set_direct_map_type(faiss.DirectMap.NoMap)
