@@ -18,7 +18,7 @@ from facemeta.errors import FacemetaError
 # Order of the subcommands in `facemeta --help`.
 COMMANDS = [
     "detect", "align", "train", "eval", "verify", "benchmark",
-    "enroll", "identify", "gallery",
+    "enroll", "identify", "gallery", "serve", "export",
 ]
 
 EXIT_ERROR = 1
