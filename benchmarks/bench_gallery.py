@@ -77,8 +77,9 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
     """Build one index over the cached data and sweep its search knob; one row per setting."""
     import faiss
 
-    from facemeta.gallery import search as gallery_search
-    from facemeta.gallery.search import IndexSpec, build_index, save_index, search_vectors, set_search_params
+    from facemeta.gallery import faiss_index as gallery_index
+    from facemeta.gallery.faiss_index import IndexSpec, build_index, search_vectors, set_search_params
+    from facemeta.gallery.index_file import save_index
 
     faiss.omp_set_num_threads(THREADS)
     enrolled = np.load(data_dir / f"enrolled-{n}.npy", mmap_mode="r")
@@ -113,7 +114,7 @@ def run_index(n: int, kind: str, nq: int, data_dir: Path) -> list[dict]:
         _, top = search_vectors(built, queries, 1)
         qps = nq / (time.perf_counter() - t0)
         rows.append({"n": n, "index": kind if kind != "hnsw" else f"hnsw M={HNSW_M}",
-                     "train": (f"{gallery_search.MAX_TRAIN_POINTS_PER_LIST}/list x{gallery_search.KMEANS_ITERATIONS}"
+                     "train": (f"{gallery_index.MAX_TRAIN_POINTS_PER_LIST}/list x{gallery_index.KMEANS_ITERATIONS}"
                                if kind.startswith("ivf") else None), "knob": None if knob is None else ("efSearch" if kind == "hnsw" else "nprobe"),
                      "value": knob, "nlist": built.nlist or None, "build_s": round(build_s, 2), "save_s": round(save_s, 2),
                      "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "qps_batch": round(qps, 1),
@@ -148,7 +149,7 @@ def run_store(n: int, nq: int) -> list[dict]:
     import faiss
 
     from facemeta.gallery import Gallery
-    from facemeta.gallery.search import search_vectors
+    from facemeta.gallery.faiss_index import search_vectors
 
     faiss.omp_set_num_threads(THREADS)
     enrolled, queries, truth = make_data(n, nq)
@@ -179,7 +180,7 @@ def run_store(n: int, nq: int) -> list[dict]:
             t0 = time.perf_counter()
             g.search(q[None], k=1)
             t1 = time.perf_counter()
-            search_vectors(g._built, q[None], 1)
+            search_vectors(g._index.built, q[None], 1)
             t_gal.append(t1 - t0)
             t_raw.append(time.perf_counter() - t1)
         p50, p99 = (float(np.percentile(np.array(t_gal) * 1000, p)) for p in (50, 99))

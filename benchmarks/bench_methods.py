@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from facemeta.align.pipeline import aligned_set
+from facemeta.align.cache import aligned_set
 from facemeta.data.episodes import EpisodicDomainSampler
 from facemeta.data.samplers import FaceDataset
 from facemeta.data.transforms import AugmentConfig, build_train_transform

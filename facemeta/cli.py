@@ -12,8 +12,8 @@ import importlib
 import importlib.util
 import sys
 
-from facemeta import __version__
 from facemeta.errors import FacemetaError
+from facemeta.version import __version__
 
 # Order of the subcommands in `facemeta --help`.
 COMMANDS = [

@@ -9,7 +9,6 @@ from facemeta.errors import FacemetaError
 
 DATA_ENV = "FACEMETA_DATA"
 CACHE_ENV = "FACEMETA_CACHE"
-SETS = ("lfw", "yaleb", "mfr2", "orl")
 
 
 class DataNotFoundError(FileNotFoundError, FacemetaError):

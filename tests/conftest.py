@@ -62,13 +62,14 @@ def trained_model(data_dir, session_tmp) -> TrainedModel:
     this small model accepts only about half of the genuine pairs at FAR 1e-2 (measured: TAR 0.45, AUC 0.93),
     so the tests use a looser working point (the presets use 1e-3)."""
     from facemeta.train.config import load_config
-    from facemeta.train.trainer import Trainer, prepare_data
+    from facemeta.train.data import prepare_data
+    from facemeta.train.trainer import Trainer
 
     out = session_tmp / "trained-smoke"
     cfg = load_config("smoke", overrides={"data.root": str(data_dir), "output": str(out), "threads": 1,
                                           "log_every": 25, "checkpoint_every": 100, "eval.far": TEST_MODEL_FAR})
-    path = Trainer(cfg, progress=False).fit()
     data = prepare_data(cfg)
+    path = Trainer(cfg, data, progress=False).fit()
     return TrainedModel(out, path, cfg.steps, data.train, data.heldout)
 
 
@@ -82,7 +83,8 @@ def prior_model(data_dir, session_tmp) -> TrainedModel:
     and only the verification threshold is calibrated, at FAR PRIOR_MODEL_FAR on the held-out source identities.
     This is a model that recognises faces for real: the tests that assert what a face model decides use it."""
     from facemeta.train.config import load_config
-    from facemeta.train.trainer import Trainer, prepare_data
+    from facemeta.train.data import prepare_data
+    from facemeta.train.trainer import Trainer
 
     out = session_tmp / "prior-zero-shot"
     smoke_sources = [{"set": "lfw", "people_folds": [1, 2, 3, 4, 5], "min_images": 4, "max_identities": 40,
@@ -90,8 +92,8 @@ def prior_model(data_dir, session_tmp) -> TrainedModel:
     cfg = load_config("prior", overrides={"data.root": str(data_dir), "output": str(out), "threads": 2,
                                           "steps": 0, "data.sources": smoke_sources, "data.targets": ["yaleb"],
                                           "eval.far": PRIOR_MODEL_FAR})
-    path = Trainer(cfg, progress=False).fit()
     data = prepare_data(cfg)
+    path = Trainer(cfg, data, progress=False).fit()
     return TrainedModel(out, path, cfg.steps, data.train, data.heldout)
 
 
@@ -107,8 +109,8 @@ def aligned_sample(data_dir, session_tmp):
     azimuth and 45 deg elevation (the issue's tight-and-dark acceptance subset)."""
     import random
 
-    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
-    from facemeta.data.sets import read_set
+    from facemeta.align.pipeline import align_rows
+    from facemeta.data.sets import PRE_CROPPED_SETS, read_set
 
     cache: dict = {}
 

@@ -12,8 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
+from facemeta.align.cache import aligned_set
 from facemeta.align.detect import FaceDetector
-from facemeta.align.pipeline import JOURNAL, ROUTES, align_image, align_rows, aligned_set, fit_error
+from facemeta.align.pipeline import JOURNAL, ROUTES, align_image, align_rows, fit_error
 from facemeta.align.warp import alignment_matrix, template, transform_points
 from facemeta.data.manifest import ManifestRow, parse_landmarks, read_manifest
 from facemeta.images import load_image

@@ -295,7 +295,7 @@ def test_pickled_weights_are_described_not_advised(tmp_path):
 
     from facemeta.errors import CheckpointError
     from facemeta.models.backbone import read_state_dict
-    from facemeta.train.trainer import load_state
+    from facemeta.train.state import load_state
 
     path = tmp_path / "weights.pt"
     torch.save({"fc.weight": torch.zeros(2, 2), "extra": Path("/etc/passwd")}, path)

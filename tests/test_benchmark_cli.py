@@ -9,7 +9,7 @@ import pytest
 
 from facemeta.commands import benchmark
 from facemeta.errors import ConfigError
-from facemeta.eval.unseen import load_bench_preset, run_config
+from facemeta.experiments.presets import load_bench_preset, run_config
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -64,7 +64,7 @@ def test_smoke_benchmark_writes_the_table_and_resumes(data_dir, tmp_path, capsys
 
 def test_summary_draws_roc_only_for_methods_whose_runs_carry_points(tmp_path):
     """A result.json rebuilt from a results.json has no ROC points: its method stays in the tables, not the plot."""
-    from facemeta.eval.unseen import write_summary
+    from facemeta.experiments.summary import write_summary
 
     def run(method, seed, tar, roc=True):
         orl = {"tar@far=1e-2": tar, "tar@far=1e-3": tar / 2, "auc": 0.9, "rank1": 0.5}

@@ -144,7 +144,7 @@ def test_hnsw_tombstones_and_reopen(tmp_path):
         g.enroll_many([f"id{i}" for i in labels], x, fingerprint=FP)
         for i in range(10):
             g.remove(f"id{i}")  # HNSW cannot delete: these become tombstones
-        assert g.info()["index_built"] == "hnsw" and g._built.tombstones
+        assert g.info()["index_built"] == "hnsw" and g._index.built.tombstones
         q = fresh_queries(centres, 4)
         got = [m.name for m in g.identify(q)]
     assert not {f"id{i}" for i in range(10)} & set(got)

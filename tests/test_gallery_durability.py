@@ -22,7 +22,7 @@ import pytest
 
 from facemeta.errors import GalleryError
 from facemeta.gallery import Gallery
-from facemeta.gallery.search import read_index_header
+from facemeta.gallery.index_file import read_index_header
 
 DIM = 128
 FP = "model-a"
@@ -213,7 +213,7 @@ def test_reader_sees_only_whole_transactions_while_another_process_writes(base):
             while time.monotonic() < deadline:
                 r.refresh()
                 n = len(r)
-                assert n % PER_ID == 0 and r._built.count == n
+                assert n % PER_ID == 0 and r._index.built.count == n
                 newest = n // PER_ID - 1
                 assert r.search(vectors_for(newest)[2], refresh=False)[0][0].name == f"p{newest:05d}"
                 seen.add(n)

@@ -24,9 +24,9 @@ import pytest
 
 from facemeta.cli import main
 from facemeta.errors import GalleryError
-from facemeta.gallery import Gallery
-from facemeta.gallery import store as gallery_store
-from facemeta.gallery.search import load_index, read_index_header, save_index
+from facemeta.gallery import Gallery, IndexSpec
+from facemeta.gallery import records as gallery_records
+from facemeta.gallery.index_file import load_index, read_index_header, save_index
 
 DIM = 32
 FP = "model-a"
@@ -259,8 +259,8 @@ def test_check_compares_vectors_not_only_ids(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_sq8"])
 def test_digest_follows_every_change_and_old_digests_are_pruned(tmp_path, monkeypatch, kind):
-    monkeypatch.setattr(gallery_store, "DIGEST_KEEP", 3)
-    spec = {"flat": "flat", "hnsw": "hnsw", "ivf_sq8": gallery_store.IndexSpec(kind="ivf_sq8", nlist=4)}[kind]
+    monkeypatch.setattr(gallery_records, "DIGEST_KEEP", 3)
+    spec = {"flat": "flat", "hnsw": "hnsw", "ivf_sq8": IndexSpec(kind="ivf_sq8", nlist=4)}[kind]
     x = unit(400, 10)
     with Gallery.create(tmp_path / "g", dim=DIM, fingerprint=FP, index=spec, save_interval=3600) as g:
         g.enroll_many([f"p{i // 2}" for i in range(400)], x, fingerprint=FP)
@@ -269,13 +269,13 @@ def test_digest_follows_every_change_and_old_digests_are_pruned(tmp_path, monkey
         g.remove("p1")
         g.remove_embeddings([ids[0], ids[1], 999_999])
         g.rename("p2", "Two")
-        assert g.digest == g._digest_rows()  # kept up to date by the changed rows alone
+        assert g.digest == g._records.digest_rows()  # kept up to date by the changed rows alone
         recorded = dict(g._conn.execute("SELECT generation, digest FROM index_digests").fetchall())
         assert sorted(recorded) == [1, 2, 3, 4, 5]  # from the saved index (generation 1) on
         for _ in range(5):
             g.rename("Two", "Zwei")
             g.rename("Zwei", "Two")
-        assert g.check()["index_matches_database"] and g._built.kind == ("ivf_sq8" if kind == "ivf_sq8" else kind)
+        assert g.check()["index_matches_database"] and g._index.built.kind == ("ivf_sq8" if kind == "ivf_sq8" else kind)
     with Gallery.open(tmp_path / "g", mode="w") as g:  # the saved index matches the last recorded digest
         assert g.check() == {"database": "ok", "index_matches_database": True, "embeddings": 399, "index_count": 399}
         g.rename("Two", "2")  # generation 16: keeps the saved index's (15) and the last DIGEST_KEEP
@@ -296,7 +296,7 @@ def test_gallery_from_an_older_facemeta_is_upgraded_by_its_first_writer(tmp_path
     code, out, _ = cli(capsys, "gallery", "list", g)
     assert code == 0 and "2 people, 4 embeddings" in out
     with Gallery.open(g, mode="w") as w:  # the first writer adds the id, digest and column, rebuilds the index
-        assert w.format == 2 and w.gallery_id and w.digest == w._digest_rows()
+        assert w.format == 2 and w.gallery_id and w.digest == w._records.digest_rows()
         assert [r.content_hash for r in w.records("Ada")] == [None, None]
     assert read_index_header(g / "index.faiss")["gallery"] == w.gallery_id
     with Gallery.open(g) as r:

@@ -143,11 +143,14 @@ def test_mldg_matches_closed_form(setup, first_order):
 
 def test_mldg_accumulates_like_backward(setup):
     model, (xs, ys, xq, yq), _, _ = setup
-    step = MLDG(model, alpha=0.1, gamma=0.5)
-    step.step(_loss(model, xs, ys), _loss(model, xq, yq))
+    mldg = MLDG(model, alpha=0.1, gamma=0.5)
+    mldg.meta_backward([(_loss(model, xs, ys), _loss(model, xq, yq))])
     once = model.weight.grad.clone()
-    step.step(_loss(model, xs, ys), _loss(model, xq, yq))
+    mldg.meta_backward([(_loss(model, xs, ys), _loss(model, xq, yq))])
     assert torch.allclose(model.weight.grad, 2 * once, atol=1e-12)
+    # several tasks: the mean of their meta-gradients, added to what .grad held
+    mldg.meta_backward([(_loss(model, xs, ys), _loss(model, xq, yq))] * 3)
+    assert torch.allclose(model.weight.grad, 3 * once, atol=1e-12)
 
 
 class _MLP(nn.Module):
@@ -231,7 +234,7 @@ def test_reptile_meta_gradient_with_outer_sgd_equals_step(setup):
     rep = Reptile(twin, inner_steps=2, inner_lr=0.1)
     opt = torch.optim.SGD(twin.parameters(), lr=0.3)
     opt.zero_grad()
-    rep.meta_gradient([_loss(twin, xs, ys)])
+    rep.meta_backward([_loss(twin, xs, ys)])
     opt.step()
     assert torch.allclose(model.weight, twin.weight, atol=1e-12)
 
@@ -247,7 +250,7 @@ def test_reptile_inner_adam_matches_plain_training():
         opt.step()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     rep = Reptile(model, inner_steps=4, inner_optimizer=lambda ts: torch.optim.Adam(ts, lr=0.05))
-    adapted, losses = rep.adapt(_ref_loss(model, xs, ys))
+    adapted, losses = rep.adapt(_ref_loss(model, xs, ys), return_losses=True)
     assert len(losses) == 4 and losses[-1] < losses[0]
     for k, p in ref.named_parameters():
         assert torch.allclose(adapted[k], p, atol=1e-10), k

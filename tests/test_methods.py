@@ -31,7 +31,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def episodes(data_dir):
     """10 identities x 4 images of each real domain (cached alignment), a FaceDataset and a sampler."""
-    from facemeta.align.pipeline import aligned_set
+    from facemeta.align.cache import aligned_set
 
     rows = []
     for name in ("orl", "mfr2", "yaleb"):
@@ -159,12 +159,14 @@ def test_mfr_trainer_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
     from facemeta.train.trainer import Trainer
 
     over = {"model.image_size": 32, "model.embedding_size": 32, "sampler.identities_per_domain": 4, "steps": 6,
             "checkpoint_every": 3, "log_every": 3, "threads": 1, "eval.every": 0, "optim.warmup_steps": 2,
             "method": "mfr", "data.root": str(data_dir)}
-    ref = Trainer(load_config("smoke", overrides={**over, "output": str(tmp_path / "ref")}), progress=False).fit()
+    ref_cfg = load_config("smoke", overrides={**over, "output": str(tmp_path / "ref")})
+    ref = Trainer(ref_cfg, prepare_data(ref_cfg), progress=False).fit()
 
     save = Trainer._save
 
@@ -177,9 +179,9 @@ def test_mfr_trainer_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     cfg = load_config("smoke", overrides={**over, "output": str(tmp_path / "cut")})
     monkeypatch.setattr(Trainer, "_save", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, progress=False).fit()
+        Trainer(cfg, prepare_data(cfg), progress=False).fit()
     monkeypatch.setattr(Trainer, "_save", save)
-    trainer = Trainer(cfg, resume=True, progress=False)
+    trainer = Trainer(cfg, prepare_data(cfg), resume=True, progress=False)
     got = trainer.fit()
     assert trainer.resumed_from == 3
     a, b = load_file(str(ref)), load_file(str(got))

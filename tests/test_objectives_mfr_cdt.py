@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from facemeta.objectives.cdt import cdt_loss, cross_domain_triplet_loss, pair_covariances
 from facemeta.objectives.mfr import (
-    SoftClassificationLoss,
+    CosineSoftmaxHead,
     domain_alignment_loss,
     hard_pair_attention_loss,
     hard_pairs,
@@ -67,7 +67,7 @@ def test_domain_alignment_by_hand():
 
 def test_soft_classification_is_scaled_cosine_cross_entropy():
     torch.manual_seed(0)
-    head = SoftClassificationLoss(4, 3, scale=10.0).double()
+    head = CosineSoftmaxHead(4, 3, scale=10.0).double()
     emb = torch.randn(5, 4, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 1, 0])
     w = head.weight.detach().numpy()
@@ -76,7 +76,8 @@ def test_soft_classification_is_scaled_cosine_cross_entropy():
     z = 10.0 * cos
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     expected = -np.mean(logp[np.arange(5), labels.numpy()])
-    assert head(emb, labels).item() == pytest.approx(expected, abs=1e-10)
+    assert head.loss(emb, labels).item() == pytest.approx(expected, abs=1e-10)
+    assert head(emb, labels).shape == (5, 3)  # forward: logits, as every head
 
 
 def test_covariances_by_hand():
@@ -127,7 +128,7 @@ def test_losses_reach_the_backbone():
     x = torch.randn(12, 3, 10, 10)
     emb = F.normalize(net(x), dim=1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5])
-    head = SoftClassificationLoss(8, 6)
+    head = CosineSoftmaxHead(8, 6)
     mfr = mfr_domain_loss(emb[:3], emb[3:6], labels[:3], head, tau_p=1.1, tau_n=-1.1)
     total = (mfr["total"] + domain_alignment_loss(emb, torch.tensor([0] * 6 + [1] * 6))
              + cdt_loss(emb[:6], labels[:6], emb[6:], labels[6:], margin=5.0))

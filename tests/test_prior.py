@@ -30,8 +30,8 @@ def prior_file():
 @pytest.fixture(scope="module")
 def dlib_chips(data_dir, session_tmp):
     """210 real faces (60 LFW, 50 each of ORL, MFR2, Yale B) aligned by facemeta onto dlib's chip."""
-    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
-    from facemeta.data.sets import read_set
+    from facemeta.align.pipeline import align_rows
+    from facemeta.data.sets import PRE_CROPPED_SETS, read_set
     from facemeta.images import load_image
 
     chips = []
@@ -159,6 +159,7 @@ def test_every_method_fine_tunes_the_prior(method, prior_model, data_dir, tmp_pa
     from facemeta.models.checkpoint import load_checkpoint
     from facemeta.models.dlib_resnet import load_prior_state
     from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
     from facemeta.train.trainer import Trainer
 
     cfg = load_config("prior", overrides={
@@ -167,7 +168,7 @@ def test_every_method_fine_tunes_the_prior(method, prior_model, data_dir, tmp_pa
         "data.sources": [{"set": "lfw", "people_folds": [1, 2, 3, 4, 5], "min_images": 4, "max_identities": 40,
                           "limit_per_identity": 8}, {"set": "orl", "max_identities": 30, "limit_per_identity": 8}],
         "data.targets": ["yaleb"]})
-    model, meta = load_checkpoint(Trainer(cfg, progress=False).fit())
+    model, meta = load_checkpoint(Trainer(cfg, prepare_data(cfg), progress=False).fit())
     assert meta["method"] == method and meta["align_chip"] == "dlib"
     prior = load_prior_state()
     moved = (model.backbone.stem_conv.weight - prior["stem_conv.weight"]).abs().max().item()
@@ -206,12 +207,13 @@ def test_distil_the_prior_into_a_timm_student(method, prior_model, data_dir, tmp
     from facemeta.models.checkpoint import load_checkpoint
     from facemeta.paths import cache_root
     from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
     from facemeta.train.trainer import Trainer
 
     cfg = load_config("smoke", overrides={
         "data.root": str(data_dir), "output": str(tmp_path / method), "threads": 2, "steps": 3, "method": method,
         "checkpoint_every": 0, "log_every": 1, "distill.weight": 1.0, "distill.pair_weight": 1.0})
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, prepare_data(cfg), progress=False)
     model, meta = load_checkpoint(trainer.fit())
     assert model.config.backbone == "mobilenetv3_small_050" and meta["align_chip"] == "arcface"
     teacher = trainer.teacher.numpy()
@@ -228,7 +230,7 @@ def test_distil_the_prior_into_a_timm_student(method, prior_model, data_dir, tmp
 def test_freeze_keeps_named_parameters_fixed():
     from facemeta.errors import ConfigError
     from facemeta.models.backbone import ModelConfig, build_model
-    from facemeta.train.trainer import freeze
+    from facemeta.train.start import freeze
 
     model = build_model(ModelConfig(backbone="dlib_resnet29", embedding_size=128, image_size=150, head="linear"))
     count = freeze(model, ["backbone.stem", "backbone.blocks.0."])

@@ -17,7 +17,7 @@ from conftest import TEST_MODEL_FAR
 
 from facemeta.errors import ConfigError
 from facemeta.train.config import apply_overrides, config_from_dict, load_config, preset_names, read_yaml
-from facemeta.train.trainer import lr_factor
+from facemeta.train.state import lr_factor
 
 
 # ---------------------------------------------------------------- config
@@ -122,7 +122,7 @@ def test_training_learns_to_verify_heldout_identities(trained_model):
     from facemeta.eval.benchmark import evaluate_rows
     from facemeta.models.backbone import ModelConfig, build_model
     from facemeta.models.checkpoint import load_checkpoint
-    from facemeta.train.trainer import seed_everything
+    from facemeta.train.state import seed_everything
 
     model, meta = load_checkpoint(trained_model.model_path)
     val = meta["validation"]

@@ -9,8 +9,9 @@ import torch
 
 from facemeta.models.checkpoint import load_checkpoint
 from facemeta.train.config import load_config
-from facemeta.train.ddp import env_ranks, launch
-from facemeta.train.trainer import STATE_FILE, load_state
+from facemeta.train.ddp import env_ranks
+from facemeta.train.launch import launch
+from facemeta.train.state import STATE_FILE, load_state
 
 
 def test_two_process_gloo_run_trains_and_checkpoints(data_dir, tmp_path):

@@ -22,7 +22,9 @@ import yaml
 
 from facemeta.errors import CheckpointError, ConfigError
 from facemeta.train.config import load_config
-from facemeta.train.trainer import STATE_FILE, Trainer, load_state
+from facemeta.train.data import prepare_data
+from facemeta.train.state import STATE_FILE, load_state
+from facemeta.train.trainer import Trainer
 
 STEPS = 30
 OVERRIDES = {
@@ -43,6 +45,11 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _trainer(cfg, **kwargs) -> Trainer:
+    """A Trainer of `cfg` on its prepared data."""
+    return Trainer(cfg, prepare_data(cfg), **kwargs)
+
+
 def _write_yaml(cfg, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
@@ -50,7 +57,7 @@ def _write_yaml(cfg, path: Path) -> Path:
 
 def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
     # unbroken reference run, in this process
-    ref = Trainer(_config(data_dir, tmp_path / "ref"), progress=False).fit()
+    ref = _trainer(_config(data_dir, tmp_path / "ref"), progress=False).fit()
 
     # the same run in a subprocess, killed (SIGKILL) once its first checkpoint is on disk
     out = tmp_path / "killed"
@@ -69,7 +76,7 @@ def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
     killed_at = load_state(state)["step"]
     assert 3 <= killed_at < STEPS
 
-    resumed = Trainer(_config(data_dir, out), resume=True, progress=False)
+    resumed = _trainer(_config(data_dir, out), resume=True, progress=False)
     final = resumed.fit()
     assert resumed.resumed_from == killed_at
     a, b = _weights(ref), _weights(final)
@@ -90,13 +97,13 @@ def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
 
 def test_resume_guards(data_dir, tmp_path):
     out = tmp_path / "run"
-    Trainer(_config(data_dir, out, steps=3, checkpoint_every=0), progress=False).fit()
+    _trainer(_config(data_dir, out, steps=3, checkpoint_every=0), progress=False).fit()
     # training again into a used folder without --resume is refused (nothing is overwritten)
     with pytest.raises(ConfigError, match="--resume"):
-        Trainer(_config(data_dir, out, steps=3, checkpoint_every=0), progress=False).fit()
+        _trainer(_config(data_dir, out, steps=3, checkpoint_every=0), progress=False).fit()
     # resuming with settings that change the result is refused
     with pytest.raises(ConfigError, match="differs"):
-        Trainer(_config(data_dir, out, steps=3, checkpoint_every=0, seed=1), resume=True, progress=False).fit()
+        _trainer(_config(data_dir, out, steps=3, checkpoint_every=0, seed=1), resume=True, progress=False).fit()
     # a state file is only ever read with weights_only=True: a pickled object is rejected
     state = out / "checkpoints" / STATE_FILE
     torch.save({"version": 1, "evil": Path("x")}, state)
@@ -104,6 +111,6 @@ def test_resume_guards(data_dir, tmp_path):
         load_state(state)
     state.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="corrupt"):
-        Trainer(_config(data_dir, out, steps=3, checkpoint_every=0), resume=True, progress=False).fit()
+        _trainer(_config(data_dir, out, steps=3, checkpoint_every=0), resume=True, progress=False).fit()
     with pytest.raises(CheckpointError, match="no training state"):
-        Trainer(_config(data_dir, tmp_path / "empty", steps=3), resume=True, progress=False).fit()
+        _trainer(_config(data_dir, tmp_path / "empty", steps=3), resume=True, progress=False).fit()

@@ -51,8 +51,8 @@ def budget(run: Path) -> dict:
 def evaluate_unseen(model, align_size: int, thresholds: dict[str, float] | None, data: str | None,
                     chip: str = "arcface") -> dict:
     """Verification and rank-1 of `model` on each UNSEEN set, with the calibrated thresholds applied."""
-    from facemeta.commands.eval import load_eval_rows
     from facemeta.eval.benchmark import evaluate_rows
+    from facemeta.eval.sets import load_eval_rows
 
     out = {}
     for name, protocol, folds in UNSEEN:

@@ -3,6 +3,7 @@
 Heavy modules (torch, facenet-pytorch) load only when a FaceDetector is built.
 """
 
+from facemeta.align.cache import aligned_set
 from facemeta.align.detect import POLICIES, Face, FaceDetector, select_faces
 from facemeta.align.pipeline import (
     ROUTES,
@@ -10,7 +11,6 @@ from facemeta.align.pipeline import (
     align_batch,
     align_image,
     align_rows,
-    aligned_set,
     fit_error,
     summarise,
 )

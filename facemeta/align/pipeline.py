@@ -29,6 +29,7 @@ Landmarks found on a padded/equalised image are mapped back, and the *original* 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -63,10 +64,10 @@ BOX_TOLERANCE = 0.1  # a detection box may leave the canvas by at most this frac
 PRE_CROPPED_MIN_FACE = 0.4  # in a pre-cropped image the face box spans at least this much of the short side
 MAX_FIT_ERROR = 8.0
 SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median  # mean landmark distance to the 112-px template after the fit, in pixels
-PRE_CROPPED_SETS = ("yaleb", "orl")
 JOURNAL = ".align-journal.jsonl"
 PIPELINE_VERSION = 3  # bump when routes or filters change: cached folders are then aligned again
 CONFIG = ".align-config.json"
+LOCK = ".align.lock"
 
 
 @dataclass
@@ -110,7 +111,8 @@ def landmarks_inside(landmarks: np.ndarray, width: int, height: int, margin: flo
                 and (pts[:, 1] >= -margin).all() and (pts[:, 1] <= height - 1 + margin).all())
 
 
-def _pad(image: np.ndarray, fraction: float = PAD_FRACTION) -> tuple[np.ndarray, int, int]:
+def pad_image(image: np.ndarray, fraction: float = PAD_FRACTION) -> tuple[np.ndarray, int, int]:
+    """The image on a black canvas larger by `fraction` of its size on every side -> (canvas, dx, dy)."""
     h, w = image.shape[:2]
     py, px = int(h * fraction), int(w * fraction)
     return cv2.copyMakeBorder(image, py, py, px, px, cv2.BORDER_CONSTANT, value=(0, 0, 0)), px, py
@@ -146,7 +148,7 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
             break
         inputs, offsets = [], []
         for i in todo:
-            canvas, px, py = _pad(images[i], pad) if pad else (images[i], 0, 0)
+            canvas, px, py = pad_image(images[i], pad) if pad else (images[i], 0, 0)
             inputs.append(_equalise(canvas) if equalise else canvas)
             offsets.append((px, py))
         found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None,
@@ -338,8 +340,10 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
     if dst.exists() and not dst.is_dir():
         raise FacemetaError(f"{dst} exists and is not a folder: give a folder for the aligned faces")
     try:
-        return _align_rows(rows, dst, size, workers, pre_cropped, progress, select, chunk_size, retry_failures,
-                           detector_kwargs, stats, chip)
+        dst.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(dst):  # another process aligning into the same folder (torchrun ranks) waits here
+            return _align_rows(rows, dst, size, workers, pre_cropped, progress, select, chunk_size, retry_failures,
+                               detector_kwargs, stats, chip)
     except OSError as exc:
         where = exc.filename or dst
         raise FacemetaError(f"cannot write aligned faces into {dst}: {where}: {exc.strerror or exc}") from None
@@ -348,7 +352,6 @@ def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: in
 def _align_rows(rows, dst: Path, size, workers, pre_cropped, progress, select, chunk_size, retry_failures,
                 detector_kwargs, stats, chip) -> tuple[list[ManifestRow], list[dict]]:
     """The body of align_rows (which turns OSError from writing into a one-line FacemetaError)."""
-    dst.mkdir(parents=True, exist_ok=True)
     _check_config(dst, size, chip)
     rows = list(rows)
     outs = _output_paths(rows, dst)
@@ -405,6 +408,19 @@ def _align_rows(rows, dst: Path, size, workers, pre_cropped, progress, select, c
     if stats is not None:
         stats.update(summarise(aligned, failures, skipped))
     return aligned, failures
+
+
+@contextlib.contextmanager
+def _folder_lock(dst: Path):
+    """Hold an exclusive flock on dst/.align.lock (not following a link) while a job writes into dst."""
+    import fcntl
+
+    fd = os.open(dst / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def _check_config(dst: Path, size: int, chip: str = "arcface") -> None:
@@ -481,35 +497,3 @@ def summarise(aligned: Sequence[ManifestRow], failures: Sequence[dict], skipped:
             "skipped": skipped,
             "routes": dict(Counter(r.extra.get("route", "") for r in aligned)),
             "reasons": dict(Counter(f["reason"] for f in failures))}
-
-
-def aligned_dir(name: str, size: int = 112, chip: str = "arcface", cache: str | os.PathLike | None = None) -> Path:
-    """The cache folder of a set aligned at `size` onto `chip`: cache_root()/aligned/<name>-<size> for DESIGN.md's
-    template, <name>-dlib<size> for dlib's chip (one place that builds this path)."""
-    from facemeta.paths import cache_root
-
-    return cache_root(cache) / "aligned" / (f"{name}-{size}" if chip == "arcface" else f"{name}-{chip}{size}")
-
-
-def aligned_set(name: str, size: int = 112, data: str | os.PathLike | None = None,
-                cache: str | os.PathLike | None = None, limit_per_identity: int | None = None,
-                workers: int = 2, progress: bool = False, chip: str = "arcface") -> list[ManifestRow]:
-    """Aligned faces of a shared set (lfw, yaleb, mfr2, orl), cached in :func:`aligned_dir`.
-
-    The first call aligns (yaleb and orl as pre-cropped sets); later calls only check the files.
-    `limit_per_identity` keeps the first k images of each identity (in the set's order).
-    """
-    from facemeta.data.sets import read_set
-
-    rows = read_set(name, data)
-    if limit_per_identity is not None:
-        seen: Counter = Counter()
-        kept = []
-        for r in rows:
-            if seen[r.identity] < limit_per_identity:
-                seen[r.identity] += 1
-                kept.append(r)
-        rows = kept
-    aligned, _ = align_rows(rows, aligned_dir(name, size, chip, cache), size=size, workers=workers,
-                            pre_cropped=name in PRE_CROPPED_SETS, progress=progress, chip=chip)
-    return aligned

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-SET_NAMES = ("lfw", "yaleb", "mfr2", "orl")
+from facemeta.data.sets import SET_NAMES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Read SRC, align into DST, print the counts."""
-    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows
+    from facemeta.align.pipeline import align_rows
+    from facemeta.data.sets import PRE_CROPPED_SETS
     from facemeta.errors import FacemetaError
 
     src = Path(args.src)

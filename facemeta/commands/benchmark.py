@@ -38,14 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from facemeta.errors import ConfigError
-    from facemeta.eval.unseen import (
-        ZERO_SHOT,
-        check_grid,
-        finished_results,
-        load_bench_preset,
-        run_benchmark,
-        write_summary,
-    )
+    from facemeta.experiments.lodo import finished_results, run_benchmark
+    from facemeta.experiments.presets import ZERO_SHOT, check_grid, load_bench_preset
+    from facemeta.experiments.summary import write_summary
     from facemeta.train.methods import METHODS
 
     preset = load_bench_preset(args.preset)

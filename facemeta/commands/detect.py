@@ -27,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Detect, print, optionally draw; NoFaceError when there is no face."""
     from facemeta.align.detect import FaceDetector
-    from facemeta.align.pipeline import _pad, box_inside, landmarks_inside
+    from facemeta.align.pipeline import box_inside, landmarks_inside, pad_image
     from facemeta.errors import NoFaceError
     from facemeta.images import load_image
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     detector = FaceDetector(device=args.device, min_face_size=args.min_face)
     faces = detector.detect(image)
     if not faces:
-        canvas, px, py = _pad(image)
+        canvas, px, py = pad_image(image)
         faces = [f.shifted(-px, -py) for f in detector.detect(canvas)
                  if box_inside(f.box, canvas.shape[1], canvas.shape[0])]
         faces = [f for f in faces if landmarks_inside(f.landmarks, w, h)]

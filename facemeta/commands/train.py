@@ -52,14 +52,16 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError("--nproc must be >= 1")
     if args.nproc > 1:
-        from facemeta.train.ddp import launch
+        from facemeta.train.launch import launch
 
         path = launch(cfg, args.nproc, resume=args.resume,
                       progress=not args.no_progress and sys.stderr.isatty())
     else:
+        from facemeta.train.data import prepare_data
         from facemeta.train.trainer import Trainer
 
-        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+        progress = not args.no_progress and sys.stderr.isatty()
+        trainer = Trainer(cfg, prepare_data(cfg, progress=progress), resume=args.resume, progress=progress)
         path = trainer.fit()
         if not trainer.is_main:  # under torchrun, rank 0 alone reports
             return 0

@@ -239,6 +239,9 @@ def _read_orl(folder: Path) -> list[ManifestRow]:
 
 SETS: dict[str, Callable[..., list[ManifestRow]]] = {
     "lfw": _read_lfw, "yaleb": _read_yaleb, "mfr2": _read_mfr2, "orl": _read_orl}
+SET_NAMES = tuple(SETS)  # the one list of the shared sets: configs, commands and the aligner read it
+PRE_CROPPED_SETS = ("yaleb", "orl")  # tight face crops: alignment may fall back to a template crop
+PAIR_SETS = ("lfw", "mfr2")  # sets with a verification pairs protocol of their own
 
 
 def read_set(name: str, root: str | os.PathLike | None = None, include_ambient: bool = True) -> list[ManifestRow]:

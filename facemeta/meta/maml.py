@@ -18,25 +18,13 @@ statistics are never changed by MAML (batch statistics in train mode; see ``func
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .functional import (
-    BufferPolicy,
-    Params,
-    as_params,
-    check_float,
-    check_int,
-    functional_forward,
-    loss_scalar,
-    named_params,
-    sgd_update,
-)
-
-LossFn = Callable[[Params], Tensor]
+from .base import LossFn, MetaLearner
+from .functional import Params, as_params, check_float, check_int, loss_scalar, named_params, sgd_update
 
 __all__ = ["MAML", "LossFn"]
 
@@ -46,8 +34,8 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class MAML(nn.Module):
-    """Model-agnostic meta-learning around any ``nn.Module``.
+class MAML(MetaLearner):
+    """Model-agnostic meta-learning around any ``nn.Module`` (the shape of facemeta.meta.base).
 
     ``adapt(loss_fn)`` runs the inner loop and returns adapted params; ``forward(x, params=...)``
     runs the model at any params; ``meta_backward(tasks)`` does a whole outer gradient for a
@@ -63,10 +51,7 @@ class MAML(nn.Module):
         learn_lr: bool = False,
         lr_per_element: bool = False,
     ) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MAML needs an nn.Module, got {type(model).__name__}")
-        self.model = model
+        super().__init__(model)
         self.inner_steps = check_int("inner_steps", inner_steps, low=0)
         self.inner_lr = check_float("inner_lr", inner_lr, low=0.0)
         self.first_order = bool(first_order)
@@ -99,11 +84,6 @@ class MAML(nn.Module):
             table = self.lrs[k]
             out[n] = table[min(step, table.shape[0] - 1)]
         return out
-
-    def forward(self, *args: Any, params: Mapping[str, Tensor] | None = None,
-                buffers: BufferPolicy = "copy", **kwargs: Any) -> Any:
-        """Run the wrapped model at ``params`` (default: its own parameters)."""
-        return functional_forward(self.model, as_params(params, self.model), *args, buffers=buffers, **kwargs)
 
     def adapt(
         self,

@@ -20,24 +20,25 @@ track training passes ``buffers="live"`` in its meta-train pass at θ only.
 
 Example (an MFR/CDT-style trainer)::
 
-    step = MLDG(model, alpha=1e-3, gamma=0.5, first_order=False)
+    mldg = MLDG(model, alpha=1e-3, gamma=0.5, first_order=False)
     opt.zero_grad()
-    res = step.step(
+    res = mldg.meta_backward([(
         lambda p: loss_s(functional_forward(model, p, x_s, buffers="live"), y_s),
         lambda p: loss_t(functional_forward(model, p, x_t), y_t),
-    )
-    opt.step()                                 # log res.loss_train, res.loss_test, res.total
+    )])
+    opt.step()                                 # log res["loss_train"], res["loss_test"], res["total"]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .functional import Params, as_params, check_float, loss_scalar
+from .base import LossFn, MetaLearner
+from .functional import Params, as_params, check_float, check_int, loss_scalar, named_params, sgd_update
 
 __all__ = ["MetaStepResult", "meta_train_test_step", "MLDG"]
 
@@ -98,23 +99,50 @@ def meta_train_test_step(
     return MetaStepResult(loss_train=ls_f, loss_test=lt_f, total=gamma * ls_f + (1.0 - gamma) * lt_f)
 
 
-class MLDG:
-    """The MLDG step with its settings bound: ``MLDG(model, alpha, gamma, first_order).step(lS, lT)``."""
+class MLDG(MetaLearner):
+    """The MLDG step with its settings bound, in the shape of facemeta.meta.base:
+    ``MLDG(model, alpha, gamma, first_order).meta_backward([(loss_train, loss_test)])``."""
 
     def __init__(self, model: nn.Module, alpha: float, gamma: float = 0.5, first_order: bool = False) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MLDG needs an nn.Module, got {type(model).__name__}")
-        self.model = model
+        super().__init__(model)
         self.alpha = check_float("alpha", alpha, low=0.0)
         self.gamma = check_float("gamma", gamma, low=0.0, high=1.0)
         self.first_order = bool(first_order)
 
-    def step(
-        self,
-        loss_train: Callable[[Params], Tensor],
-        loss_test: Callable[[Params], Tensor],
-        params: Mapping[str, Tensor] | None = None,
-    ) -> MetaStepResult:
-        """Accumulate the meta-gradient into ``.grad`` (see ``meta_train_test_step``)."""
-        return meta_train_test_step(self.model, loss_train, loss_test, self.alpha, self.gamma,
-                                    self.first_order, params)
+    def adapt(self, loss_fn: LossFn, params: Mapping[str, Tensor] | None = None, steps: int | None = None,
+              return_losses: bool = False) -> Params | tuple[Params, list[float]]:
+        """The virtual step(s) θ' = θ − α∇L(θ) (one by default), keeping the graph unless first order."""
+        steps = 1 if steps is None else check_int("steps", steps, low=0)
+        current = as_params(params, self.model)
+        losses: list[float] = []
+        for _ in range(steps):
+            loss = loss_scalar(loss_fn(current), "MLDG loss_fn")
+            grads = torch.autograd.grad(loss, list(current.values()), create_graph=not self.first_order,
+                                        allow_unused=True)
+            current = sgd_update(current, grads, {n: self.alpha for n in current})
+            losses.append(float(loss.detach()))
+        return (current, losses) if return_losses else current
+
+    def meta_backward(self, tasks: Iterable[tuple[LossFn, LossFn]],
+                      params: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+        """Accumulate into ``.grad`` the mean over tasks of the MLDG meta-gradient of each (loss_train,
+        loss_test) pair (see :func:`meta_train_test_step`); returns the mean losses."""
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("meta_backward needs at least one (loss_train, loss_test) task")
+        theta = as_params(params, self.model) if params is not None else named_params(self.model)
+        before = {n: None if p.grad is None else p.grad.clone() for n, p in theta.items()} if len(tasks) > 1 else {}
+        results = [meta_train_test_step(self.model, lt, lq, self.alpha, self.gamma, self.first_order, params)
+                   for lt, lq in tasks]
+        if len(tasks) > 1:  # the sum of the tasks' gradients -> their mean
+            with torch.no_grad():
+                for n, p in theta.items():
+                    old = before[n]
+                    if p.grad is None:
+                        continue
+                    if old is None:
+                        p.grad.div_(len(tasks))
+                    else:
+                        p.grad.copy_(old + (p.grad - old) / len(tasks))
+        keys = asdict(results[0])
+        return {k: sum(getattr(r, k) for r in results) / len(results) for k in keys}

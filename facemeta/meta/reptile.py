@@ -5,28 +5,29 @@ optimiser factory) on the copy to reach θ̃_i; then θ ← θ + ε · mean_i(θ
 
 The copy is a dict of detached leaf tensors run through ``functional_forward``, so the module is
 not deep-copied and its BatchNorm running statistics are never changed by the inner loop
-(cloned buffers; see ``functional``). ``step`` applies the update in place with ε;
-``meta_gradient`` instead writes θ − mean(θ̃) into ``.grad`` so that any outer optimiser can
-apply it (plain SGD with lr ε gives exactly the Reptile update).
+(cloned buffers; see ``functional``). ``meta_backward`` (the outer-gradient verb every learner here
+shares, facemeta.meta.base) writes θ − mean(θ̃) into ``.grad`` so that any outer optimiser can apply
+it (plain SGD with lr ε gives exactly the Reptile update); ``step`` applies that update in place with
+ε, for use without an optimiser.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .functional import Params, check_float, check_int, detached_params, loss_scalar, named_params
+from .base import LossFn, MetaLearner
+from .functional import Params, as_params, check_float, check_int, detached_params, loss_scalar, named_params
 
-LossFn = Callable[[Params], Tensor]
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
 __all__ = ["Reptile"]
 
 
-class Reptile:
-    """Reptile meta-learner around any ``nn.Module``.
+class Reptile(MetaLearner):
+    """Reptile meta-learner around any ``nn.Module`` (the shape of facemeta.meta.base).
 
     ``inner_optimizer`` builds the inner optimiser from a list of tensors (default
     ``SGD(lr=inner_lr)``); ``epsilon`` is the outer step size of ``step``.
@@ -40,19 +41,19 @@ class Reptile:
         epsilon: float = 0.1,
         inner_optimizer: OptimizerFactory | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Reptile needs an nn.Module, got {type(model).__name__}")
-        self.model = model
+        super().__init__(model)
         self.inner_steps = check_int("inner_steps", inner_steps, low=1)
         self.inner_lr = check_float("inner_lr", inner_lr, low=0.0)
         self.epsilon = check_float("epsilon", epsilon, low=0.0)
         self.inner_optimizer = inner_optimizer or (lambda ts: torch.optim.SGD(ts, lr=self.inner_lr))
 
-    def adapt(self, loss_fn: LossFn, steps: int | None = None) -> tuple[Params, list[float]]:
-        """Inner loop on a copy of θ: ``steps`` optimiser steps on ``loss_fn(params)`` (called once
-        per step, so a closure may draw a fresh batch). Returns θ̃ (detached) and the losses."""
+    def adapt(self, loss_fn: LossFn, params: Mapping[str, Tensor] | None = None, steps: int | None = None,
+              return_losses: bool = False) -> Params | tuple[Params, list[float]]:
+        """Inner loop on a copy of ``params`` (default θ): ``steps`` optimiser steps on ``loss_fn(params)``
+        (called once per step, so a closure may draw a fresh batch). Returns θ̃ (detached), and the losses
+        when ``return_losses``."""
         steps = self.inner_steps if steps is None else check_int("steps", steps, low=0)
-        fast = detached_params(named_params(self.model))
+        fast = detached_params(as_params(params, self.model))
         opt = self.inner_optimizer(list(fast.values()))
         losses: list[float] = []
         for _ in range(steps):
@@ -63,14 +64,15 @@ class Reptile:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        return {n: t.detach() for n, t in fast.items()}, losses
+        adapted = {n: t.detach() for n, t in fast.items()}
+        return (adapted, losses) if return_losses else adapted
 
     def _mean_delta(self, tasks: Iterable[LossFn]) -> tuple[Params, float]:
         theta = named_params(self.model)
         total = {n: torch.zeros_like(p) for n, p in theta.items()}
         count, loss_sum = 0, 0.0
         for loss_fn in tasks:
-            adapted, losses = self.adapt(loss_fn)
+            adapted, losses = self.adapt(loss_fn, return_losses=True)
             for n, p in theta.items():
                 total[n].add_(adapted[n] - p.detach())
             loss_sum += losses[0] if losses else float("nan")
@@ -79,7 +81,7 @@ class Reptile:
             raise ValueError("Reptile needs at least one task")
         return {n: t / count for n, t in total.items()}, loss_sum / count
 
-    def meta_gradient(self, tasks: Iterable[LossFn]) -> dict[str, float]:
+    def meta_backward(self, tasks: Iterable[LossFn]) -> dict[str, float]:
         """Accumulate θ − mean_i θ̃_i into ``.grad`` (a descent direction for any optimiser)."""
         delta, first_loss = self._mean_delta(tasks)
         with torch.no_grad():

@@ -100,3 +100,7 @@ class CosFaceHead(_MarginHead):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", m={self.m}"
+
+
+# The margin heads a config may name (``loss.head``); the config validation and the Trainer read this one table.
+MARGIN_HEADS: dict[str, type[nn.Module]] = {"arcface": ArcFaceHead, "cosface": CosFaceHead}

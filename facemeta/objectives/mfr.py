@@ -66,8 +66,11 @@ def domain_alignment_loss(embeddings: torch.Tensor, domains: torch.Tensor) -> to
     return (centres - centres.mean(0, keepdim=True)).pow(2).sum(-1).mean()
 
 
-class SoftClassificationLoss(nn.Module):
-    """Scaled cosine-softmax cross-entropy over identity labels: CE(s · cos(f, w_y))."""
+class CosineSoftmaxHead(nn.Module):
+    """Scaled cosine-softmax classifier over identity labels; its loss is CE(s · cos(f, w_y)).
+
+    The same contract as the margin heads (facemeta.objectives.margins): ``forward(emb, labels)`` returns
+    logits [B, C] (the labels are not needed: no margin) and ``loss(emb, labels)`` their cross-entropy."""
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = DEFAULT_SOFT_SCALE):
         super().__init__()
@@ -79,15 +82,19 @@ class SoftClassificationLoss(nn.Module):
         """Scaled cosine logits [B, C]."""
         return self.scale * F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).t()
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled cosine logits [B, C] (`labels` accepted for the heads' shared contract, unused)."""
+        return self.logits(embeddings)
+
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the scaled cosine logits."""
-        return F.cross_entropy(self.logits(embeddings), labels)
+        return F.cross_entropy(self(embeddings, labels), labels)
 
 
 def mfr_domain_loss(gallery: torch.Tensor, probe: torch.Tensor, labels: torch.Tensor,
-                    classifier: SoftClassificationLoss, tau_p: float = DEFAULT_TAU_P,
+                    classifier: CosineSoftmaxHead, tau_p: float = DEFAULT_TAU_P,
                     tau_n: float = DEFAULT_TAU_N) -> dict[str, torch.Tensor]:
     """L_hp + L_cls for one domain's B gallery/probe pairs (`labels` [B] are their global identities)."""
     hp = hard_pair_attention_loss(gallery, probe, tau_p, tau_n)
-    cls = classifier(torch.cat([gallery, probe]), torch.cat([labels, labels]))
+    cls = classifier.loss(torch.cat([gallery, probe]), torch.cat([labels, labels]))
     return {"hp": hp, "cls": cls, "total": hp + cls}

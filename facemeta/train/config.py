@@ -11,19 +11,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from facemeta.data.sets import SET_NAMES
 from facemeta.errors import ConfigError
+from facemeta.objectives.margins import MARGIN_HEADS
 from facemeta.train.methods import METHODS, MethodSettings
+from facemeta.train.typed_config import build_checked
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-SET_NAMES = ("lfw", "yaleb", "mfr2", "orl")
 # The leave-one-domain-out protocol of DESIGN.md: targets, and LFW people folds used for training.
 LODO_TARGETS = ("yaleb", "orl", "mfr2")
 LFW_TRAIN_FOLDS = [1, 2, 3, 4, 5]
@@ -118,7 +118,7 @@ class LossSection:
     classifier that is right from step 0, so fine-tuning refines the prior instead of unlearning it.
     """
 
-    head: Literal["arcface", "cosface"] = "arcface"
+    head: str = "arcface"  # a name in facemeta.objectives.margins.MARGIN_HEADS
     s: float = 64.0
     m: float = 0.5
     init: Literal["random", "prototypes"] = "random"
@@ -185,107 +185,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- validation
-def _type_name(tp: Any) -> str:
-    """Readable name of a type annotation for error messages."""
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`, converting where lossless (int -> float)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        inner = args[0] if args else Any
-        out = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-            else:
-                raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported setting type {tp}")
-
-
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types."""
-    where = prefix or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown key '{full}' (allowed in {where}: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        kwargs[key] = _convert(value, hints[key], full)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
 def _check(cond: bool, key: str, message: str, value: Any) -> None:
     """Raise ConfigError `key: message, got value` unless `cond`."""
     if not cond:
@@ -296,7 +195,7 @@ def build_augment(values: dict[str, Any]) -> Any:
     """Validate the `augment` section against facemeta.data.transforms.AugmentConfig."""
     from facemeta.data.transforms import AugmentConfig
 
-    return _build(AugmentConfig, values, "augment")
+    return build_checked(AugmentConfig, values, "augment")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -343,6 +242,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
     _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be > 0 or null", o.grad_clip)
+    _check(lo.head in MARGIN_HEADS, "loss.head", f"must be one of {', '.join(MARGIN_HEADS)}", lo.head)
     _check(lo.s > 0, "loss.s", "must be > 0", lo.s)
     for key, value in (("distill.weight", cfg.distill.weight), ("distill.pair_weight", cfg.distill.pair_weight)):
         _check(math.isfinite(value) and 0 <= value <= 100, key, "must be in [0, 100]", value)
@@ -475,7 +375,7 @@ def leave_one_out(data: dict[str, Any], target: str) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Validate a nested mapping into a TrainConfig (ConfigError on any bad key or value)."""
-    return validate(_build(TrainConfig, data))
+    return validate(build_checked(TrainConfig, data))
 
 
 def load_config(path_or_name: str | Path, overrides: list[str] | dict[str, Any] | None = None,

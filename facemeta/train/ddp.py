@@ -1,7 +1,7 @@
 """Distributed data parallel helpers: torchrun environment, process group (gloo on CPU, nccl on CUDA).
 
 Run a preset on N processes with ``torchrun --nproc_per_node N -m facemeta train CONFIG`` or
-``facemeta train CONFIG --nproc N`` (which spawns the processes itself via :func:`launch`). Every
+``facemeta train CONFIG --nproc N`` (which spawns the processes itself: facemeta.train.launch). Every
 process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment; outside torchrun the world is
 one process and every helper here is a no-op.
 """
@@ -9,8 +9,6 @@ one process and every helper here is a no-op.
 from __future__ import annotations
 
 import os
-import socket
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,36 +76,3 @@ def replicas_in_sync(module: nn.Module) -> bool:
     gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, total)
     return all(bool(torch.equal(g, gathered[0])) for g in gathered)
-
-
-def free_port() -> int:
-    """A free TCP port on localhost for the rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], resume: bool, threads: int | None,
-            progress: bool) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    if threads:
-        torch.set_num_threads(threads)
-    from facemeta.train.config import config_from_dict
-    from facemeta.train.trainer import Trainer
-
-    Trainer(config_from_dict(cfg_dict), resume=resume, progress=progress and rank == 0).fit()
-
-
-def launch(cfg: Any, nproc: int, resume: bool = False, threads: int | None = None, progress: bool = False) -> str:
-    """Train `cfg` (a TrainConfig) on `nproc` local processes (torch.multiprocessing spawn); returns the model path.
-
-    The same as torchrun with --nproc_per_node nproc on one machine; a failing process raises here.
-    """
-    import torch.multiprocessing as mp
-
-    if nproc < 1:
-        raise ValueError("nproc must be >= 1")
-    port = free_port()
-    mp.spawn(_worker, args=(nproc, port, cfg.to_dict(), resume, threads, progress), nprocs=nproc, join=True)
-    return os.path.join(cfg.output, "model.safetensors")

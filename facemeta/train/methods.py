@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from facemeta.meta import MAML, Reptile, functional_forward, meta_train_test_step
 from facemeta.objectives.cdt import cross_domain_triplet_loss, pair_covariances
-from facemeta.objectives.mfr import SoftClassificationLoss, domain_alignment_loss, hard_pair_attention_loss
+from facemeta.objectives.mfr import CosineSoftmaxHead, domain_alignment_loss, hard_pair_attention_loss
 from facemeta.objectives.triplet import triplet_loss
 
 METHODS = ("erm", "mfr", "cdt", "maml-fo", "reptile")
@@ -186,7 +186,7 @@ def build_heads(method: str, embedding_size: int, num_classes: int, margin_head:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "mfr":
-        return {"cls": SoftClassificationLoss(embedding_size, num_classes, scale=settings.soft_scale)}
+        return {"cls": CosineSoftmaxHead(embedding_size, num_classes, scale=settings.soft_scale)}
     return {"cls": margin_head()}
 
 
@@ -201,11 +201,9 @@ def _cls_loss(joint: Joint, params: Mapping[str, Tensor] | None, emb: Tensor, la
     """The classification head's loss at params (its weight from params when given)."""
     head = joint.heads["cls"]
     if params is None:
-        return head(emb, labels) if isinstance(head, SoftClassificationLoss) else head.loss(emb, labels)
+        return head.loss(emb, labels)
     sub = {k[len("heads.cls."):]: v for k, v in params.items() if k.startswith("heads.cls.")}
-    if isinstance(head, SoftClassificationLoss):
-        return torch.func.functional_call(head, sub, (emb.float(), labels))
-    logits = torch.func.functional_call(head, sub, (emb.float(), labels))
+    logits = torch.func.functional_call(head, sub, (emb.float(), labels))  # every head: logits (one contract)
     return F.cross_entropy(logits, labels)
 
 
@@ -356,7 +354,7 @@ def reptile_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) ->
     tasks = []
     for i, d in enumerate(batch.domains):
         tasks.append(_domain_task_loss(joint, d.images, d.all_labels, [i == 0]))
-    out = rep.meta_gradient(tasks)
+    out = rep.meta_backward(tasks)
     scale = 1.0 / (k * settings.inner_lr)
     for p in joint.parameters():
         if p.grad is not None:
@@ -393,10 +391,15 @@ def train_step(method: str, joint: Joint, batch: EpisodeBatch, optimizer: torch.
         loss, logged = extra_loss(joint, batch)
         loss.backward()
         losses = {**losses, **logged}
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grad_clip:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    norm = clip_gradients(optimizer, grad_clip)
     optimizer.step()
     return StepResult(losses, norm, batch.num_images)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> float:
+    """Clip the gradients of the optimiser's parameters to norm `grad_clip` (None: no clipping) and return
+    their total norm before clipping (0.0 when no parameter has a gradient)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grad_clip:
+        return float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0

@@ -25,8 +25,10 @@ TEACHER_CHIP, TEACHER_SIZE = "dlib", 150
 def teacher_embeddings(rows: list[ManifestRow], cache: str | os.PathLike | None = None, workers: int = 2,
                        progress: bool = False) -> np.ndarray:
     """The prior's unit embedding [N, 128] of each row's source face (NaN rows where no dlib chip was made)."""
-    from facemeta.align.pipeline import PRE_CROPPED_SETS, align_rows, aligned_dir
+    from facemeta.align.cache import aligned_dir
+    from facemeta.align.pipeline import align_rows
     from facemeta.atomic import atomic_write
+    from facemeta.data.sets import PRE_CROPPED_SETS
     from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE, prior_weights_path
     from facemeta.paths import cache_root
 

@@ -1,7 +1,8 @@
-"""FAISS side of the gallery: index kinds, the stamped index file, and identity-level ranking.
+"""The FAISS index of a gallery: index kinds, building, changing and searching one.
 
 Everything here works on unit vectors compared by inner product (cosine similarity) with int64
-embedding ids. It knows nothing about SQLite: store.py owns the records and calls these functions.
+embedding ids. It knows nothing about SQLite (records.py owns the records) nor about the index file
+(index_file.py); store.py joins them.
 
 Index kinds (``IndexSpec.kind``):
 - ``flat``: exact search (IndexIDMap2 over IndexFlatIP). The default; removal is native.
@@ -18,26 +19,17 @@ Index kinds (``IndexSpec.kind``):
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
-import os
-import stat
-import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-from facemeta.atomic import atomic_write
 from facemeta.errors import GalleryError
 
 KINDS = ("flat", "hnsw", "ivf", "ivf_sq8")
-SCORINGS = ("best", "mean")
-MAGIC = b"FMGIDX01"
 MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 # IVF k-means: FAISS's cap of 256 training points per list, but 10 iterations instead of 25. Measured on
 # 10^5 clustered 512-d vectors, 1,024 lists: 10 iterations lose no recall@1 (0.994 at nprobe 16, as with
@@ -216,13 +208,18 @@ def set_search_params(built: BuiltIndex, spec: IndexSpec) -> None:
         faiss.extract_index_ivf(built.index).nprobe = spec.nprobe
 
 
+def tombstone_ids(built: BuiltIndex) -> np.ndarray:
+    """The ids still inside an HNSW index but deleted from the gallery, as int64 (empty for other kinds)."""
+    return np.fromiter(built.tombstones, dtype=np.int64, count=len(built.tombstones))
+
+
 def search_vectors(built: BuiltIndex, queries: np.ndarray, k: int,
                    gpu_index: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k stored embeddings per query: (scores [n,k], ids [n,k]; id -1 where fewer exist)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = max(1, min(int(k), max(1, built.count)))
     if built.tombstones:
-        dead = faiss.IDSelectorBatch(np.fromiter(built.tombstones, dtype=np.int64))
+        dead = faiss.IDSelectorBatch(tombstone_ids(built))
         params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorNot(dead), efSearch=built.spec.ef_search)
         return built.index.search(queries, k, params=params)
     # FAISS's GPU indexes answer at most k=2048; larger k (rare: deep identity-level top-k) stays on the CPU.
@@ -240,178 +237,8 @@ def to_gpu(built: BuiltIndex) -> faiss.Index | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------
-# The index file: MAGIC, u32 header length, JSON header (generation, crc32, sizes, and the binding to
-# its database: gallery id and embeddings digest), FAISS bytes.
-
-def save_index(built: BuiltIndex, path: Path, generation: int, fingerprint: str, gallery: str | None = None,
-               digest: str | None = None) -> None:
-    """Write the index atomically (temporary file, fsync, rename), stamped with the generation and, for
-    a gallery, its id and the digest of the (id, vector) rows the index holds.
-
-    FAISS streams the index into the file through a callback (no in-memory copy of a 2 GB index);
-    the header's room is reserved first and filled in with the length and crc32 at the end. The
-    rename replaces a symbolic link at ``path`` rather than writing through it.
-    """
-    header = built.header() | {"generation": int(generation), "fingerprint": fingerprint}
-    if gallery is not None:
-        header |= {"gallery": gallery, "digest": digest}
-    room = len(json.dumps(header | {"payload_len": 2**63, "crc32": 2**32}, sort_keys=True).encode())
-    with atomic_write(path, "wb") as fh:
-        fh.write(MAGIC)
-        fh.write(struct.pack("<I", room))
-        fh.write(b" " * room)
-        crc, size = 0, 0
-
-        def sink(chunk: bytes) -> int:
-            nonlocal crc, size
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-            fh.write(chunk)
-            return len(chunk)
-
-        writer = faiss.PyCallbackIOWriter(sink)
-        faiss.write_index(built.index, writer)
-        del writer
-        head = json.dumps(header | {"payload_len": size, "crc32": crc}, sort_keys=True).encode()
-        fh.seek(len(MAGIC) + 4)
-        fh.write(head.ljust(room))
-        fh.seek(0, os.SEEK_END)
-
-
-def open_regular(path: Path):
-    """Open a gallery file for reading without following a symbolic link or blocking on a FIFO;
-    anything but a regular file is a one-line GalleryError (OSError for a missing file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise GalleryError(f"{path} is a symbolic link; a gallery's files must be plain files inside "
-                               "its folder") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise GalleryError(f"{path} is not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def read_index_header(path: Path, verify: bool = False) -> dict:
-    """Read and check the header of an index file (GalleryError when it is not one); ``verify`` also
-    checks the payload's length and crc32 (reading the file through, without parsing it)."""
-    try:
-        with open_regular(path) as fh:
-            header = _read_header(fh, path)
-            if verify:
-                _check_payload(fh, path, header)
-            return header
-    except OSError as exc:
-        raise GalleryError(f"cannot read gallery index {path}: {exc.strerror or exc}") from None
-
-
-def _check_payload(fh, path: Path, header: dict) -> None:
-    """Verify the payload after the header (length, streamed crc32) and rewind to its start."""
-    start = fh.tell()
-    size = os.fstat(fh.fileno()).st_size - start
-    if size != header["payload_len"]:
-        raise GalleryError(f"{path} is truncated or padded ({size} of {header['payload_len']} bytes)")
-    crc = 0
-    while block := fh.read(1 << 24):
-        crc = zlib.crc32(block, crc)
-    if crc != header["crc32"]:
-        raise GalleryError(f"{path} is corrupt (checksum mismatch)")
-    fh.seek(start)
-
-
-def _read_header(fh, path: Path) -> dict:
-    magic = fh.read(len(MAGIC))
-    if magic != MAGIC:
-        raise GalleryError(f"{path} is not a facemeta gallery index (bad magic bytes)")
-    raw = fh.read(4)
-    if len(raw) != 4:
-        raise GalleryError(f"{path} is truncated (no header)")
-    (n,) = struct.unpack("<I", raw)
-    if n > 1 << 30:
-        raise GalleryError(f"{path} is corrupt (header length {n})")
-    head = fh.read(n)
-    try:
-        header = json.loads(head)
-        for key in ("generation", "crc32", "payload_len", "dim", "ntotal", "count"):
-            if not isinstance(header[key], int) or isinstance(header[key], bool):
-                raise TypeError(key)
-        for key in ("kind", "spec"):
-            header[key]  # noqa: B018 - presence check
-    except (ValueError, KeyError, TypeError):
-        raise GalleryError(f"{path} is corrupt (unreadable header)") from None
-    return header
-
-
-def load_index(path: Path) -> tuple[BuiltIndex, dict]:
-    """Read an index file, verify its checksum and shape, and return it with its header.
-
-    Raises GalleryError (never crashes) when the file is truncated, corrupt or not an index:
-    the whole payload's crc32 is verified (streaming) before FAISS parses a single byte.
-    """
-    try:
-        with open_regular(path) as fh:
-            header = _read_header(fh, path)
-            _check_payload(fh, path, header)
-            try:
-                index = faiss.read_index(faiss.PyCallbackIOReader(fh.read))
-            except RuntimeError as exc:
-                raise GalleryError(f"{path} is corrupt (FAISS cannot read it: {str(exc).splitlines()[0][:120]})") from None
-    except OSError as exc:
-        raise GalleryError(f"cannot read gallery index {path}: {exc.strerror or exc}") from None
-    try:
-        spec = IndexSpec(**header["spec"])
-    except TypeError:
-        raise GalleryError(f"{path} is corrupt (bad index settings in its header)") from None
-    if index.d != header["dim"] or index.ntotal != header["ntotal"]:
-        raise GalleryError(f"{path} is corrupt (index shape disagrees with its header)")
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise GalleryError(f"{path} does not use inner-product search")
-    built = BuiltIndex(index, spec, header["kind"], int(header["dim"]), set(header["tombstones"]),
-                       int(header.get("trained_on", 0)), int(header.get("nlist", 0)))
-    set_search_params(built, spec)
-    return built, header
-
-
-# ---------------------------------------------------------------------------------------------
-# From embedding hits to identities.
-
-def rank_identities(scores: np.ndarray, ids: np.ndarray, identity_of: dict[int, int], k: int) -> list[tuple[int, float, int]]:
-    """Best-match ranking: the first k distinct identities among hits sorted by score.
-
-    Returns (identity_id, score, embedding_id) tuples; an identity's score is its best embedding's.
-    """
-    out: list[tuple[int, float, int]] = []
-    seen: set[int] = set()
-    for score, eid in zip(scores.tolist(), ids.tolist(), strict=True):
-        if eid < 0:
-            continue
-        ident = identity_of.get(eid)
-        if ident is None or ident in seen:
-            continue
-        seen.add(ident)
-        out.append((ident, float(score), int(eid)))
-        if len(out) == k:
-            break
-    return out
-
-
-def mean_scores(query: np.ndarray, vectors_by_identity: dict[int, tuple[np.ndarray, np.ndarray]]
-                ) -> list[tuple[int, float, int]]:
-    """Mean-match scores: each identity's mean cosine over all its embeddings (and its best embedding id)."""
-    out = []
-    for ident, (eids, vecs) in vectors_by_identity.items():
-        sims = vecs @ query
-        out.append((ident, float(sims.mean()), int(eids[int(np.argmax(sims))])))
-    out.sort(key=lambda t: -t[1])
-    return out
-
-
 def index_ids(built: BuiltIndex) -> np.ndarray:
-    """Every id stored in the index (tombstones included), sorted: the open-time consistency check
-    compares these with the database's ids."""
+    """Every id stored in the index (tombstones included), sorted (``live_ids`` leaves the tombstones out)."""
     index = built.index
     if hasattr(index, "id_map"):
         ids = faiss.vector_to_array(index.id_map)
@@ -422,6 +249,15 @@ def index_ids(built: BuiltIndex) -> np.ndarray:
                  for lst in range(ivf.nlist) if inv.list_size(lst)]
         ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
     return np.sort(ids.astype(np.int64))
+
+
+def live_ids(built: BuiltIndex) -> np.ndarray:
+    """Every id the index answers with (its stored ids minus the tombstones), sorted: reconciling the
+    index with the database and the integrity check compare these with the database's ids."""
+    ids = index_ids(built)
+    if built.tombstones:
+        ids = ids[~np.isin(ids, tombstone_ids(built))]
+    return ids
 
 
 def stored_vectors(built: BuiltIndex, ids: np.ndarray, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,59 @@
+"""What an evaluation scores: the aligned rows of a shared set (with its pairs protocol, or all pairs), of a
+folder of images, or of a manifest, aligned through the cache (only the images the protocol needs)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from facemeta.align.cache import aligned_dir
+from facemeta.align.pipeline import align_rows
+from facemeta.data.manifest import first_per_identity, read_manifest
+from facemeta.data.sets import PAIR_SETS, PRE_CROPPED_SETS, SET_NAMES
+from facemeta.errors import ConfigError
+
+
+def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds: set[int] | None = None,
+                   limit_per_identity: int | None = None, data: str | None = None, cache: str | None = None,
+                   progress: bool = False, chip: str = "arcface") -> tuple[list, list | None, str]:
+    """Aligned rows (and a pair list or None) of a set for evaluation, plus a label for reports.
+
+    Only the images a protocol needs are aligned (LFW pairs.txt folds name about 7.7k of its 13k images).
+    """
+    if set_name in SET_NAMES:
+        from facemeta.data.sets import read_pairs, read_set
+
+        use_pairs = set_name in PAIR_SETS and protocol != "all"
+        if protocol == "pairs" and set_name not in PAIR_SETS:
+            raise ConfigError(f"--protocol pairs: set '{set_name}' has no pair list (use all)")
+        raw = read_set(set_name, data)
+        pairs = None
+        if use_pairs:
+            pairs = read_pairs(set_name, data)
+            if folds:
+                pairs = [p for p in pairs if p.fold in folds]
+            wanted = {str(Path(p.a)) for p in pairs} | {str(Path(p.b)) for p in pairs}
+            raw = [r for r in raw if str(Path(r.path)) in wanted]
+        else:
+            raw = first_per_identity(raw, limit_per_identity)
+        rows, _failures = align_rows(raw, aligned_dir(set_name, align_size, chip, cache), size=align_size,
+                                     pre_cropped=set_name in PRE_CROPPED_SETS, progress=progress, chip=chip)
+        label = set_name + (" pairs.txt" if use_pairs else " all pairs")
+        if use_pairs and folds:
+            label += f" folds {','.join(str(f) for f in sorted(folds))}"
+        return rows, pairs, label
+    path = Path(set_name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return first_per_identity(read_manifest(path), limit_per_identity), None, f"{path.name} all pairs"
+    if path.is_dir():
+        from facemeta.data.folder import image_folder
+
+        raw = first_per_identity(image_folder(path), limit_per_identity)
+        if not raw:
+            raise ConfigError(f"--set {set_name}: no images in this folder")
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        dst = aligned_dir(f"folder-{path.name}-{digest}", align_size, chip, cache)
+        rows, _failures = align_rows(raw, dst, size=align_size, progress=progress, chip=chip)
+        return rows, None, f"{path.name} all pairs"
+    raise ConfigError(f"--set must be one of {', '.join(SET_NAMES)}, an image folder or a manifest .csv; "
+                      f"{set_name!r} is none of these")

@@ -1,0 +1,133 @@
+"""The unseen-domain benchmark of DESIGN.md: leave one domain out, every method, every seed.
+
+For each target T in {yaleb, orl, mfr2}: train on LFW people.txt folds 1-5 plus the other two
+small sets (three source domains), then evaluate on all of T (every same-identity pair positive,
+every cross-identity pair negative; MFR2 also on its own pairs.txt) and on LFW pairs.txt folds
+6-10 (identity-disjoint from training, in-domain). Every method gets the same training preset
+(backbone, data, image size, augmentation, steps and images per step), so the budget in images
+seen is the same (facemeta.train.methods).
+
+Runs are resumable: a run whose result.json exists is skipped, a run with a training state is resumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from facemeta.data.manifest import first_per_identity
+from facemeta.experiments.presets import BenchPreset, grid, run_config, run_dir
+from facemeta.experiments.summary import write_summary
+from facemeta.train.data import prepare_data
+
+
+def _lfw_pairs(k: int | None, root: str | None = None) -> list:
+    """LFW pairs.txt folds 6-10 (the first k same and k different pairs of each fold when k is set)."""
+    from facemeta.data.sets import read_pairs
+
+    pairs = [p for p in read_pairs("lfw", root) if p.fold >= 6]
+    if k is None:
+        return pairs
+    out, count = [], {}
+    for p in pairs:
+        key = (p.fold, p.same)
+        if count.get(key, 0) < k:
+            count[key] = count.get(key, 0) + 1
+            out.append(p)
+    return out
+
+
+def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dict[str, Any]:
+    """Metrics of one trained model on its unseen target (and MFR2's pairs) and LFW folds 6-10."""
+    from facemeta.align.cache import aligned_set
+    from facemeta.data.sets import read_pairs
+    from facemeta.eval.benchmark import evaluate_rows
+    from facemeta.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(model_path)
+    size, chip, root, cache = cfg.data.align_size, cfg.data.align_chip, cfg.data.root, cfg.data.cache
+    out: dict[str, Any] = {}
+    rows = first_per_identity(aligned_set(target, size, data=root, cache=cache, chip=chip),
+                              preset.target_limit_per_identity)
+    out[target] = evaluate_rows(model, rows, flip=preset.flip)
+    if target == "mfr2":
+        out["mfr2-pairs"] = evaluate_rows(model, rows, pairs=read_pairs("mfr2", root), flip=preset.flip)
+    pairs, lfw_rows = _lfw_eval_rows(preset.lfw_pairs_per_fold, root, cache, size, cfg.data.align_workers, chip)
+    out["lfw"] = evaluate_rows(model, lfw_rows, pairs=pairs, flip=preset.flip)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _lfw_eval_rows(k: int | None, root: str | None, cache: str | None, size: int, workers: int,
+                   chip: str = "arcface") -> tuple[list, list]:
+    """LFW folds 6-10 pairs and their aligned rows, aligned (cached) once per process, not once per run."""
+    from facemeta.align.cache import aligned_dir
+    from facemeta.align.pipeline import align_rows
+    from facemeta.data.sets import read_set
+
+    pairs = _lfw_pairs(k, root)
+    wanted = {Path(p).stem for pr in pairs for p in (pr.a, pr.b)}
+    raw = [r for r in read_set("lfw", root) if Path(r.path).stem in wanted]
+    rows, _ = align_rows(raw, aligned_dir("lfw", size, chip, cache), size=size, workers=workers,
+                         progress=False, chip=chip)
+    return pairs, rows
+
+
+def run_one(preset: BenchPreset, target: str, method: str, seed: int, data_root: str | None = None,
+            progress: bool = False) -> dict[str, Any]:
+    """Train (or resume) and evaluate one run; returns its result (cached in result.json)."""
+    from facemeta.atomic import atomic_write
+    from facemeta.train.state import STATE_FILE
+    from facemeta.train.trainer import Trainer
+
+    folder = run_dir(preset, target, method, seed)
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    cfg = run_config(preset, target, method, seed, data_root)
+    t0 = time.perf_counter()
+    final = folder / "model.safetensors"
+    if not final.is_file():
+        resume = (folder / "checkpoints" / STATE_FILE).is_file()
+        final = Trainer(cfg, prepare_data(cfg), resume=resume, progress=progress).fit()
+    t_train = time.perf_counter() - t0
+    metrics = evaluate_run(final, cfg, preset, target)
+    result = {"target": target, "method": method, "seed": seed, "train_seconds": t_train,
+              "eval_seconds": time.perf_counter() - t0 - t_train, "steps": cfg.steps,
+              "images_seen": cfg.steps * len(cfg.data.sources) * cfg.sampler.identities_per_domain * 2,
+              "metrics": metrics}
+    with atomic_write(done) as fh:
+        json.dump(result, fh, indent=1)
+    return result
+
+
+def finished_results(preset: BenchPreset) -> list[dict[str, Any]]:
+    """The results of the runs of the grid that have finished (their result.json), in grid order."""
+    out = []
+    for t, m, s in grid(preset):
+        done = run_dir(preset, t, m, s) / "result.json"
+        if done.is_file():
+            out.append(json.loads(done.read_text(encoding="utf-8")))
+    return out
+
+
+def run_benchmark(preset: BenchPreset, out_dir: Path, data_root: str | None = None,
+                  log: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+    """Every (target, method, seed) run of the preset, then the summary files in out_dir."""
+    cells = grid(preset)
+    results = []
+    t0 = time.perf_counter()
+    for i, (t, m, s) in enumerate(cells, 1):
+        cached = (run_dir(preset, t, m, s) / "result.json").is_file()
+        log(f"[{i}/{len(cells)}] target={t} method={m} seed={s}" + (" (done, skipped)" if cached else " ..."))
+        r = run_one(preset, t, m, s, data_root, progress)
+        results.append(r)
+        if not cached:
+            tar = r["metrics"][t].get("tar@far=1e-2")
+            log(f"    {t} TAR@FAR=1e-2 {tar:.3f}  train {r['train_seconds']:.0f}s  eval {r['eval_seconds']:.0f}s  "
+                f"(elapsed {time.perf_counter() - t0:.0f}s)")
+    return write_summary(preset, results, out_dir)

@@ -1,0 +1,47 @@
+"""A gallery's files opened as plain files: never through a symbolic link, never anything but a regular file.
+
+The lock (lock.py) and the index are opened without following symbolic links and must be regular
+files; the SQLite files are checked the same way before SQLite opens them (it would follow a link);
+the index is replaced by rename, which replaces a link rather than writing through it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from facemeta.errors import GalleryError
+
+
+def open_regular(path: Path):
+    """Open a gallery file for reading without following a symbolic link or blocking on a FIFO;
+    anything but a regular file is a one-line GalleryError (OSError for a missing file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise GalleryError(f"{path} is a symbolic link; a gallery's files must be plain files inside "
+                               "its folder") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GalleryError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def check_plain_files(db: Path) -> None:
+    """Refuse SQLite files (the database, its -wal and -shm) that are symbolic links or not regular files,
+    before SQLite opens them: it follows links, so the writer would change a file outside the gallery folder."""
+    for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        try:
+            mode = os.lstat(p).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise GalleryError(f"cannot read {p}: {exc.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise GalleryError(f"{p} is a symbolic link; a gallery's files must be plain files inside its folder")
+        if not stat.S_ISREG(mode):
+            raise GalleryError(f"{p} is not a regular file")

@@ -1,0 +1,110 @@
+"""A run's source data, prepared before its Trainer is built: read each source set, keep what the config
+selects, align it into the cache, and split identities into training and held-out parts.
+
+The caller prepares the data and hands it to the Trainer (``Trainer(cfg, prepare_data(cfg))``); under
+torchrun every process prepares it, and the aligned cache's lock lets one process align while the others
+wait and then read what it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from facemeta.data.manifest import ManifestRow
+from facemeta.errors import ConfigError
+from facemeta.train.config import SourceSpec, TrainConfig
+
+
+@dataclass
+class SourceData:
+    """Aligned rows of the source domains, split by identity into training and held-out parts."""
+
+    train: list[ManifestRow]
+    heldout: list[ManifestRow]
+    failures: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per domain (identities, images) of both parts, for logs and checkpoint meta."""
+        out: dict[str, Any] = {}
+        for part, rows in (("train", self.train), ("heldout", self.heldout)):
+            per: dict[str, dict[str, Any]] = defaultdict(lambda: {"identities": set(), "images": 0})
+            for r in rows:
+                per[r.domain]["identities"].add(r.identity)
+                per[r.domain]["images"] += 1
+            out[part] = {d: {"identities": len(v["identities"]), "images": v["images"]} for d, v in sorted(per.items())}
+        out["alignment_failures"] = dict(self.failures)
+        return out
+
+
+def group_by_identity(rows: list[ManifestRow]) -> dict[str, list[ManifestRow]]:
+    """Rows by identity, in their original order."""
+    groups: dict[str, list[ManifestRow]] = defaultdict(list)
+    for r in rows:
+        groups[r.identity].append(r)
+    return groups
+
+
+def select_source_rows(spec: SourceSpec, root: str | None = None) -> list[ManifestRow]:
+    """The raw (unaligned) rows a source spec asks for: people folds, min images, size caps."""
+    from facemeta.data.sets import read_set
+
+    rows = read_set(spec.set, root)
+    if spec.people_folds:
+        folds = {str(f) for f in spec.people_folds}
+        rows = [r for r in rows if r.extra.get("people_fold") in folds]
+    groups = group_by_identity(rows)
+    names = sorted(n for n, g in groups.items() if len(g) >= spec.min_images)
+    if spec.max_identities is not None:
+        names = names[:spec.max_identities]
+    out: list[ManifestRow] = []
+    for n in names:
+        g = groups[n]
+        out.extend(g[:spec.limit_per_identity] if spec.limit_per_identity else g)
+    return out
+
+
+def heldout_identities(names: list[str], fraction: float, minimum: int, keep: int) -> set[str]:
+    """Identities held out of training: a fixed hash order (same for every seed and method)."""
+    n = max(minimum, int(round(fraction * len(names))))
+    n = min(n, len(names) - keep)
+    if n < 2:
+        return set()
+    ordered = sorted(names, key=lambda s: hashlib.sha1(s.encode("utf-8")).hexdigest())
+    return set(ordered[:n])
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
+    """Align (cached) the source domains' selected images and split identities train / held-out.
+
+    Images are aligned into facemeta.align.pipeline.aligned_dir (shared with aligned_set);
+    identities with fewer than `min_images` aligned images are dropped. Identity names are made
+    domain-qualified (``lfw/Name``) so classes of different domains never merge.
+    """
+    from facemeta.align.cache import aligned_dir
+    from facemeta.align.pipeline import align_rows
+    from facemeta.data.sets import PRE_CROPPED_SETS
+
+    train: list[ManifestRow] = []
+    heldout: list[ManifestRow] = []
+    failures: dict[str, int] = {}
+    keep = cfg.sampler.identities_per_domain
+    for spec in cfg.data.sources:
+        raw = select_source_rows(spec, cfg.data.root)
+        dst = aligned_dir(spec.set, cfg.data.align_size, cfg.data.align_chip, cfg.data.cache)
+        aligned, failed = align_rows(raw, dst, size=cfg.data.align_size, workers=cfg.data.align_workers,
+                                     pre_cropped=spec.set in PRE_CROPPED_SETS, progress=progress,
+                                     chip=cfg.data.align_chip)
+        failures[spec.set] = len(failed)
+        groups = {n: g for n, g in group_by_identity(aligned).items() if len(g) >= spec.min_images}
+        held = heldout_identities(sorted(groups), cfg.eval.heldout_fraction, cfg.eval.min_heldout, keep)
+        if len(groups) - len(held) < keep:
+            raise ConfigError(f"data.sources: {spec.set} has {len(groups) - len(held)} training identities with "
+                              f">= {spec.min_images} aligned images; sampler.identities_per_domain={keep} needs more")
+        for name in sorted(groups):
+            for r in groups[name]:
+                row = ManifestRow(r.path, f"{spec.set}/{name}", spec.set, dict(r.extra))
+                (heldout if name in held else train).append(row)
+    return SourceData(train, heldout, failures)
