@@ -159,18 +159,24 @@ class FaceRecognizer:
 
     # -- verbs
     def enroll(self, name: str, images: str | os.PathLike | Sequence[str | os.PathLike],
-               on_image: Callable[[Path], None] | None = None, force: bool = False) -> EnrollResult:
+               on_image: Callable[[Path], None] | None = None, force: bool = False,
+               sources: Sequence[str] | None = None) -> EnrollResult:
         """Add every usable image of one person (files or folders; one face per image by the select
         policy) in one transaction. A file whose bytes (sha256) are already enrolled for that person,
         or repeat an earlier file of this call, is skipped as already enrolled unless ``force``;
-        unusable images are reported in ``skipped``. If no image is usable, NoFaceError with the reason."""
+        unusable images are reported in ``skipped``. If no image is usable, NoFaceError with the reason.
+        ``sources`` (one per image file given) is what the gallery records as each photo's source instead of
+        its path (e.g. ``upload:ada.jpg`` for a file that will not outlive the call)."""
         name = check_name(name)  # a bad name is refused before any image is read
         paths = image_files([images] if isinstance(images, str | os.PathLike) else images)
         if not paths:
             raise GalleryError(f"no images given for {name!r}")
+        if sources is not None and len(sources) != len(paths):
+            raise GalleryError(f"{len(sources)} source labels for {len(paths)} images of {name!r}")
+        label = dict(zip(paths, sources, strict=True)) if sources is not None else {}
         known = set() if force or not self.exists() else self.gallery(write=True).content_hashes(name)
         result = EnrollResult()
-        vecs, sources, scores, hashes, failures = [], [], [], [], []
+        vecs, recorded, scores, hashes, failures = [], [], [], [], []
         first_of: dict[str, Path] = {}
         for p in paths:
             digest = file_sha256(p)
@@ -184,7 +190,7 @@ class FaceRecognizer:
                 try:
                     v, face = self.embedder.embed_file(p)
                     vecs.append(v)
-                    sources.append(str(p.resolve()))
+                    recorded.append(label.get(p) or str(p.resolve()))
                     scores.append(float(face.score))
                     hashes.append(digest)
                     if digest is not None:
@@ -199,7 +205,7 @@ class FaceRecognizer:
             raise NoFaceError(f"none of the {len(paths)} image(s) for {name!r} gave a usable face: {failures[0]}{more}")
         if vecs:
             g = self.gallery(write=True)
-            g.enroll(name, np.stack(vecs), fingerprint=self.embedder.fingerprint, sources=sources, scores=scores,
+            g.enroll(name, np.stack(vecs), fingerprint=self.embedder.fingerprint, sources=recorded, scores=scores,
                      content_hashes=hashes)
             result.added[name] = len(vecs)
         return result
