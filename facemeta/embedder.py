@@ -6,6 +6,11 @@ default; ``align_chip`` says which template: DESIGN.md's, or dlib's chip for mod
 embeds it exactly as training and evaluation do (resize to the model's input size, normalise, flip test-time
 augmentation). The calibrated verification threshold travels with the
 checkpoint (meta ``threshold`` at false-accept rate ``threshold_far``).
+
+``runtime="onnx"`` runs the embedding network through ONNX Runtime instead (detection and alignment stay in
+torch): a graph exported by :func:`export_checkpoint_onnx` (``facemeta export``), given as ``onnx_path`` or
+built on first use into ``cache_root()/onnx/<fingerprint>.onnx``. The fingerprint stays the checkpoint's, so a
+gallery works with either runtime.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from facemeta.errors import CheckpointError, NoFaceError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 MODEL_ENV = "FACEMETA_MODEL"
+RUNTIMES = ("torch", "onnx")
+CHECK_FACES = 8  # real faces of the ONNX parity check at export
 
 
 def default_model_path() -> Path:
@@ -79,31 +86,108 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def checkpoint_path(model_path: str | os.PathLike | None) -> Path:
+    """The .safetensors file a model argument names (the file, its .json sidecar or a bare stem; None: default)."""
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if path.suffix == ".json":  # the sidecar names the same checkpoint
+        return path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors":  # a bare stem, as load_checkpoint accepts
+        return path.with_name(path.name + ".safetensors")
+    return path
+
+
+def onnx_cache_path(fingerprint: str) -> Path:
+    """Where ``runtime="onnx"`` keeps the graph it exports on first use: cache_root()/onnx/<fingerprint>.onnx."""
+    from facemeta.paths import cache_root
+
+    return cache_root() / "onnx" / f"{fingerprint}.onnx"
+
+
+def check_faces(align_size: int, chip: str, images: list[str | os.PathLike] | None = None,
+                count: int = CHECK_FACES) -> tuple[np.ndarray, str]:
+    """Aligned faces for the ONNX parity check -> (uint8 [N,S,S,3], where they came from).
+
+    `images`: photos to use (one face each, the largest); default: `count` LFW photos spread over the shared
+    face data. Without that data (an installed facemeta elsewhere) random pixels stand in, and say so."""
+    from facemeta.align.detect import FaceDetector, select_faces
+    from facemeta.align.warp import warp_face
+    from facemeta.images import load_image
+
+    source = "images given"
+    if images is None:
+        from facemeta.data.sets import read_set
+        from facemeta.paths import DataNotFoundError
+
+        try:
+            rows = sorted(read_set("lfw"), key=lambda r: r.path)
+        except DataNotFoundError:
+            noise = np.random.default_rng(0).integers(0, 256, (count, align_size, align_size, 3), dtype=np.uint8)
+            return noise, "random pixels (no face data found; pass images to check on real faces)"
+        step = max(1, len(rows) // (3 * count))
+        images, source = [r.path for r in rows[::step]], "LFW"
+        images = images[:count + 4]  # a few spare photos where MTCNN misses a face
+    loaded = [load_image(p) for p in images]
+    faces = [warp_face(image, select_faces(found, "largest")[0].landmarks, align_size, chip)
+             for image, found in zip(loaded, FaceDetector().detect_batch(loaded, min_face_fraction=0.25), strict=True)
+             if found][:count]
+    if not faces:
+        raise NoFaceError("no face found in the images of the ONNX parity check")
+    return np.stack(faces), f"{len(faces)} {source} faces aligned by facemeta"
+
+
+def export_checkpoint_onnx(model_path: str | os.PathLike | None, out: str | os.PathLike, opset: int | None = None,
+                           flip: bool = True, images: list[str | os.PathLike] | None = None) -> dict:
+    """Export a checkpoint's embedding network to `out` (.onnx) with its JSON contract beside it, after checking
+    ONNX Runtime against torch (cosine >= 0.9999) on real aligned faces (see :func:`check_faces`); returns the
+    contract. Nothing is written when the check fails (a one-line CheckpointError)."""
+    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.models.onnx_export import DEFAULT_OPSET, build_contract, export_onnx
+
+    if Path(out).suffix != ".onnx":
+        raise CheckpointError(f"the ONNX file must end in .onnx, got {out}")
+    path = checkpoint_path(model_path)
+    model, meta = load_checkpoint(path)
+    settings = check_model_meta(meta, path.with_suffix(".json"))
+    contract = build_contract(model.config, settings, file_fingerprint(path), opset or DEFAULT_OPSET, flip,
+                              checkpoint=path.name)
+    faces, source = check_faces(settings["align_size"], settings["align_chip"], images)
+    contract["parity"] = {"source": source}
+    return export_onnx(model, out, contract, faces, opset=opset or DEFAULT_OPSET)
+
+
 class FaceEmbedder:
     """Detect, align and embed faces with a trained facemeta model.
 
     model_path: a checkpoint (.safetensors with its .json); None uses :func:`default_model_path`.
     device: torch device for the model and MTCNN. select: which face of a photo ``embed_file``
     uses ('largest' or 'confident'). flip: flip test-time augmentation (as in evaluation).
+    runtime: 'torch', or 'onnx' to embed with ONNX Runtime on the CPU (``model`` is then None);
+    onnx_path: the exported graph (its contract must name this checkpoint's fingerprint); None exports
+    the checkpoint into the cache on first use (:func:`onnx_cache_path`).
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, device: str = "cpu", select: str = "largest",
-                 flip: bool = True):
+                 flip: bool = True, runtime: str = "torch", onnx_path: str | os.PathLike | None = None):
         from facemeta.align.detect import POLICIES
         from facemeta.checks import check_device
-        from facemeta.models.checkpoint import load_checkpoint
+        from facemeta.models.checkpoint import load_checkpoint, read_checkpoint_info
 
         if select not in POLICIES or select == "all":
             raise ValueError(f"select must be 'largest' or 'confident', not {select!r}")
-        path = Path(model_path) if model_path is not None else default_model_path()
-        if path.suffix == ".json":  # the sidecar names the same checkpoint
-            path = path.with_suffix(".safetensors")
-        elif path.suffix != ".safetensors":  # a bare stem, as load_checkpoint accepts
-            path = path.with_name(path.name + ".safetensors")
-        self.model_path = path
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        if onnx_path is not None and runtime != "onnx":
+            raise ValueError("onnx_path needs runtime='onnx'")
+        self.model_path = checkpoint_path(model_path)
         device = check_device(device)
-        self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
-        self.model.to(device).eval()
+        self.runtime = runtime
+        self._fingerprint: str | None = None
+        self.onnx_model = None
+        if runtime == "torch":
+            self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
+            self.model.to(device).eval()
+        else:  # the graph's contract must name these weights; thresholds come from the (recalibratable) sidecar
+            self.model, self.meta = None, dict(read_checkpoint_info(self.model_path).get("meta") or {})
         self.device = device
         self.select = select
         self.flip = flip
@@ -113,7 +197,30 @@ class FaceEmbedder:
         self._threshold = settings["threshold"]
         self._threshold_far = settings["threshold_far"]
         self._detector = None
-        self._fingerprint: str | None = None
+        if runtime == "onnx":
+            self.onnx_model = self._onnx_model(onnx_path)
+
+    def _onnx_model(self, onnx_path: str | os.PathLike | None):
+        """The ONNX Runtime model of this checkpoint: `onnx_path`, or the cached export (built when missing or
+        unusable). Its contract must name this checkpoint and the chip the faces are aligned onto."""
+        from facemeta.models.onnx_export import OnnxEmbeddingModel, require_onnxruntime
+
+        require_onnxruntime()
+        if onnx_path is not None:
+            model = OnnxEmbeddingModel(onnx_path, fingerprint=self.fingerprint)
+        else:
+            cached = onnx_cache_path(self.fingerprint)
+            try:
+                model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint)
+            except CheckpointError:  # missing, stale or damaged: it is only a cache
+                export_checkpoint_onnx(self.model_path, cached)
+                model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint)
+        c = model.contract
+        if (c.get("align_size"), c.get("align_chip")) != (self.align_size, self.align_chip):
+            raise CheckpointError(f"{model.path.name} expects faces aligned at {c.get('align_size')} px onto the "
+                                  f"{c.get('align_chip')} chip, the checkpoint at {self.align_size} px onto "
+                                  f"{self.align_chip}; export it again")
+        return model
 
     # -- properties
     @property
@@ -145,11 +252,15 @@ class FaceEmbedder:
     @property
     def embedding_size(self) -> int:
         """Length of the embedding vectors."""
+        if self.onnx_model is not None:
+            return self.onnx_model.embedding_size
         return int(self.model.config.embedding_size)
 
     # -- embedding
     def embed_aligned(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E]."""
+        """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E] (torch or ONNX Runtime)."""
+        if self.onnx_model is not None:
+            return self.onnx_model.embed(faces, flip=self.flip)
         from facemeta.models.backbone import embed
 
         return embed(self.model, faces, flip=self.flip)
