@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from facemeta.errors import CheckpointError, NoFaceError
+from facemeta.errors import CheckpointError, FacemetaError, NoFaceError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 MODEL_ENV = "FACEMETA_MODEL"
@@ -155,6 +157,24 @@ def export_checkpoint_onnx(model_path: str | os.PathLike | None, out: str | os.P
     return export_onnx(model, out, contract, faces, opset=opset or DEFAULT_OPSET)
 
 
+@dataclass(frozen=True)
+class Verification:
+    """The answer of :meth:`FaceEmbedder.verify`: the cosine score, the threshold it was compared with (and
+    the false-accept rate it was calibrated at; None for a threshold the caller gave), the decision, and
+    each photo's face (box, detector score, landmarks) as a dict."""
+
+    score: float
+    threshold: float
+    threshold_far: float | None
+    same: bool
+    faces: list[dict]
+
+    @property
+    def decision(self) -> str:
+        """'same' or 'different'."""
+        return "same" if self.same else "different"
+
+
 class FaceEmbedder:
     """Detect, align and embed faces with a trained facemeta model.
 
@@ -265,12 +285,13 @@ class FaceEmbedder:
 
         return embed(self.model, faces, flip=self.flip)
 
-    def _faces(self, image: np.ndarray):
-        """Faces in an image: MTCNN directly, then the alignment pipeline's fallback routes."""
+    def _faces(self, image: np.ndarray, found: list | None = None):
+        """Faces in an image: MTCNN directly (or `found`, what a batched MTCNN pass saw), then the alignment
+        pipeline's fallback routes."""
         from facemeta.align.detect import Face
         from facemeta.align.pipeline import align_image
 
-        faces = self.detector.detect(image)
+        faces = self.detector.detect(image) if found is None else found
         if faces:
             return faces
         res = align_image(image, self.detector, size=self.align_size, select=self.select, chip=self.align_chip)
@@ -285,17 +306,40 @@ class FaceEmbedder:
         return load_image(path)
 
     def embed_all(self, path: str | os.PathLike) -> list[tuple[np.ndarray, object]]:
-        """Every face of an image file -> [(unit vector (E,), Face)], most confident first (may be empty)."""
+        """Every face of an image file -> [(unit vector (E,), Face)], most confident first (may be empty);
+        an unreadable file raises its ImageReadError."""
+        _, faces = next(self.embed_all_files([path]))
+        if isinstance(faces, Exception):
+            raise faces
+        return faces
+
+    def embed_all_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 16
+                        ) -> Iterator[tuple[str | os.PathLike, list[tuple[np.ndarray, object]] | FacemetaError]]:
+        """Every face of each image file, in batches of `batch_size` images: decode, one MTCNN pass over the
+        batch (images of equal size share a call), the fallback routes for images without a face, warp, embed
+        every face of the batch together. Yields (path, [(unit vector, Face)] most confident first) in order,
+        or (path, the FacemetaError of a file that could not be read); the model and MTCNN load once."""
         from facemeta.align.detect import select_faces
         from facemeta.align.warp import warp_face
 
-        image = self._load(path)
-        faces = select_faces(self._faces(image), "all")
-        if not faces:
-            return []
-        crops = np.stack([warp_face(image, f.landmarks, self.align_size, self.align_chip) for f in faces])
-        vectors = self.embed_aligned(crops)
-        return list(zip(vectors, faces, strict=True))
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            images: dict[int, np.ndarray] = {}
+            errors: dict[int, FacemetaError] = {}
+            for i, path in enumerate(chunk):
+                try:
+                    images[i] = self._load(path)
+                except FacemetaError as exc:
+                    errors[i] = exc
+            found = self.detector.detect_batch([images[i] for i in images]) if images else []
+            faces = {i: select_faces(self._faces(images[i], f), "all") for i, f in zip(images, found, strict=True)}
+            crops = [warp_face(images[i], f.landmarks, self.align_size, self.align_chip)
+                     for i in faces for f in faces[i]]
+            vectors = iter(self.embed_aligned(np.stack(crops)) if crops else [])
+            for i, path in enumerate(chunk):
+                yield path, errors[i] if i in errors else [(next(vectors), f) for f in faces[i]]
 
     def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, object]:
         """One face of an image file (by the select policy) -> (unit vector (E,), Face); NoFaceError if none."""
@@ -341,8 +385,8 @@ class FaceEmbedder:
         return float(np.dot(np.asarray(a, np.float32), np.asarray(b, np.float32)))
 
     def verify(self, path_a: str | os.PathLike, path_b: str | os.PathLike,
-               threshold: float | None = None) -> dict:
-        """Compare the faces of two image files -> {score, threshold, threshold_far, same}."""
+               threshold: float | None = None) -> Verification:
+        """Compare the faces of two image files (one each, by the select policy) -> :class:`Verification`."""
         from facemeta.checks import check_threshold
 
         thr = self.threshold if threshold is None else check_threshold(threshold)
@@ -351,6 +395,5 @@ class FaceEmbedder:
         if thr is None:
             raise CheckpointError(f"{self.model_path} has no calibrated threshold; pass --threshold")
         score = self.similarity(ea, eb)
-        return {"score": score, "threshold": thr,
-                "threshold_far": None if threshold is not None else self.threshold_far,
-                "same": bool(score >= thr), "faces": [fa.to_dict(), fb.to_dict()]}
+        return Verification(score, thr, None if threshold is not None else self.threshold_far, bool(score >= thr),
+                            [fa.to_dict(), fb.to_dict()])

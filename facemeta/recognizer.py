@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,11 +99,14 @@ class FaceRecognizer:
 
     def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
                  select: str = "largest", index: str | IndexSpec = "flat", threshold: float | None = None,
-                 embedder=None) -> None:
+                 embedder=None, runtime: str = "torch", onnx_path: str | os.PathLike | None = None) -> None:
+        from facemeta.checks import check_threshold
         from facemeta.embedder import FaceEmbedder
 
         self.path = Path(gallery)
-        self.embedder = embedder if embedder is not None else FaceEmbedder(model_path, device=device, select=select)
+        self.embedder = embedder if embedder is not None else FaceEmbedder(
+            model_path, device=device, select=select, runtime=runtime, onnx_path=onnx_path)
+        threshold = check_threshold(threshold)
         self.index = index
         self.threshold = threshold
         self._reader: Gallery | None = None
@@ -251,32 +254,60 @@ class FaceRecognizer:
 
     def identify(self, image: str | os.PathLike, top_k: int = 1, threshold: float | None = None) -> list[dict]:
         """Every face in an image: box, detector score, its identity (or "unknown" below the
-        threshold) with its score, and the top-k candidate identities."""
+        threshold) with its score, and the top-k candidate identities. An unreadable file raises."""
+        _, faces = next(self.identify_files([image], top_k, threshold))
+        if isinstance(faces, Exception):
+            raise faces
+        return faces
+
+    def identify_files(self, images: Sequence[str | os.PathLike], top_k: int = 1, threshold: float | None = None,
+                       batch_size: int = 16) -> Iterator[tuple[str | os.PathLike, list[dict] | FacemetaError]]:
+        """:meth:`identify` for many image files with the model and MTCNN loaded once: images are decoded and
+        detected in batches and every face of a batch is searched in one call. Yields (path, faces) in order,
+        or (path, the FacemetaError of a file that could not be read)."""
+        from facemeta.checks import check_threshold
+
         g = self.gallery()
-        faces = self.embedder.embed_all(image)
-        if not faces:
-            return []
-        thr = threshold if threshold is not None else self.threshold
-        vecs = np.stack([v for v, _ in faces])
-        results = g.search(vecs, k=top_k, threshold=thr, fingerprint=self.embedder.fingerprint)
-        out = []
-        for (_, face), matches in zip(faces, results, strict=True):
-            best = matches[0] if matches else None
-            known = best is not None and best.known
-            out.append({"identity": best.name if known else UNKNOWN,
-                        "score": None if best is None else round(best.score, 6),
-                        "box": face.to_dict()["box"], "detector_score": round(float(face.score), 5),
-                        "candidates": [{"identity": m.name, "score": round(m.score, 6), "known": m.known}
-                                       for m in matches]})
-        return out
+        thr = check_threshold(threshold) if threshold is not None else self.threshold
+        if top_k < 1:
+            raise GalleryError(f"top-k must be >= 1, got {top_k}")
+        pending: list[tuple[str | os.PathLike, list | FacemetaError]] = []
+        for path, faces in self.embedder.embed_all_files(list(images), batch_size):
+            pending.append((path, faces))
+            if len(pending) == batch_size:
+                yield from self._search_faces(g, pending, top_k, thr)
+                pending = []
+        yield from self._search_faces(g, pending, top_k, thr)
+
+    def _search_faces(self, g: Gallery, items: list, top_k: int, threshold: float | None) -> Iterator:
+        """One gallery search for every face of `items` [(path, [(vector, Face)] or an error)]."""
+        vectors = [v for _, faces in items if not isinstance(faces, Exception) for v, _ in faces]
+        results = iter(g.search(np.stack(vectors), k=top_k, threshold=threshold,
+                                fingerprint=self.embedder.fingerprint) if vectors else [])
+        for path, faces in items:
+            if isinstance(faces, Exception):
+                yield path, faces
+                continue
+            out = []
+            for _, face in faces:
+                matches = next(results)
+                best = matches[0] if matches else None
+                known = best is not None and best.known
+                out.append({"identity": best.name if known else UNKNOWN,
+                            "score": None if best is None else round(best.score, 6),
+                            "box": face.to_dict()["box"], "detector_score": round(float(face.score), 5),
+                            "candidates": [{"identity": m.name, "score": round(m.score, 6), "known": m.known}
+                                           for m in matches]})
+            yield path, out
 
     def identify_vectors(self, vectors: np.ndarray, threshold: float | None = None):
         """Identify precomputed embeddings of this model (best identity or "unknown" each)."""
         return self.gallery().identify(vectors, threshold=threshold if threshold is not None else self.threshold,
                                        fingerprint=self.embedder.fingerprint)
 
-    def verify(self, a: str | os.PathLike, b: str | os.PathLike, threshold: float | None = None) -> dict:
-        """Same person in two photos? {score, threshold, threshold_far, same, faces} (the model's threshold)."""
+    def verify(self, a: str | os.PathLike, b: str | os.PathLike, threshold: float | None = None):
+        """Same person in two photos? A facemeta.embedder.Verification (score, threshold and its FAR,
+        same, faces; the model's threshold unless one is given)."""
         return self.embedder.verify(a, b, threshold=threshold)
 
     def remove(self, name: str) -> int:

@@ -141,7 +141,7 @@ def test_face_recognizer_api(tmp_path, data_dir, models):
         recs = fr.gallery().records("ada")
         assert recs[0].source.endswith("s1/1.pgm") and 0 < recs[0].score <= 1 and recs[0].fingerprint == emb.fingerprint
         v = fr.verify(orl / "s1/1.pgm", orl / "s1/1.pgm")
-        assert v["same"] and v["score"] > 0.999 and v["threshold"] == 0.5
+        assert v.same and v.decision == "same" and v.score > 0.999 and v.threshold == 0.5
         fr.rename("bob", "robert")
         assert fr.remove("ada") == 2
         assert [i.name for i in fr.list()] == ["robert"]

@@ -206,7 +206,7 @@ def test_verify_cli_runtime_onnx_matches_torch(exported, runtimes, data_dir, cap
     assert code == 0, err
     o, t = json.loads(out), runtimes[0].verify(a, b)
     assert o["runtime"] == "onnx" and o["fingerprint"] == runtimes[0].fingerprint == file_fingerprint(MODEL)
-    assert o["same"] == t["same"] and abs(o["score"] - t["score"]) < 1e-4 and o["threshold_far"] == 1e-3
+    assert o["same"] == t.same and abs(o["score"] - t.score) < 1e-4 and o["threshold_far"] == 1e-3
     err = _one_line_error(capsys, "verify", a, b, "--onnx", exported)
     assert "--runtime onnx" in err
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from facemeta.commands.options import add_runtime_options, runtime_options
 from facemeta.commands.text import shown
 from facemeta.errors import GalleryError, NoFaceError
 
@@ -30,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="which face of a photo with several to enroll")
     p.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat",
                    help="FAISS index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+    add_runtime_options(p)
     p.add_argument("--force", action="store_true",
                    help="enroll photos again even when the same file content is already enrolled for that person")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise GalleryError("give either NAME IMAGES... or --folder DIR, not both")
     if not args.folder and (not args.name or not args.images):
         raise GalleryError("give NAME and at least one image (or --folder DIR)")
-    with FaceRecognizer(args.gallery, args.model, device=args.device, select=args.select, index=args.index) as fr:
+    with FaceRecognizer(args.gallery, args.model, device=args.device, select=args.select, index=args.index,
+                        **runtime_options(args)) as fr:
         if args.folder:
             result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json, force=args.force)
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from facemeta.commands.options import add_runtime_options, runtime_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `verify` and its options."""
@@ -20,12 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--select", choices=["largest", "confident"], default="largest",
                    help="which face of a photo with several to use")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
-                   help="what runs the embedding network: torch, or ONNX Runtime on the CPU (needs "
-                        "pip install 'facemeta[onnx]'; detection stays in torch)")
-    p.add_argument("--onnx", metavar="FILE.onnx",
-                   help="with --runtime onnx: a graph from `facemeta export` for this model (default: exported "
-                        "into the cache on first use)")
+    add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -34,23 +31,18 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 after printing the result (whatever the decision); 1 on bad input (one-line error)."""
     from facemeta.checks import check_threshold
     from facemeta.embedder import FaceEmbedder
-    from facemeta.errors import CheckpointError
 
     check_threshold(args.threshold, "--threshold")
-    if args.onnx and args.runtime != "onnx":
-        raise CheckpointError("--onnx needs --runtime onnx")
-    embedder = FaceEmbedder(args.model, device=args.device, select=args.select, runtime=args.runtime,
-                            onnx_path=args.onnx)
+    embedder = FaceEmbedder(args.model, device=args.device, select=args.select, **runtime_options(args))
     result = embedder.verify(args.a, args.b, threshold=args.threshold)
-    decision = "same" if result["same"] else "different"
     if args.json:
-        print(json.dumps({"a": args.a, "b": args.b, "score": round(result["score"], 6),
-                          "threshold": round(result["threshold"], 6), "threshold_far": result["threshold_far"],
-                          "decision": decision, "same": result["same"], "model": str(embedder.model_path),
-                          "fingerprint": embedder.fingerprint, "runtime": embedder.runtime, "faces": result["faces"]}))
+        print(json.dumps({"a": args.a, "b": args.b, "score": round(result.score, 6),
+                          "threshold": round(result.threshold, 6), "threshold_far": result.threshold_far,
+                          "decision": result.decision, "same": result.same, "model": str(embedder.model_path),
+                          "fingerprint": embedder.fingerprint, "runtime": embedder.runtime, "faces": result.faces}))
     else:
-        far = f" (FAR {result['threshold_far']:g} on held-out source pairs)" if result["threshold_far"] else ""
-        print(f"score: {result['score']:.4f}")
-        print(f"threshold: {result['threshold']:.4f}{far}")
-        print(f"decision: {decision}")
+        far = f" (FAR {result.threshold_far:g} on held-out source pairs)" if result.threshold_far else ""
+        print(f"score: {result.score:.4f}")
+        print(f"threshold: {result.threshold:.4f}{far}")
+        print(f"decision: {result.decision}")
     return 0

@@ -99,7 +99,8 @@ class FaceService:
     """
 
     def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
-                 embedder=None, threads: int | None = None, slots: int | None = None, read_only: bool = False) -> None:
+                 embedder=None, threads: int | None = None, slots: int | None = None, read_only: bool = False,
+                 runtime: str = "torch", onnx_path: str | os.PathLike | None = None) -> None:
         import torch
 
         from facemeta.embedder import FaceEmbedder
@@ -120,7 +121,8 @@ class FaceService:
         if self.path.is_dir() and not (self.path / DB_NAME).exists() and any(self.path.iterdir()):
             raise GalleryError(f"{self.path} holds files but no gallery; give an empty or new folder, or a gallery")
         self.read_only = read_only
-        self.embedder = embedder if embedder is not None else FaceEmbedder(model_path, device=device)
+        self.embedder = embedder if embedder is not None else FaceEmbedder(model_path, device=device, runtime=runtime,
+                                                                           onnx_path=onnx_path)
         _ = self.embedder.fingerprint, self.embedder.detector  # hash the weights and build MTCNN once, now
         self._recognizer_cls = FaceRecognizer
         self.reader = FaceRecognizer(self.path, embedder=self.embedder)  # refuses a gallery of another model
@@ -215,10 +217,9 @@ class FaceService:
             res = self.embedder.verify(paths[0], paths[1], threshold=threshold)
             faces = [{"file": p.name, "box": f["box"], "detector_score": f["score"], "landmarks": f["landmarks"],
                       "aligned": data_url(self._face_jpeg(p, f["landmarks"]))}
-                     for p, f in zip(paths, res["faces"], strict=True)]
-        return {"score": round(float(res["score"]), 6), "threshold": round(float(res["threshold"]), 6),
-                "threshold_far": res["threshold_far"], "decision": "same" if res["same"] else "different",
-                "same": bool(res["same"]), "faces": faces}
+                     for p, f in zip(paths, res.faces, strict=True)]
+        return {"score": round(float(res.score), 6), "threshold": round(float(res.threshold), 6),
+                "threshold_far": res.threshold_far, "decision": res.decision, "same": res.same, "faces": faces}
 
     def identify(self, image: tuple[str | None, BinaryIO], top_k: int = 3, threshold: float | None = None,
                  preview: bool = False) -> dict:
