@@ -145,12 +145,23 @@ def load_benchmark_script(name: str):
     return module
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Run a test on one torch thread (tiny matrices: more threads only add overhead), then restore."""
+def _torch_on_one_thread():
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (tiny matrices: more threads only add overhead), then restore."""
+    yield from _torch_on_one_thread()
+
+
+@pytest.fixture(scope="module")
+def module_on_one_torch_thread():
+    """A whole module on one torch thread (`pytestmark = pytest.mark.usefixtures(...)`): on a busy 2-core
+    machine OpenMP spinning makes MTCNN much slower."""
+    yield from _torch_on_one_thread()

@@ -26,14 +26,7 @@ from facemeta.cli import main
 SEED = 12  # the malformed set is the same on every machine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_torch_thread")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

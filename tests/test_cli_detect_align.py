@@ -10,15 +10,7 @@ import pytest
 from facemeta.cli import main
 from facemeta.data.manifest import read_manifest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_torch_thread")
 
 
 def run_cli(capsys, *argv):

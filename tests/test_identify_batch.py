@@ -14,14 +14,7 @@ from facemeta.cli import main
 SUBJECTS = [f"s{i}" for i in range(1, 11)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_torch_thread")
 
 
 @pytest.fixture(scope="module")

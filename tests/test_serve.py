@@ -25,19 +25,11 @@ MAX_UPLOAD = 1 << 20  # 1 MB: the test photos are ~10 kB
 ORL_ENROLLED = ("s1", "s2", "s3", "s4")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP spinning makes MTCNN much slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def service(prior_model, tmp_path_factory, one_torch_thread):
+def service(prior_model, tmp_path_factory, module_on_one_torch_thread):
     svc = FaceService(tmp_path_factory.mktemp("serve") / "people", prior_model.model_path, slots=2)
     yield svc
     svc.close()

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_benchmark_script
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -40,46 +38,13 @@ def _browser_parts():
     return chromium, driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(prior_model, tmp_path_factory):
-    """`facemeta serve` on a free port; yields (base URL, gallery folder)."""
+    """`facemeta serve` on a free port (one torch thread); yields (base URL, gallery folder)."""
     _browser_parts()  # skip before starting anything
-    folder = tmp_path_factory.mktemp("web")
-    gallery = folder / "people"
-    port = _free_port()
-    log = open(folder / "server.log", "wb")  # noqa: SIM115 - closed below
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "facemeta", "serve", str(gallery), "--port", str(port),
-                             "--model", str(prior_model.model_path), "--threads", "1", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.close()
-            pytest.fail(f"facemeta serve did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-    yield url, gallery
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    gallery = tmp_path_factory.mktemp("web") / "people"
+    with load_benchmark_script("bench_serve_load").running_server(gallery, prior_model.model_path, threads=1) as url:
+        yield url, gallery
 
 
 @pytest.fixture(scope="module")
