@@ -32,11 +32,9 @@ def check_device(device: str) -> str:
             raise FacemetaError(f"device {device!r} asked for, but this machine has "
                                 f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0..)")
         return name
-    if name.startswith("mps"):
-        if not torch.backends.mps.is_available():
-            raise FacemetaError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")
-        return name
-    return name  # pragma: no cover - the pattern admits nothing else
+    if not torch.backends.mps.is_available():  # the pattern admits only mps here
+        raise FacemetaError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")
+    return name
 
 
 def check_threshold(value: float | None, what: str = "threshold") -> float | None:

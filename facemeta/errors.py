@@ -35,8 +35,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (terminal colour codes removed), for a one-line error.
+def one_line(exc: BaseException | str, limit: int = 200) -> str:
+    """The first line of an exception's message, or of a text (terminal colour codes removed; at most
+    `limit` characters), for a one-line error.
 
     PyTorch's refusal to unpickle code (``torch.load(weights_only=True)``) opens with advice on how
     to load the file unsafely; it becomes a plain statement of what the file holds instead.
@@ -47,4 +48,4 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
         what = f" ({found[1]})" if found else ""
         return f"the file holds pickled Python objects{what}, not only tensors; facemeta never unpickles code"
     lines = text.strip().splitlines()
-    return (lines[0].strip() if lines else type(exc).__name__)[:limit]
+    return (lines[0].strip() if lines else "" if isinstance(exc, str) else type(exc).__name__)[:limit]

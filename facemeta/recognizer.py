@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facemeta.errors import FacemetaError, GalleryError, NoFaceError
+from facemeta.errors import FacemetaError, GalleryError, NoFaceError, one_line
 from facemeta.gallery import UNKNOWN, Gallery, Identity, IndexSpec, check_name
 from facemeta.gallery.store import DB_NAME
 
@@ -57,10 +57,6 @@ def file_sha256(path: Path) -> str | None:
     except OSError:
         return None
     return h.hexdigest()
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def image_files(items: Iterable[str | os.PathLike]) -> list[Path]:
@@ -199,7 +195,7 @@ class FaceRecognizer:
                     if digest is not None:
                         first_of.setdefault(digest, p)
                 except FacemetaError as exc:
-                    failures.append(_one_line(exc))
+                    failures.append(one_line(exc, limit=1000))
                     result.skipped.append((str(p), failures[-1]))
             if on_image:
                 on_image(p)
@@ -241,7 +237,7 @@ class FaceRecognizer:
                 except GalleryError:
                     raise  # the gallery itself (locked, another model, damaged): no point going on
                 except FacemetaError as exc:  # no usable face, or another problem of this person's photos
-                    result.skipped.append((folder, _one_line(exc)))
+                    result.skipped.append((folder, one_line(exc, limit=1000)))
                     continue
                 for k, v in r.added.items():
                     result.added[k] = result.added.get(k, 0) + v
@@ -269,8 +265,8 @@ class FaceRecognizer:
 
         g = self.gallery()
         thr = check_threshold(threshold) if threshold is not None else self.threshold
-        if top_k < 1:
-            raise GalleryError(f"top-k must be >= 1, got {top_k}")
+        if top_k < 1 or batch_size < 1:
+            raise GalleryError(f"top-k and batch size must be >= 1, got {top_k} and {batch_size}")
         pending: list[tuple[str | os.PathLike, list | FacemetaError]] = []
         for path, faces in self.embedder.embed_all_files(list(images), batch_size):
             pending.append((path, faces))

@@ -214,7 +214,7 @@ def test_threshold_out_of_range(value, prior_model, gallery_of_two, data_dir, ca
                  ["identify", gallery_of_two, face, *model, f"--threshold={value}"]):
         code, out, err = run_cli(capsys, *argv)
         line = one_error_line(err, argv[0])
-        assert code == 1 and out == "" and "--threshold must be a cosine similarity in [-1, 1]" in line
+        assert code == 1 and out == "" and "threshold must be a cosine similarity in [-1, 1]" in line
 
 
 def test_bad_devices(prior_model, data_dir, capsys):

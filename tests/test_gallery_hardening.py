@@ -475,3 +475,28 @@ def test_identify_refuses_a_foreign_index_then_repair_gives_the_right_name(tmp_p
     code, out, _ = cli(capsys, "identify", a, orl / "s7/1.pgm", "--model", model, "--json")
     face = json.loads(out)["faces"][0]
     assert code == 0 and face["identity"] == "s7" and face["score"] > 0.999
+
+
+def test_thresholds_are_checked_given_or_stored(tmp_path, capsys):
+    """A NaN or out-of-range threshold, given to search/set_defaults/create or found in the meta table, is a
+    one-line error (a NaN would otherwise make every face unknown without a word)."""
+    from facemeta.errors import FacemetaError
+
+    g_path = tmp_path / "g"
+    x = make(g_path, ["Ada", "Bob"], seed=3)
+    with Gallery.open(g_path, mode="w") as g:
+        for bad in (float("nan"), 1e300, -2.0):
+            with pytest.raises(FacemetaError, match="must be a cosine similarity in"):
+                g.search(x[:1], threshold=bad)
+            with pytest.raises(FacemetaError, match="must be a cosine similarity in"):
+                g.set_defaults(threshold=bad)
+        g.set_defaults(threshold=0.4)
+        assert g.threshold == 0.4
+    with pytest.raises(FacemetaError, match="must be a cosine similarity in"):
+        Gallery.create(tmp_path / "new", dim=DIM, fingerprint=FP, threshold=float("inf"))
+    assert not (tmp_path / "new").exists()  # refused before the folder is made
+    sql(g_path, "UPDATE meta SET value='nan' WHERE key='threshold'")
+    with pytest.raises(GalleryError, match="is damaged: its stored threshold must be"):
+        Gallery.open(g_path)
+    code, out, err = cli(capsys, "gallery", "list", g_path)
+    assert_one_line_error(code, err, "gallery", "is damaged")

@@ -89,6 +89,10 @@ def test_text_output_and_exit_codes(orl_gallery, probes, prior_model, tmp_path, 
     code = main(["identify", str(orl_gallery), str(probes / "zz-wall.png"), *model])
     out, err = capsys.readouterr()
     assert code == 1 and err.strip() == f"facemeta identify: error: no face found in {probes / 'zz-wall.png'}"
+    for option in (["--top-k", "0"], ["--batch-size", "0"], ["--threshold", "nan"]):
+        code = main(["identify", str(orl_gallery), str(probes), *model, *option])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and err[0].startswith("facemeta identify: error:"), (option, err)
     empty = tmp_path / "empty"
     empty.mkdir()
     code = main(["identify", str(orl_gallery), str(empty), *model])

@@ -43,15 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 after printing every face; 1 (one-line error) when no image gave a face or the input is bad."""
-    from facemeta.checks import check_threshold
     from facemeta.errors import GalleryError
     from facemeta.recognizer import FaceRecognizer, image_files
 
-    if args.top_k < 1:
-        raise GalleryError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise GalleryError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_threshold(args.threshold, "--threshold")
     paths = image_files(args.images)
     if not paths:
         raise NoFaceError(f"no image files in {', '.join(args.images)}")

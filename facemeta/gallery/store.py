@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facemeta.checks import check_threshold
 from facemeta.errors import GalleryError
 from facemeta.gallery import index_file
 from facemeta.gallery.faiss_index import IndexSpec, empty_index, needs_rebuild
@@ -52,7 +53,7 @@ from facemeta.gallery.lock import WriterLock
 from facemeta.gallery.ranking import Match, check_scoring, rank_queries, to_matches
 from facemeta.gallery.records import Change, Identity, Record, Records, fault
 from facemeta.gallery.schema import check_sqlite_header, connect, create_database, db_errors
-from facemeta.gallery.validate import UNKNOWN, check_name, check_vectors, checked_threshold, stored_threshold
+from facemeta.gallery.validate import UNKNOWN, check_name, check_vectors, stored_threshold
 
 DB_NAME = "gallery.sqlite"
 INDEX_NAME = "index.faiss"
@@ -120,7 +121,7 @@ class Gallery:
         if not fingerprint or not isinstance(fingerprint, str):
             raise GalleryError("a gallery needs the model fingerprint of its embeddings")
         if threshold is not None:
-            threshold = checked_threshold(threshold, "threshold")
+            threshold = check_threshold(threshold)
         check_scoring(scoring)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise GalleryError(f"{path} already exists and is not an empty folder")
@@ -330,7 +331,7 @@ class Gallery:
             if scoring is not None:
                 updates["scoring"] = scoring
             if threshold is not None and not clear_threshold:
-                threshold = checked_threshold(threshold, "a gallery's threshold")
+                threshold = check_threshold(threshold, "a gallery's threshold")
             if threshold is not None or clear_threshold:
                 updates["threshold"] = "null" if clear_threshold else str(float(threshold))
             self._records.set_meta(updates)
@@ -436,7 +437,7 @@ class Gallery:
             built = self._index.ensure()
             if refresh and not self.writable:
                 self.refresh()
-            threshold = self.threshold if threshold is None else checked_threshold(threshold, "threshold")
+            threshold = self.threshold if threshold is None else check_threshold(threshold)
             if built.count == 0:
                 return [[] for _ in range(len(q))]
             results = rank_queries(built, q, k, scoring, self._index.ids, self._index.identity_vectors,

@@ -1,4 +1,4 @@
-"""Checks on what a caller hands a gallery: identity names, embeddings, cosine thresholds.
+"""Checks on what a caller hands a gallery: identity names, embeddings, the stored threshold.
 
 Each returns the checked value or raises a one-line GalleryError. Names are stripped and
 NFC-normalised, and may not hold control, format (bidi overrides, zero-width), line or paragraph
@@ -12,30 +12,23 @@ from pathlib import Path
 
 import numpy as np
 
-from facemeta.errors import GalleryError
+from facemeta.checks import check_threshold
+from facemeta.errors import FacemetaError, GalleryError
 
 UNKNOWN = "unknown"
 MAX_NAME = 256
 _BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
-def checked_threshold(value: object, what: str) -> float:
-    """A cosine threshold: a finite number in [-1, 1], else a one-line GalleryError (a NaN threshold
-    would make every face unknown, a huge one likewise, silently)."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not -1.0 <= number <= 1.0:  # NaN fails this too
-        raise GalleryError(f"{what} must be a cosine similarity in [-1, 1], got {value!r}")
-    return number
-
-
 def stored_threshold(value: str | None, db: Path) -> float | None:
-    """The threshold kept in a gallery's meta table (None when unset), checked as any threshold is."""
+    """The threshold kept in a gallery's meta table (None when unset), checked as any threshold is
+    (facemeta.checks.check_threshold); a bad one means the database is damaged (GalleryError)."""
     if value in (None, "", "null"):
         return None
-    return checked_threshold(value, f"{db}: the stored threshold")
+    try:
+        return check_threshold(value, "its stored threshold")
+    except FacemetaError as exc:
+        raise GalleryError(f"{db} is damaged: {exc}") from None
 
 
 def normal_name(name: str) -> str:

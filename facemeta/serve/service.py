@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from facemeta.errors import FacemetaError, GalleryError, ImageReadError, ManyFacesError, NoFaceError
+from facemeta.errors import FacemetaError, GalleryError, ImageReadError, ManyFacesError, NoFaceError, one_line
 from facemeta.serve.thumbnails import Thumbnails, aligned_jpeg, data_url, preview_jpeg
 
 log = logging.getLogger("facemeta.serve")
@@ -83,10 +83,6 @@ def safe_filename(name: str | None, index: int, taken: set[str]) -> str:
         out = f"{n}-{base}"
     taken.add(out)
     return out
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 class FaceService:
@@ -165,7 +161,7 @@ class FaceService:
         """A message with a temporary folder's path removed (uploads named by their file names), one line."""
         for prefix in {str(folder), os.path.realpath(folder)}:
             text = text.replace(prefix + os.sep, "")
-        return _one_line(text)
+        return one_line(text, limit=1000)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -309,7 +305,7 @@ class FaceService:
         try:
             name = check_name(name)
         except GalleryError as exc:
-            raise ApiError(422, _one_line(exc)) from None
+            raise ApiError(422, one_line(exc, limit=1000)) from None
         if not images:
             raise ApiError(422, "give at least one image")
         with self.uploads(images) as paths, self._write:
@@ -343,7 +339,7 @@ class FaceService:
         try:
             new = check_name(new)
         except GalleryError as exc:
-            raise ApiError(422, _one_line(exc)) from None
+            raise ApiError(422, one_line(exc, limit=1000)) from None
         with self._write:
             ident = self._find(old)
             if new != ident.name and any(i.name == new for i in self._gallery().identities()):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facemeta.train.methods import Joint, clip_gradients
+from facemeta.train.methods import Joint, clip_gradients, load_episode, train_step
 
 
 @dataclass
@@ -179,8 +179,6 @@ class MetaSteps:
 
     def step(self, index: int) -> Step:
         """One step of the method on episode `index`."""
-        from facemeta.train.methods import load_episode, train_step
-
         episode = self.episodes.episode(index)
         batch = load_episode(self.dataset, episode, self.cfg.seed, self.device)
         extra = None

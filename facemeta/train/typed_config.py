@@ -67,22 +67,16 @@ def convert_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-            else:
-                raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # YAML 1.1 reads "1e-3" as a string: numeric strings are accepted for floats.
         try:
-            value = float(value)
-        except OverflowError:
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
-        if not math.isfinite(value):
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        except (ValueError, OverflowError):
+            number = None
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return value
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
