@@ -305,6 +305,17 @@ class FaceEmbedder:
 
         return load_image(path)
 
+    def _load_all(self, paths: Sequence[str | os.PathLike]) -> tuple[dict[int, np.ndarray], dict[int, FacemetaError]]:
+        """Decode each file -> ({position: image}, {position: the error of a file that could not be read})."""
+        images: dict[int, np.ndarray] = {}
+        errors: dict[int, FacemetaError] = {}
+        for i, path in enumerate(paths):
+            try:
+                images[i] = self._load(path)
+            except FacemetaError as exc:
+                errors[i] = exc
+        return images, errors
+
     def embed_all(self, path: str | os.PathLike) -> list[tuple[np.ndarray, object]]:
         """Every face of an image file -> [(unit vector (E,), Face)], most confident first (may be empty);
         an unreadable file raises its ImageReadError."""
@@ -326,13 +337,7 @@ class FaceEmbedder:
             raise ValueError("batch_size must be >= 1")
         for start in range(0, len(paths), batch_size):
             chunk = list(paths[start:start + batch_size])
-            images: dict[int, np.ndarray] = {}
-            errors: dict[int, FacemetaError] = {}
-            for i, path in enumerate(chunk):
-                try:
-                    images[i] = self._load(path)
-                except FacemetaError as exc:
-                    errors[i] = exc
+            images, errors = self._load_all(chunk)
             found = self.detector.detect_batch([images[i] for i in images]) if images else []
             faces = {i: select_faces(self._faces(images[i], f), "all") for i, f in zip(images, found, strict=True)}
             crops = [warp_face(images[i], f.landmarks, self.align_size, self.align_chip)
@@ -359,18 +364,13 @@ class FaceEmbedder:
         alignment pipeline's fallback routes, warp, embed together. -> a unit vector per path, or None where
         the file is unreadable or holds no face (the per-file reason is what :meth:`embed_file` raises)."""
         from facemeta.align.pipeline import align_batch
-        from facemeta.errors import ImageReadError
 
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         out: list[np.ndarray | None] = [None] * len(paths)
         for start in range(0, len(paths), batch_size):
-            loaded: list[tuple[int, np.ndarray]] = []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    loaded.append((i, self._load(paths[i])))
-                except ImageReadError:
-                    continue
+            images, _ = self._load_all(paths[start:start + batch_size])
+            loaded = [(start + i, image) for i, image in images.items()]
             results = align_batch([img for _, img in loaded], self.detector, self.align_size, select=self.select,
                                   crop_fallback=False, chip=self.align_chip)
             found = [(i, r.face) for (i, _), r in zip(loaded, results, strict=True) if r.face is not None]

@@ -32,11 +32,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif
 @dataclass
 class EnrollResult:
     """What an enroll did: embeddings added per identity, the images (or identity folders) it did not
-    use with the reason, and how many of those were skipped as already enrolled for that person."""
+    use with the reason, how many of those were skipped as already enrolled for that person, and each
+    image it added with the face it used (path, facemeta.align.detect.Face)."""
 
     added: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     already: int = 0
+    used: list[tuple[Path, object]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -192,6 +194,7 @@ class FaceRecognizer:
                     recorded.append(label.get(p) or str(p.resolve()))
                     scores.append(float(face.score))
                     hashes.append(digest)
+                    result.used.append((p, face))
                     if digest is not None:
                         first_of.setdefault(digest, p)
                 except FacemetaError as exc:

@@ -315,13 +315,10 @@ class FaceService:
                 with self.inference():
                     result = fr.enroll(name, paths, force=force, sources=[f"upload:{p.name}" for p in paths])
                 ident = next((i for i in fr.gallery(write=True).identities() if i.name == name), None)
-                if ident is not None and result.total and not self.thumbnails.has(ident.id):
-                    used = {str(p) for p, _ in result.skipped}
-                    first = next(p for p in paths if str(p) not in used)
+                if ident is not None and result.used and not self.thumbnails.has(ident.id):
+                    first, face = result.used[0]  # the face enroll used: no second detection
                     try:
-                        with self.inference():
-                            _, face = self.embedder.embed_file(first)
-                            self.thumbnails.put(ident.id, self._face_jpeg(first, face.landmarks))
+                        self.thumbnails.put(ident.id, self._face_jpeg(first, face.landmarks))
                     except (FacemetaError, OSError) as exc:  # the person is enrolled; the page shows initials
                         log.warning("no thumbnail for %r: %s", name, self.scrub(str(exc), tmp))
             finally:

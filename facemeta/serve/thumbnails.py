@@ -12,12 +12,13 @@ import base64
 import contextlib
 import io
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
 from facemeta.atomic import atomic_write
+from facemeta.errors import GalleryError
+from facemeta.gallery.files import open_regular
 
 FOLDER = "thumbnails"
 SIDE = 112  # pixels of a stored or returned aligned face (the model's chip is resized to this)
@@ -70,13 +71,10 @@ class Thumbnails:
     def get(self, identity_id: int) -> bytes | None:
         """The stored JPEG, or None (missing, a link, or unreadable: the page then shows initials)."""
         try:
-            fd = os.open(self.path(identity_id), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
+            with open_regular(self.path(identity_id)) as fh:
+                return fh.read(1 << 20)
+        except (OSError, GalleryError):
             return None
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            return fh.read(1 << 20)
 
     def has(self, identity_id: int) -> bool:
         """Whether a picture is stored for an identity id."""
