@@ -89,15 +89,17 @@ class FaceRecognizer:
     """Face identification and verification over a gallery folder with one model.
 
     gallery: the gallery folder (created on the first enroll). model_path: a facemeta checkpoint
-    (default: the model in weights/ or $FACEMETA_MODEL). index: FAISS index kind for a new gallery
-    ("flat", "hnsw", "ivf", "ivf_sq8" or an IndexSpec). threshold: open-set threshold for identify
+    (default: the model in weights/ or $FACEMETA_MODEL). index: index kind for a new gallery
+    ("flat", "hnsw", "ivf", "ivf_sq8" or an IndexSpec); backend, milvus_uri: where a new gallery's
+    embeddings are searched ("faiss", or "milvus" with a Milvus Lite file in the folder or a server URI). threshold: open-set threshold for identify
     (default: the gallery's, which a new gallery takes from the model's calibrated threshold).
     embedder: an already loaded FaceEmbedder (to share one between recognizers).
     """
 
     def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
                  select: str = "largest", index: str | IndexSpec = "flat", threshold: float | None = None,
-                 embedder=None, runtime: str = "torch", onnx_path: str | os.PathLike | None = None) -> None:
+                 embedder=None, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
+                 backend: str = "faiss", milvus_uri: str | None = None) -> None:
         from facemeta.checks import check_threshold
         from facemeta.embedder import FaceEmbedder
 
@@ -106,6 +108,7 @@ class FaceRecognizer:
             model_path, device=device, select=select, runtime=runtime, onnx_path=onnx_path)
         threshold = check_threshold(threshold)
         self.index = index
+        self.backend, self.milvus_uri = backend, milvus_uri
         self.threshold = threshold
         self._reader: Gallery | None = None
         self._writer: Gallery | None = None
@@ -131,6 +134,7 @@ class FaceRecognizer:
                 if not self.exists():
                     self._writer = Gallery.create(self.path, dim=self.embedder.embedding_size,
                                                   fingerprint=self.embedder.fingerprint, index=self.index,
+                                                  backend=self.backend, milvus_uri=self.milvus_uri,
                                                   threshold=self.embedder.threshold)
                 else:
                     self._writer = Gallery.open(self.path, mode="w")

@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
-from facemeta.commands.options import add_runtime_options, runtime_options
+from facemeta.commands.options import (
+    add_backend_options,
+    add_runtime_options,
+    backend_options,
+    runtime_options,
+)
 from facemeta.commands.text import shown
 from facemeta.errors import GalleryError, NoFaceError
 
@@ -30,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--select", choices=["largest", "confident"], default="largest",
                    help="which face of a photo with several to enroll")
     p.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat",
-                   help="FAISS index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+                   help="index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+    add_backend_options(p)
     add_runtime_options(p)
     p.add_argument("--force", action="store_true",
                    help="enroll photos again even when the same file content is already enrolled for that person")
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.folder and (not args.name or not args.images):
         raise GalleryError("give NAME and at least one image (or --folder DIR)")
     with FaceRecognizer(args.gallery, args.model, device=args.device, select=args.select, index=args.index,
-                        **runtime_options(args)) as fr:
+                        **backend_options(args), **runtime_options(args)) as fr:
         if args.folder:
             result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json, force=args.force)
         else:

@@ -1,10 +1,11 @@
-"""Options several commands share: which runtime embeds the faces (torch or ONNX Runtime)."""
+"""Options several commands share: which runtime embeds the faces (torch or ONNX Runtime), and which
+search backend a new gallery gets."""
 
 from __future__ import annotations
 
 import argparse
 
-from facemeta.errors import CheckpointError
+from facemeta.errors import CheckpointError, GalleryError
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -22,3 +23,21 @@ def runtime_options(args: argparse.Namespace) -> dict:
     if args.onnx and args.runtime != "onnx":
         raise CheckpointError("--onnx needs --runtime onnx")
     return {"runtime": args.runtime, "onnx_path": args.onnx}
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """--backend faiss|milvus and --milvus-uri URI: where a NEW gallery's embeddings are searched."""
+    p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                   help="search backend of a NEW gallery: faiss (an index file in the folder, the default) or "
+                        "milvus (needs pip install 'facemeta[milvus]'); an existing gallery keeps its own")
+    p.add_argument("--milvus-uri", metavar="URI",
+                   help="with --backend milvus: a Milvus server (http://host:19530; its token from "
+                        "$FACEMETA_MILVUS_TOKEN) or a Milvus Lite file ending in .db (default: milvus.db in "
+                        "the gallery folder)")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """The FaceRecognizer / Gallery.create keywords of --backend and --milvus-uri (checked together)."""
+    if args.milvus_uri and args.backend != "milvus":
+        raise GalleryError("--milvus-uri needs --backend milvus")
+    return {"backend": args.backend, "milvus_uri": args.milvus_uri}

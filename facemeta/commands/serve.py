@@ -8,7 +8,12 @@ import logging
 import os
 import stat
 
-from facemeta.commands.options import add_runtime_options, runtime_options
+from facemeta.commands.options import (
+    add_backend_options,
+    add_runtime_options,
+    backend_options,
+    runtime_options,
+)
 from facemeta.errors import FacemetaError
 
 MAX_UPLOAD_MB = 20
@@ -27,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
+    add_backend_options(p)
     add_runtime_options(p)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--api-key-file", metavar="F",
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from facemeta.serve.service import default_threads
 
     service = FaceService(args.gallery, args.model, device=args.device, read_only=args.read_only,
-                          threads=args.threads or default_threads(), **runtime_options(args))
+                          threads=args.threads or default_threads(), **backend_options(args),
+                          **runtime_options(args))
     loopback = is_loopback(args.host)
     if not loopback and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can see and change the "

@@ -11,9 +11,9 @@ gallery repair``; repair sets it aside and rebuilds from the database, recomputi
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
-import time
 from pathlib import Path
 
 import faiss
@@ -26,13 +26,16 @@ from facemeta.gallery.faiss_index import (
     IndexSpec,
     add_vectors,
     build_index,
+    empty_index,
     live_ids,
     needs_rebuild,
     remove_ids,
+    search_vectors,
     set_search_params,
     stored_vectors,
     to_gpu,
 )
+from facemeta.gallery.index_base import IndexBase
 from facemeta.gallery.ranking import IdMap
 from facemeta.gallery.records import Records
 from facemeta.gallery.schema import hex_digest
@@ -40,29 +43,20 @@ from facemeta.gallery.schema import hex_digest
 SQ8_TOLERANCE = 0.02  # largest per-component error of an 8-bit code that check() accepts as the same vector
 
 
-class IndexCache:
-    """The index of one open gallery (``built``, None until loaded), the map from its embedding ids to
-    identities, and what keeping it needs: the index file's path and generation, whether it changed
-    since the last save, a GPU copy, and each identity's vectors for mean scoring (dropped at every
-    change). ``records`` carries the gallery's dimension, model, id, generation and digest."""
+class IndexCache(IndexBase):
+    """The FAISS backend of one open gallery: the index (``built``, None until loaded) and what keeping
+    it needs beyond IndexBase: the index file's path (its generation is ``saved_generation``) and a GPU
+    copy."""
+
+    name = "faiss"
 
     def __init__(self, records: Records, path: Path, writable: bool, save_interval: float,
                  use_gpu: bool | None) -> None:
-        self.records = records
+        super().__init__(records, writable, save_interval)
         self.path = path
-        self.writable = writable
-        self.save_interval = save_interval
         self.use_gpu = use_gpu
-        self.spec: IndexSpec | None = None  # the settings the database holds (set by the Gallery)
         self.built: BuiltIndex | None = None  # None until loaded (see Gallery.open(load_index=False))
-        self.ids = IdMap(np.empty(0, np.int64), np.empty(0, np.int64))
         self.gpu: faiss.Index | None = None
-        self.mean_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.dirty = False
-        self.last_save = time.monotonic()
-        self.saved_generation: int | None = None  # generation of the index file on disk (writer)
-        self.error: str | None = None  # why the index file could not be loaded, if it could not
-        self.repaired: dict | None = None  # what load(repair=True) did with the old index file
 
     # ------------------------------------------------------------------ loading
 
@@ -78,11 +72,6 @@ class IndexCache:
         r = self.records
         return index_file.header_problem(self.path, header, dim=r.dim, fingerprint=r.fingerprint,
                                          gallery_id=r.gallery_id, generation=generation, digests=digests)
-
-    def read_ids(self) -> None:
-        """Read the generation and the embedding -> identity map without loading the index."""
-        gen, eids, idents, _ = self.records.state()
-        self.records.generation, self.ids = gen, IdMap(eids, idents)
 
     def load(self, repair: bool) -> None:
         """Load the index file, check that it is this database's (index_file.py), and bring it up to
@@ -178,17 +167,16 @@ class IndexCache:
 
     # ------------------------------------------------------------------ changing and saving
 
+    def create_empty(self) -> None:
+        """A new gallery's empty index, saved."""
+        self.built = empty_index(self.spec, self.records.dim)
+        self.save()
+
     def rebuild(self, spec: IndexSpec | None = None, fix_digest: bool = False) -> None:
-        """Build the index from the database; ``fix_digest`` (repair) also stores the digest of the rows
-        read when the recorded one differs (and forgets the older recorded digests)."""
-        spec = spec or self.spec
-        ids, vecs, digest = self.records.all_vectors()
-        if fix_digest and digest != self.records.digest:
-            self.records.reset_digests(digest)
-            if self.repaired is not None:
-                self.repaired["digest_fixed"] = True
-        self.built = build_index(spec, self.records.dim, vecs, ids)
-        self.drop_gpu()
+        """Build the index from the database (``fix_digest``: see IndexBase.rows_for_rebuild)."""
+        ids, vecs = self.rows_for_rebuild(fix_digest)
+        self.built = build_index(spec or self.spec, self.records.dim, vecs, ids)
+        self.drop_caches()
 
     def add(self, vectors: np.ndarray, eids: np.ndarray, idents: np.ndarray) -> None:
         """Add committed embeddings (unit vectors) of the given identities to the index and the id map."""
@@ -205,24 +193,24 @@ class IndexCache:
         r = self.records
         index_file.save_index(self.built, self.path, r.generation, r.fingerprint,
                               gallery=r.gallery_id, digest=hex_digest(r.digest))
-        self.saved_generation = r.generation
-        self.dirty = False
-        self.last_save = time.monotonic()
+        self.mark_saved()
 
-    def after_change(self) -> None:
-        """After a committed change: drop the caches, rebuild when the index kind needs it, and save
-        when ``save_interval`` has passed since the last save."""
-        self.dirty = True
-        self.drop_gpu()
+    def save_now(self) -> None:
+        """Save now, first rebuilding when the index kind needs it (HNSW tombstones, IVF growth)."""
         if needs_rebuild(self.built):
             self.rebuild()
-        if time.monotonic() - self.last_save >= self.save_interval:
-            self.save()
+        self.save()
 
-    def drop_gpu(self) -> None:
+    def after_change(self) -> None:
+        """After a committed change: rebuild when the index kind needs it, then IndexBase.after_change."""
+        if needs_rebuild(self.built):
+            self.rebuild()
+        super().after_change()
+
+    def drop_caches(self) -> None:
         """Forget the GPU copy and the cached identity vectors (they no longer match)."""
         self.gpu = None
-        self.mean_cache.clear()
+        super().drop_caches()
 
     # ------------------------------------------------------------------ searching and checking
 
@@ -236,15 +224,26 @@ class IndexCache:
                 raise GalleryError("GPU search was asked for but FAISS has no GPU here")
         return self.gpu
 
-    def identity_vectors(self, ident: int) -> tuple[np.ndarray, np.ndarray]:
-        """An identity's (embedding ids, vectors) for mean scoring, cached until the next change."""
-        hit = self.mean_cache.get(ident)
-        if hit is None:
-            hit = self.records.identity_vectors(ident)
-            if len(self.mean_cache) > 10_000:
-                self.mean_cache.clear()
-            self.mean_cache[ident] = hit
-        return hit
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k stored embeddings per query (ranking.SearchFn), on the GPU copy when there is one."""
+        return search_vectors(self.built, queries, k, self.gpu_index())
+
+    def held_count(self) -> int:
+        """Live vectors in the loaded index."""
+        return self.built.count
+
+    def describe(self, status: str) -> dict:
+        """What ``Gallery.info`` reports about this backend (whose ``status()`` is ``status``): kind built,
+        lists, file size, GPU."""
+        built, header = self.built, {}
+        if built is None and status == "ok":
+            header = index_file.read_index_header(self.path)
+        return {"backend": self.name,
+                "index_built": built.kind if built is not None else header.get("kind"),
+                "index_settings": json.loads(self.spec.to_json()),
+                "nlist": (built.nlist if built is not None else header.get("nlist")) or None,
+                "gpu": self.gpu is not None,
+                "index_bytes": os.lstat(self.path).st_size if os.path.lexists(self.path) else 0}
 
     def status(self) -> str:
         """"ok", or why the index cannot serve searches ("needs repair: ..."). An index not loaded yet

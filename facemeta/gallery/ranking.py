@@ -10,16 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from facemeta.errors import GalleryError
-from facemeta.gallery.faiss_index import BuiltIndex, search_vectors
 
 SCORINGS = ("best", "mean")
 
 # One ranked identity: (identity id, score, best-matching embedding id).
 Ranked = tuple[int, float, int]
+# A backend's embedding search: (queries [n, dim], k) -> (scores [n, k], embedding ids [n, k]; id -1 where
+# fewer exist), best first.
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def check_scoring(scoring: str) -> str:
@@ -129,17 +130,16 @@ def rank_hits(query: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int, scor
     return ranked
 
 
-def rank_queries(built: BuiltIndex, queries: np.ndarray, k: int, scoring: str, id_map: IdMap,
-                 identity_vectors: Callable[[int], tuple[np.ndarray, np.ndarray]],
-                 gpu_index: faiss.Index | None = None) -> list[list[Ranked]]:
-    """Top-k identities for each (unit) query, best first: searches the index for more embeddings than
-    k, then 4x deeper for the queries ``rank_hits`` could not settle, until every embedding was searched."""
-    total = built.count
+def rank_queries(search: SearchFn, total: int, queries: np.ndarray, k: int, scoring: str, id_map: IdMap,
+                 identity_vectors: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> list[list[Ranked]]:
+    """Top-k identities for each (unit) query, best first: ``search`` (any backend) is asked for more
+    embeddings than k, then 4x deeper for the queries ``rank_hits`` could not settle, until all ``total``
+    embeddings were searched."""
     results: list[list[Ranked] | None] = [None] * len(queries)
     todo = np.arange(len(queries))
     kk = min(total, max(4 * k, k + 16))
     while len(todo):
-        sims, hits = search_vectors(built, queries[todo], kk, gpu_index)
+        sims, hits = search(queries[todo], kk)
         again = []
         for row, qi in enumerate(todo):
             ranked = rank_hits(queries[qi], sims[row], hits[row], k, scoring, id_map, identity_vectors,

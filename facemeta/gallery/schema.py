@@ -100,9 +100,10 @@ def check_sqlite_header(db: Path) -> None:
 
 
 def create_database(db: Path, *, dim: int, fingerprint: str, index: str, scoring: str,
-                    threshold: float | None) -> sqlite3.Connection:
+                    threshold: float | None, extra: dict[str, str] | None = None) -> sqlite3.Connection:
     """Create the database of a new gallery (schema, meta at generation 0 with a new gallery id, the
-    digest of no embeddings) in one transaction and return its connection, open for writing."""
+    digest of no embeddings, plus the ``extra`` meta values, e.g. the search backend) in one transaction
+    and return its connection, open for writing."""
     conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -113,7 +114,7 @@ def create_database(db: Path, *, dim: int, fingerprint: str, index: str, scoring
     meta = {"format": FORMAT_VERSION, "gallery_id": uuid.uuid4().hex, "dim": int(dim),
             "fingerprint": fingerprint, "index": index, "scoring": scoring,
             "threshold": "null" if threshold is None else float(threshold), "generation": 0,
-            "created": time.time()}
+            "created": time.time(), **(extra or {})}
     conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
     conn.execute("INSERT INTO index_digests(generation, digest) VALUES (0, ?)", (hex_digest(0),))
     conn.execute("COMMIT")

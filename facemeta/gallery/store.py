@@ -33,7 +33,6 @@ the database only (list, info work with a damaged index) and loads the index on 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -45,21 +44,16 @@ import numpy as np
 
 from facemeta.checks import check_threshold
 from facemeta.errors import GalleryError
-from facemeta.gallery import index_file
-from facemeta.gallery.faiss_index import IndexSpec, empty_index, needs_rebuild
+from facemeta.gallery.backends import DB_NAME, backend_meta, empty_folder, open_backend
+from facemeta.gallery.faiss_index import IndexSpec
 from facemeta.gallery.files import check_plain_files
-from facemeta.gallery.index_cache import IndexCache
 from facemeta.gallery.lock import WriterLock
 from facemeta.gallery.ranking import Match, check_scoring, rank_queries, to_matches
 from facemeta.gallery.records import Change, Identity, Record, Records, fault
 from facemeta.gallery.schema import check_sqlite_header, connect, create_database, db_errors
 from facemeta.gallery.validate import UNKNOWN, check_name, check_vectors, stored_threshold
 
-DB_NAME = "gallery.sqlite"
-INDEX_NAME = "index.faiss"
 LOCK_NAME = "writer.lock"
-
-
 def _kept_by(part: str, name: str, doc: str) -> property:
     """A Gallery attribute kept by one of its parts (``_records`` or ``_index``), read and written through."""
     return property(lambda self: getattr(getattr(self, part), name),
@@ -88,12 +82,14 @@ class Gallery:
         self.path = path
         self._conn = conn
         self._records = Records(conn, path / DB_NAME)
-        self._index = IndexCache(self._records, path / INDEX_NAME, writable, save_interval, use_gpu)
+        meta = self._records.read_meta()
+        self._index = open_backend(self._records, path, meta, writable, save_interval, use_gpu)
+        self.backend = self._index.name
         self.writable = writable
         self._lock = lock
         self._mutex = threading.RLock()
         self._closed = False
-        self._apply_meta(self._records.read_meta())
+        self._apply_meta(meta)
 
     def _apply_meta(self, meta: dict[str, str]) -> None:
         self.format = int(meta["format"])
@@ -111,11 +107,14 @@ class Gallery:
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, fingerprint: str, index: IndexSpec | str = "flat",
                scoring: str = "best", threshold: float | None = None, save_interval: float = 30.0,
-               use_gpu: bool | None = None) -> Gallery:
+               use_gpu: bool | None = None, backend: str = "faiss", milvus_uri: str | None = None) -> Gallery:
         """Create an empty gallery folder for ``dim``-d embeddings of the model ``fingerprint``
-        and return it open for writing. The folder must not exist or be empty."""
+        and return it open for writing. The folder must not exist or be empty. ``backend`` is where its
+        embeddings are searched: "faiss" (an index file in the folder) or "milvus" (a Milvus Lite file in
+        the folder, or the Milvus server at ``milvus_uri``, e.g. http://host:19530)."""
         path = Path(path)
         spec = IndexSpec(kind=index) if isinstance(index, str) else index
+        extra = backend_meta(backend, milvus_uri)
         if not isinstance(dim, int | np.integer) or not 1 <= int(dim) <= 65536:
             raise GalleryError(f"embedding dimension must be an integer in 1..65536, got {dim!r}")
         if not fingerprint or not isinstance(fingerprint, str):
@@ -130,14 +129,18 @@ class Gallery:
         lock.acquire(0)
         try:
             conn = create_database(path / DB_NAME, dim=int(dim), fingerprint=fingerprint, index=spec.to_json(),
-                                   scoring=scoring, threshold=threshold)
+                                   scoring=scoring, threshold=threshold, extra=extra)
+            g = cls(path, conn, True, lock, save_interval, use_gpu)
         except BaseException:
             lock.release()
             raise
-        g = cls(path, conn, True, lock, save_interval, use_gpu)
         g.digest = 0
-        g._index.built = empty_index(spec, g.dim)
-        g._index.save()
+        try:
+            g._index.create_empty()
+        except BaseException:
+            g.close()
+            empty_folder(path)  # it was empty before: leave no half gallery (e.g. Milvus unreachable)
+            raise
         return g
 
     @classmethod
@@ -193,8 +196,7 @@ class Gallery:
             if self._closed:
                 return
             try:
-                if self.writable and self._index.dirty:
-                    self._index.save()
+                self._index.close()
             finally:
                 self._closed = True
                 self._conn.close()
@@ -217,9 +219,7 @@ class Gallery:
         """Write the index file now (it is also written at close and every ``save_interval`` s)."""
         with self._mutex:
             self._check_open(write=True)
-            if needs_rebuild(self._index.built):
-                self._index.rebuild()
-            self._index.save()
+            self._index.save_now()
 
     @contextlib.contextmanager
     def _change(self) -> Iterator[Change]:
@@ -361,7 +361,7 @@ class Gallery:
             meta = self._records.read_meta()
             self.scoring = meta.get("scoring", self.scoring)
             self.threshold = stored_threshold(meta.get("threshold"), self.path / DB_NAME)
-            self._index.drop_gpu()
+            self._index.drop_caches()
             return True
 
     def identities(self) -> list[Identity]:
@@ -403,21 +403,13 @@ class Gallery:
         with self._mutex:
             self._check_open()
             n_ids = self._records.count_identities()
-            idx = self.path / INDEX_NAME
             status = self.index_status()
-            built, header = self._index.built, {}
-            if built is None and status == "ok":
-                header = index_file.read_index_header(idx)
             return {"path": str(self.path), "identities": int(n_ids), "embeddings": len(self._index.ids),
                     "dim": self.dim, "fingerprint": self.fingerprint, "gallery_id": self.gallery_id,
-                    "index": self.spec.kind,
-                    "index_built": built.kind if built is not None else header.get("kind"),
-                    "index_settings": json.loads(self.spec.to_json()),
-                    "nlist": (built.nlist if built is not None else header.get("nlist")) or None,
+                    "index": self.spec.kind, **self._index.describe(status),
                     "index_status": status, "scoring": self.scoring, "threshold": self.threshold,
-                    "generation": self.generation, "created": self.created, "gpu": self._index.gpu is not None,
-                    "db_bytes": (self.path / DB_NAME).stat().st_size,
-                    "index_bytes": os.lstat(idx).st_size if os.path.lexists(idx) else 0}
+                    "generation": self.generation, "created": self.created,
+                    "db_bytes": (self.path / DB_NAME).stat().st_size}
 
     def search(self, queries: np.ndarray, k: int = 1, threshold: float | None = None, scoring: str | None = None,
                fingerprint: str | None = None, refresh: bool = True) -> list[list[Match]]:
@@ -434,14 +426,14 @@ class Gallery:
             if k < 1:
                 raise GalleryError(f"top-k must be >= 1, got {k}")
             scoring = check_scoring(scoring or self.scoring)
-            built = self._index.ensure()
+            self._index.ensure()
             if refresh and not self.writable:
                 self.refresh()
             threshold = self.threshold if threshold is None else check_threshold(threshold)
-            if built.count == 0:
+            if self._index.count == 0:
                 return [[] for _ in range(len(q))]
-            results = rank_queries(built, q, k, scoring, self._index.ids, self._index.identity_vectors,
-                                   self._index.gpu_index())
+            results = rank_queries(self._index.search, self._index.count, q, k, scoring, self._index.ids,
+                                   self._index.identity_vectors)
             names = self._records.names({r[0] for res in results for r in res})
             return to_matches(results, names, threshold)
 
@@ -468,12 +460,13 @@ class Gallery:
             self._check_open()
             problems = self._records.integrity_problems()
             try:
-                built = self._index.ensure()
+                self._index.ensure()
                 if not self.writable:
                     self.refresh()
+                loaded = True
             except GalleryError:
-                built = None
+                loaded = False
             _, eids, _, _ = self._records.state()
-            matches = built is not None and self._index.matches(eids)
+            matches = loaded and self._index.matches(eids)
             return {"database": "ok" if not problems else "; ".join(problems), "index_matches_database": matches,
-                    "embeddings": len(eids), "index_count": built.count if built is not None else 0}
+                    "embeddings": len(eids), "index_count": self._index.held_count() if loaded else 0}

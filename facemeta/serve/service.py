@@ -92,11 +92,13 @@ class FaceService:
     (default: weights/ or $FACEMETA_MODEL). embedder: an already loaded FaceEmbedder instead.
     threads: torch threads per request (set process-wide; None leaves torch as it is). slots: how many
     requests may run inference at once (default: cores // threads). read_only: refuse every change.
+    backend, milvus_uri: the search backend of a gallery the first enroll creates (FaceRecognizer's).
     """
 
     def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
                  embedder=None, threads: int | None = None, slots: int | None = None, read_only: bool = False,
-                 runtime: str = "torch", onnx_path: str | os.PathLike | None = None) -> None:
+                 runtime: str = "torch", onnx_path: str | os.PathLike | None = None, backend: str = "faiss",
+                 milvus_uri: str | None = None) -> None:
         import torch
 
         from facemeta.embedder import FaceEmbedder
@@ -121,6 +123,7 @@ class FaceService:
                                                                            onnx_path=onnx_path)
         _ = self.embedder.fingerprint, self.embedder.detector  # hash the weights and build MTCNN once, now
         self._recognizer_cls = FaceRecognizer
+        self._new_gallery = {"backend": backend, "milvus_uri": milvus_uri}
         self.reader = FaceRecognizer(self.path, embedder=self.embedder)  # refuses a gallery of another model
         self.thumbnails = Thumbnails(self.path)
         self._inference = threading.BoundedSemaphore(self.slots)
@@ -176,7 +179,7 @@ class FaceService:
 
     def _writer(self):
         """A recognizer that opens the gallery's writer for one change (close it after)."""
-        return self._recognizer_cls(self.path, embedder=self.embedder)
+        return self._recognizer_cls(self.path, embedder=self.embedder, **self._new_gallery)
 
     def _find(self, name: str):
         """The Identity of a name (as the gallery stores it: stripped, NFC), else ApiError 404."""
