@@ -1,4 +1,4 @@
-"""`facemeta gallery list|info|remove|rename|repair GALLERY`: look after a face gallery (no model needed)."""
+"""`facemeta gallery list|info|remove|rename|repair|export|import`: look after a face gallery (no model needed)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import json
 import time
 
+from facemeta.commands import gallery_transfer
 from facemeta.commands.text import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `gallery` and its actions."""
-    p = subparsers.add_parser("gallery", help="list, inspect, rename, remove people in a face gallery",
+    p = subparsers.add_parser("gallery", help="list, inspect, rename, remove people in a face gallery; export and import it",
                               description="Manage a gallery folder made by `facemeta enroll`.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = actions.add_parser("list", help="people and their number of photos")
@@ -32,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("new", metavar="NEW")
     a = actions.add_parser("repair", help="rebuild the index from the database, always (keeps the old file aside)")
     a.add_argument("gallery", metavar="GALLERY")
+    gallery_transfer.add_actions(actions)
     p.set_defaults(func=run)
 
 
@@ -40,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     list and info read the database only, so they work when the index file is damaged."""
     from facemeta.gallery import Gallery
 
+    if args.action in ("export", "import"):
+        return gallery_transfer.run(args)
     if args.action == "list":
         with Gallery.open(args.gallery, load_index=False) as g:
             people = g.identities()

@@ -113,7 +113,9 @@ def _connect(uri: str):
         from pymilvus import MilvusClient
     except ImportError:
         raise GalleryError(INSTALL_HINT) from None
-    for name in ("pymilvus", "milvus_lite"):  # their tracebacks arrive as our one-line errors
+    # Their tracebacks arrive as our one-line errors (grpc._server: Milvus Lite's in-process server, which
+    # logs the RPCs it does not implement and pymilvus then does without).
+    for name in ("pymilvus", "milvus_lite", "grpc._server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     token = os.environ.get(TOKEN_ENV, "")
     try:
@@ -175,6 +177,7 @@ class MilvusIndex(IndexBase):
         self.collection = str(settings["collection"])
         self.client = None
         self.behind = 0  # reader: embeddings the database holds that Milvus did not have when opened
+        self.unavailable: str | None = None  # why Milvus could not be reached (a busy Lite file, a server down)
 
     # ------------------------------------------------------------------ connecting and loading
 
@@ -182,12 +185,16 @@ class MilvusIndex(IndexBase):
         """Open the client (shared in this process) if not open yet; a Lite file that cannot be opened
         (and is not merely in use) gets the repair hint."""
         if self.client is None:
+            if is_local(self.uri) and not os.path.lexists(self.uri) and not self.writable:
+                raise self.repair_hint(f"the Milvus Lite file {self.uri} is missing")  # a reader makes no file
             try:
                 self.client = CLIENTS.acquire(self.uri)
             except GalleryError as exc:
                 if is_local(self.uri) and not lite_in_use(self.uri):
                     raise self.repair_hint(str(exc)) from None
+                self.unavailable = str(exc)  # busy or unreachable: nothing to repair
                 raise
+            self.unavailable = None
 
     def disconnect(self) -> None:
         """Release the client (the last user in this process closes it)."""
@@ -425,6 +432,8 @@ class MilvusIndex(IndexBase):
         if self.error:
             return (f"needs repair: {self.error}; `facemeta gallery repair {shlex.quote(str(self.folder))}` "
                     "rebuilds it from the database")
+        if self.unavailable:
+            return f"unavailable: {self.unavailable}"
         if self.behind:
             return (f"behind the database by {self.behind} embeddings (the next writer to open the gallery "
                     "brings Milvus up to date)")

@@ -58,6 +58,9 @@ def check_name(name: str) -> str:
     return name
 
 
+UNIT_TOLERANCE = 4 * float(np.finfo(np.float32).eps)  # |norm - 1| of a row taken as unit already
+
+
 def check_vectors(vectors: np.ndarray, dim: int, fingerprint: str, given: str | None) -> np.ndarray:
     """Embeddings for a gallery of ``dim``-d vectors of model ``fingerprint`` as unit float32 rows [n, dim]
     (one vector becomes one row); ``given``, the model that made them when the caller says, must match."""
@@ -78,5 +81,9 @@ def check_vectors(vectors: np.ndarray, dim: int, fingerprint: str, given: str | 
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if np.any(norms < 1e-12):
         raise GalleryError("an embedding is all zeros")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
+    # Rows already of unit length (to float32 rounding) are kept as given, so a stored vector enrolled
+    # again (an import, a copy between backends) stays bit for bit; dividing it by its norm would move
+    # about a third of its rows by one ulp.
+    unit = np.abs(norms - 1.0) <= UNIT_TOLERANCE
+    return np.ascontiguousarray(np.where(unit, x, x / norms), dtype=np.float32)
 
