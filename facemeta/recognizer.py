@@ -313,6 +313,24 @@ class FaceRecognizer:
         same, faces; the model's threshold unless one is given)."""
         return self.embedder.verify(a, b, threshold=threshold)
 
+    def verify_person(self, image: str | os.PathLike, name: str, threshold: float | None = None):
+        """Is the face in ``image`` (one, by the select policy) the enrolled person ``name``? A
+        facemeta.embedder.Verification whose score is the face against that person's stored embeddings
+        (the gallery's scoring: best or mean cosine); the threshold is the one given, else this
+        recognizer's, else the gallery's, else the model's."""
+        from facemeta.checks import check_threshold
+        from facemeta.embedder import Verification
+
+        g = self.gallery()
+        vector, face = self.embedder.embed_file(image)
+        score = g.score_person(name, vector, fingerprint=self.embedder.fingerprint)
+        thr = next((t for t in (threshold, self.threshold, g.threshold, self.embedder.threshold) if t is not None), None)
+        if thr is None:
+            raise GalleryError(f"neither the gallery nor {self.embedder.model_path} has a threshold; pass --threshold")
+        thr = check_threshold(thr)
+        far = self.embedder.threshold_far if thr == self.embedder.threshold else None
+        return Verification(score, thr, far, bool(score >= thr), [face.to_dict()])
+
     def remove(self, name: str) -> int:
         """Remove a person and every stored embedding; returns how many embeddings went."""
         return self.gallery(write=True).remove(name)

@@ -1,4 +1,5 @@
-"""`facemeta verify A B`: are the faces in two photos the same person? Prints score, threshold, decision."""
+"""`facemeta verify A B`: are the faces in two photos the same person? `facemeta verify A --gallery G --person
+NAME`: is the face in a photo that enrolled person? Prints score, threshold, decision."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ import argparse
 import json
 
 from facemeta.commands.options import add_runtime_options, runtime_options
+from facemeta.errors import FacemetaError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `verify` and its options."""
     p = subparsers.add_parser(
-        "verify", help="decide whether two photos show the same person",
+        "verify", help="decide whether two photos show the same person, or a photo shows an enrolled person",
         description="Detect and align the face in each photo (the largest one by default), embed both, and "
                     "compare their cosine similarity with the model's verification threshold (calibrated on "
-                    "held-out source-domain pairs at a stated false-accept rate).")
+                    "held-out source-domain pairs at a stated false-accept rate). With --gallery and --person, "
+                    "compare the face in A with that person's enrolled photos instead (the gallery's scoring: "
+                    "best or mean match; the gallery's threshold unless --threshold).")
     p.add_argument("a", metavar="A", help="first image file")
-    p.add_argument("b", metavar="B", help="second image file")
+    p.add_argument("b", metavar="B", nargs="?", help="second image file (not with --person)")
+    p.add_argument("--gallery", metavar="GALLERY", help="with --person: the gallery the person is enrolled in")
+    p.add_argument("--person", metavar="NAME", help="verify A against this enrolled person instead of B")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored with the model)")
     p.add_argument("--select", choices=["largest", "confident"], default="largest",
@@ -33,10 +39,18 @@ def run(args: argparse.Namespace) -> int:
     from facemeta.embedder import FaceEmbedder
 
     check_threshold(args.threshold, "--threshold")
+    if (args.person is None) == (args.b is None) or (args.person is None) != (args.gallery is None):
+        raise FacemetaError("give two images A B, or one image A with --gallery GALLERY --person NAME")
     embedder = FaceEmbedder(args.model, device=args.device, select=args.select, **runtime_options(args))
-    result = embedder.verify(args.a, args.b, threshold=args.threshold)
+    if args.person is not None:
+        from facemeta.recognizer import FaceRecognizer
+
+        with FaceRecognizer(args.gallery, embedder=embedder) as fr:
+            result = fr.verify_person(args.a, args.person, threshold=args.threshold)
+    else:
+        result = embedder.verify(args.a, args.b, threshold=args.threshold)
     if args.json:
-        print(json.dumps({"a": args.a, "b": args.b, "score": round(result.score, 6),
+        print(json.dumps({"a": args.a, "b": args.b, "person": args.person, "score": round(result.score, 6),
                           "threshold": round(result.threshold, 6), "threshold_far": result.threshold_far,
                           "decision": result.decision, "same": result.same, "model": str(embedder.model_path),
                           "fingerprint": embedder.fingerprint, "runtime": embedder.runtime, "faces": result.faces}))

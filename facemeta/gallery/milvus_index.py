@@ -109,6 +109,7 @@ CLIENTS = _Clients()
 
 def _connect(uri: str):
     """A MilvusClient for ``uri`` (one line of error when pymilvus is missing or the URI cannot be opened)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's INFO lines (e.g. at every fork) are not ours to show
     try:
         from pymilvus import MilvusClient
     except ImportError:
@@ -468,4 +469,4 @@ class MilvusIndex(IndexBase):
             size = sum(p.stat().st_size for p in Path(self.uri).rglob("*") if p.is_file())
         return {"backend": self.name, "milvus_uri": self.stored_uri, "collection": self.collection,
                 "index_built": kind, "index_settings": {"kind": self.spec.kind, **build},
-                "nlist": build.get("nlist"), "gpu": False, "index_bytes": size}
+                "nlist": None, "gpu": False, "index_bytes": size}  # Milvus picks its lists per segment

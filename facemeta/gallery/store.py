@@ -389,6 +389,19 @@ class Gallery:
             self._check_open()
             return self._records.identity_vectors(self._records.identity_id(name))[1]
 
+    def score_person(self, name: str, query: np.ndarray, scoring: str | None = None,
+                     fingerprint: str | None = None) -> float:
+        """One query embedding against one identity (1:1 verification): the best cosine over its stored
+        embeddings (``scoring="best"``) or their mean (``"mean"``; default: the gallery's scoring). Reads the
+        database, whatever the backend."""
+        with self._mutex:
+            self._check_open()
+            q = check_vectors(query, self.dim, self.fingerprint, fingerprint)
+            if len(q) != 1:
+                raise GalleryError(f"verify against a person takes one embedding, got {len(q)}")
+            sims = self.vectors(name) @ q[0]
+            return float(sims.max() if check_scoring(scoring or self.scoring) == "best" else sims.mean())
+
     def index_status(self) -> str:
         """"ok", or why the index cannot serve searches ("needs repair: ..."). An index not loaded yet
         (``open(load_index=False)``) is judged by its file without loading it: length, checksum, and

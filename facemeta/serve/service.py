@@ -288,7 +288,7 @@ class FaceService:
             g.refresh()
             people = g.identities()
             gallery.update(people=len(people), embeddings=sum(i.count for i in people), threshold=g.threshold,
-                           scoring=g.scoring, index=g.spec.kind, fingerprint=g.fingerprint)
+                           scoring=g.scoring, index=g.spec.kind, fingerprint=g.fingerprint, backend=g.backend)
         return {"version": __version__,
                 "model": {"name": e.model_path.name, "fingerprint": e.fingerprint, "embedding_size": e.embedding_size,
                           "threshold": e.threshold, "threshold_far": e.threshold_far, "align_size": e.align_size,
