@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shlex
@@ -59,13 +60,20 @@ def resolve_uri(uri: str, folder: Path) -> str:
 
 
 def index_params(spec: IndexSpec) -> tuple[str, dict, dict]:
-    """(Milvus index type, build params, search params) for a gallery IndexSpec."""
+    """(Milvus index type, build params, search params) for a gallery IndexSpec. Milvus builds an index per
+    segment, so an IVF ``nlist`` is per segment; the gallery's automatic nlist (0) leaves it to Milvus."""
     kind = MILVUS_INDEX[spec.kind]
     if kind == "HNSW":
         return kind, {"M": spec.m, "efConstruction": spec.ef_construction}, {"ef": spec.ef_search}
     if kind.startswith("IVF"):
-        return kind, {"nlist": spec.nlist or 1024}, {"nprobe": spec.nprobe}
+        return kind, {"nlist": spec.nlist} if spec.nlist else {}, {"nprobe": spec.nprobe}
     return kind, {}, {}
+
+
+def wire_build_params(build: dict) -> dict:
+    """Build params as sent: pymilvus 3 sends each as its own key, Milvus Lite 3 reads them only from a
+    JSON ``params`` entry (the older wire form, which Milvus servers also read); send both."""
+    return {**build, "params": json.dumps(build)} if build else {}
 
 
 class _Clients:
@@ -227,7 +235,7 @@ class MilvusIndex(IndexBase):
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.records.dim)
         kind, build, _ = index_params(spec)
         params = c.prepare_index_params()
-        params.add_index(field_name="vec", index_type=kind, metric_type="IP", params=build)
+        params.add_index(field_name="vec", index_type=kind, metric_type="IP", params=wire_build_params(build))
         with milvus_errors(f"create collection {self.collection}"):
             c.create_collection(self.collection, schema=schema, index_params=params)
             c.load_collection(self.collection)
