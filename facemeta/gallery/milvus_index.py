@@ -443,6 +443,8 @@ class MilvusIndex(IndexBase):
                     "rebuilds it from the database")
         if self.unavailable:
             return f"unavailable: {self.unavailable}"
+        if self.client is None:
+            return "not checked yet (Milvus is opened on the first search; `gallery info --check` checks it now)"
         if self.behind:
             return (f"behind the database by {self.behind} embeddings (the next writer to open the gallery "
                     "brings Milvus up to date)")
