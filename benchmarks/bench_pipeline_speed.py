@@ -5,7 +5,9 @@ Both arms turn each file into one 128-d face descriptor: decode, find the face, 
   one upsample, the largest face (the whole image where HOG finds none), dlib's 5-point shape predictor,
   ``compute_face_descriptor`` (150x150 chip, padding 0.25, no jitter).
 - facemeta: ``FaceEmbedder.embed_files`` with the given model: batched MTCNN with the alignment pipeline's
-  fallback routes, warp onto the model's chip, one batched forward pass (no flip unless --flip).
+  fallback routes, warp onto the model's chip, one batched forward pass (no flip unless --flip), run by torch
+  and, with ``--runtimes torch onnx``, also by ONNX Runtime (``--runtime onnx``: the network exported once
+  into the cache before the timed runs; detection stays in torch).
 Each arm runs as WORKERS processes of one thread each over interleaved halves of the file list (the parallelism
 both can use on 2 cores; the gallery benchmark found one torch thread per process holds up best on a busy
 machine), after a warm-up of a few files that is not timed. The model file defaults to weights/default.
@@ -65,14 +67,14 @@ def _dlib_worker(paths: list[str]) -> tuple[float, int, int]:
     return time.perf_counter() - t0, len(paths), found
 
 
-def _facemeta_worker(args: tuple[list[str], str, bool, int]) -> tuple[float, int, int]:
-    paths, model, flip, batch = args
+def _facemeta_worker(args: tuple[list[str], str, bool, int, str]) -> tuple[float, int, int]:
+    paths, model, flip, batch, runtime = args
     import torch
 
     torch.set_num_threads(1)
     from facemeta.embedder import FaceEmbedder
 
-    emb = FaceEmbedder(model, flip=flip)
+    emb = FaceEmbedder(model, flip=flip, runtime=runtime)
     emb.embed_files(paths[:WARMUP], batch_size=WARMUP)
     t0 = time.perf_counter()
     vectors = emb.embed_files(paths, batch_size=batch)
@@ -98,22 +100,30 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--flip", action="store_true", help="facemeta: flip test-time augmentation (two passes)")
+    ap.add_argument("--runtimes", nargs="+", choices=["torch", "onnx"], default=["torch"],
+                    help="facemeta arms: the embedding network run by torch and/or ONNX Runtime")
     ap.add_argument("--out", default="benchmarks/results/pipeline_speed")
     args = ap.parse_args()
-    from facemeta.embedder import default_model_path
+    from facemeta.embedder import FaceEmbedder, default_model_path
 
     model = str(args.model or default_model_path())
+    if "onnx" in args.runtimes:
+        FaceEmbedder(model, runtime="onnx")  # export into the cache now, not inside the timed workers
     files = _files(args.per_set)
     load_start = os.getloadavg()
     rows = {}
     for name, paths in files.items():
         halves = [paths[i::args.workers] for i in range(args.workers)]
-        rows[name] = {"dlib": _run(_dlib_worker, halves),
-                      "facemeta": _run(_facemeta_worker, [(h, model, args.flip, args.batch) for h in halves])}
-        rows[name]["ratio"] = round(rows[name]["facemeta"]["images_per_s"] / rows[name]["dlib"]["images_per_s"], 2)
+        rows[name] = {"dlib": _run(_dlib_worker, halves)}
+        for runtime in args.runtimes:
+            arm = "facemeta" if runtime == "torch" else f"facemeta ({runtime})"
+            rows[name][arm] = _run(_facemeta_worker, [(h, model, args.flip, args.batch, runtime) for h in halves])
+            rows[name][arm]["ratio"] = round(rows[name][arm]["images_per_s"] / rows[name]["dlib"]["images_per_s"], 2)
         print(name, json.dumps(rows[name]), flush=True)
+    from facemeta.align.pipeline import PIPELINE_VERSION
+
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model, "workers": args.workers,
-              "flip": args.flip, "per_set": args.per_set, "rows": rows,
+              "flip": args.flip, "runtimes": args.runtimes, "pipeline_version": PIPELINE_VERSION, "per_set": args.per_set, "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
               "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     out = Path(args.out)
@@ -121,21 +131,20 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# End-to-end speed from image files: facemeta vs dlib's pipeline", "",
              f"Measured {result['date']} on {result['machine']} with `python benchmarks/bench_pipeline_speed.py` "
-             f"(model `{Path(model).name}`, {args.workers} worker processes of one thread per arm, flip "
-             f"{'on' if args.flip else 'off'}). Load average {load_start[0]:.2f} at start, "
+             f"(model `{Path(model).name}`, alignment pipeline version {PIPELINE_VERSION}, {args.workers} worker "
+             f"processes of one thread per arm, flip {'on' if args.flip else 'off'}). Load average {load_start[0]:.2f} at start, "
              f"{result['loadavg_end'][0]:.2f} at end.", "",
              "| files | arm | images | faces found | seconds | images/s | facemeta / dlib |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
-        for arm in ("dlib", "facemeta"):
-            a = r[arm]
-            ratio = f"**{r['ratio']:.2f}x**" if arm == "facemeta" else ""
+        for arm, a in r.items():
+            ratio = f"**{a['ratio']:.2f}x**" if "ratio" in a else ""
             lines.append(f"| {per_set_label(name, args.per_set)} | {arm} | {a['images']} | {a['faces']} | "
                          f"{a['seconds']} | {a['images_per_s']} | {ratio} |")
     lines += ["", "dlib: HOG detector (1 upsample; where it finds no face the whole image is the box), 5-point "
               "shape predictor, compute_face_descriptor. facemeta: FaceEmbedder.embed_files (batched MTCNN with "
-              "fallback routes, warp, one forward pass). Seconds: the slowest worker's timed part (start-up and "
-              f"{WARMUP} warm-up files per worker excluded).", ""]
+              "fallback routes, warp, one forward pass; `(onnx)`: the network run by ONNX Runtime). Seconds: the "
+              f"slowest worker's timed part (start-up and {WARMUP} warm-up files per worker excluded).", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
 
 

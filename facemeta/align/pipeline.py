@@ -1,16 +1,12 @@
 """Folder/manifest -> aligned faces: detection with ordered fallbacks, worker processes, resumable.
 
-Routes, tried in this order for each image until one yields landmarks (recorded as ``route``):
-
-1. ``direct``: MTCNN on the image as it is; with the 'largest' policy a first pass looks only for
-   faces of at least COARSE_MIN_FACE of the short side (a smaller pyramid, fewer candidate boxes),
-   and the images where it finds none get the full-range pass.
-
-On every route a detection is refused when its box leaves the canvas the detector saw (box_inside)
-or its landmarks fall outside the image (landmarks_inside): on a tight crop MTCNN otherwise
-returns a box larger than the frame with extrapolated, too widely spread points. For sets
-declared pre-cropped, boxes narrower than PRE_CROPPED_MIN_FACE of the image are refused too
-(a nose or an eye mistaken for a small face).
+Routes, tried for each image until one yields landmarks (recorded as ``route``; their order and the
+smallest face each looks for depend on the selection policy: ``attempts``). On every route a detection
+is refused when its box leaves the canvas the detector saw (box_inside) or its landmarks fall outside
+the image (landmarks_inside): on a tight crop MTCNN otherwise returns a box larger than the frame with
+extrapolated, too widely spread points. For sets declared pre-cropped, boxes narrower than
+PRE_CROPPED_MIN_FACE of the image are refused too (a nose or an eye mistaken for a small face).
+1. ``direct``: MTCNN on the image as it is.
 2. ``padded``: the canvas padded with black by PAD_FRACTION of its size on every side. Tightly
    cropped faces (Extended Yale B, ORL) fill the frame, and MTCNN needs some context around a face.
 3. ``equalised``: the padded image in grey with CLAHE contrast equalisation (dark, side-lit faces).
@@ -53,19 +49,20 @@ PAD_FRACTION = 0.5
 CLAHE_CLIP, CLAHE_TILES = 3.0, 8
 RELAXED_THRESHOLDS = (0.4, 0.5, 0.5)
 COARSE_MIN_FACE = 0.25  # first direct pass (policy 'largest'): faces of at least this share of the short side
-# (route, padding fraction, CLAHE, relaxed thresholds), tried in order on the images still without a face.
-# The last attempt pads less: MTCNN's image pyramid then meets the face at other scales.
-ATTEMPTS = (("direct", 0.0, False, False),
-            ("padded", PAD_FRACTION, False, False),
-            ("equalised", PAD_FRACTION, True, False),
-            ("relaxed", PAD_FRACTION, True, True),
-            ("relaxed", PAD_FRACTION / 2, False, True))
+FALLBACK_MIN_FACE, RELAXED_MIN_FACE = 0.2, 0.15  # smallest face these routes look for, share of the canvas
+# (route, pad fraction, CLAHE, relaxed thresholds, smallest face: share of the canvas's short side), tried in
+# order on the images still without a face (attempts()); the last pads less, for other pyramid scales.
+FULL_DIRECT = ("direct", 0.0, False, False, 0.0)
+FALLBACKS = (("padded", PAD_FRACTION, False, False, FALLBACK_MIN_FACE),
+             ("equalised", PAD_FRACTION, True, False, FALLBACK_MIN_FACE),
+             ("relaxed", PAD_FRACTION, True, True, RELAXED_MIN_FACE),
+             ("relaxed", PAD_FRACTION / 2, False, True, RELAXED_MIN_FACE))
 BOX_TOLERANCE = 0.1  # a detection box may leave the canvas by at most this fraction of its size
 PRE_CROPPED_MIN_FACE = 0.4  # in a pre-cropped image the face box spans at least this much of the short side
-MAX_FIT_ERROR = 8.0
-SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median  # mean landmark distance to the 112-px template after the fit, in pixels
+MAX_FIT_ERROR = 8.0  # mean landmark distance to the 112-px template after the fit, in pixels
+SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median
 JOURNAL = ".align-journal.jsonl"
-PIPELINE_VERSION = 3  # bump when routes or filters change: cached folders are then aligned again
+PIPELINE_VERSION = 4  # bump when routes or filters change: cached folders are then aligned again
 CONFIG = ".align-config.json"
 LOCK = ".align.lock"
 
@@ -124,6 +121,18 @@ def _equalise(image: np.ndarray) -> np.ndarray:
     return np.repeat(eq[:, :, None], 3, axis=2)
 
 
+def attempts(select: str) -> tuple[tuple, ...]:
+    """The detector passes for a selection policy, in order. 'largest' starts with a coarse direct pass
+    (faces of COARSE_MIN_FACE of the short side and up) and puts the full-range direct pass after the padded
+    and equalised routes, which look only for faces filling their canvas (the tight crops and dark faces
+    they are for): the costly full pyramid then runs only where those fail. On 200 Extended Yale B files
+    this cut alignment from 19.5 s to 7.3 s with 185 faces found instead of 182 (PIPELINE_VERSION 4,
+    benchmarks/results/pipeline_speed.md). 'confident' and 'single' must see every face: full range first."""
+    if select == "largest":
+        return (("direct", 0.0, False, False, COARSE_MIN_FACE), *FALLBACKS[:2], FULL_DIRECT, *FALLBACKS[2:])
+    return (FULL_DIRECT, *FALLBACKS)
+
+
 def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int = 112,
                 pre_cropped: bool = False, select: str = "largest",
                 layouts: Sequence[np.ndarray | None] | None = None,
@@ -139,11 +148,7 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
     results: list[AlignResult | None] = [None] * len(images)
     todo = list(range(len(images)))
-    attempts = list(ATTEMPTS)
-    if select == "largest":
-        # a first, coarse pass that ignores small faces: the largest face is found as well, faster
-        attempts.insert(0, ("direct", 0.0, False, False, COARSE_MIN_FACE))
-    for route, pad, equalise, relaxed, *coarse in attempts:
+    for route, pad, equalise, relaxed, min_face in attempts(select):
         if not todo:
             break
         inputs, offsets = [], []
@@ -151,8 +156,7 @@ def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int 
             canvas, px, py = pad_image(images[i], pad) if pad else (images[i], 0, 0)
             inputs.append(_equalise(canvas) if equalise else canvas)
             offsets.append((px, py))
-        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None,
-                                      min_face_fraction=coarse[0] if coarse else 0.0)
+        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None, min_face_fraction=min_face)
         still = []
         for i, faces, canvas, (px, py) in zip(todo, found, inputs, offsets, strict=True):
             h, w = images[i].shape[:2]
@@ -479,10 +483,8 @@ def _run_chunks(todo: list[tuple[str, str]], size: int, select: str, pre_cropped
         else:
             import multiprocessing as mp
 
-            # fork where available: no re-import of torch per worker and no __main__ guard needed in
-            # user scripts; it is safe because each worker sets torch to one thread before any work.
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+            # fork where available (no torch re-import, no __main__ guard; each worker sets one torch thread first)
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ctx.Pool(workers, initializer=_init_worker, initargs=(detector_kwargs or {},)) as pool:
                 for recs in pool.imap_unordered(_process_chunk, tasks):
                     bar.update(len(recs))
@@ -494,6 +496,5 @@ def _run_chunks(todo: list[tuple[str, str]], size: int, select: str, pre_cropped
 def summarise(aligned: Sequence[ManifestRow], failures: Sequence[dict], skipped: int = 0) -> dict:
     """Counts for the end of a run: totals, routes taken and failure reasons."""
     return {"images": len(aligned) + len(failures), "aligned": len(aligned), "failed": len(failures),
-            "skipped": skipped,
-            "routes": dict(Counter(r.extra.get("route", "") for r in aligned)),
+            "skipped": skipped, "routes": dict(Counter(r.extra.get("route", "") for r in aligned)),
             "reasons": dict(Counter(f["reason"] for f in failures))}
