@@ -81,6 +81,21 @@ def _facemeta_worker(args: tuple[list[str], str, bool, int, str]) -> tuple[float
     return time.perf_counter() - t0, len(paths), sum(v is not None for v in vectors)
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """Each arm's median over the repeats (images/s, seconds, ratio) and every repeat's ratio."""
+    out = {}
+    for arm in runs[0]:
+        parts = [r[arm] for r in runs]
+        med = dict(parts[0])
+        for key in ("seconds", "images_per_s", "ratio"):
+            if key in med:
+                med[key] = round(float(np.median([p[key] for p in parts])), 2)
+        if "ratio" in med:
+            med["ratios"] = [p["ratio"] for p in parts]
+        out[arm] = med
+    return out
+
+
 def _run(worker, tasks: list) -> dict:
     ctx = mp.get_context("spawn")  # clean processes: no threads inherited from this one
     t0 = time.perf_counter()
@@ -102,6 +117,8 @@ def main() -> None:
     ap.add_argument("--flip", action="store_true", help="facemeta: flip test-time augmentation (two passes)")
     ap.add_argument("--runtimes", nargs="+", choices=["torch", "onnx"], default=["torch"],
                     help="facemeta arms: the embedding network run by torch and/or ONNX Runtime")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="times every arm is measured; the table shows the median and each repeat's ratio")
     ap.add_argument("--out", default="benchmarks/results/pipeline_speed")
     args = ap.parse_args()
     from facemeta.embedder import FaceEmbedder, default_model_path
@@ -114,15 +131,20 @@ def main() -> None:
     rows = {}
     for name, paths in files.items():
         halves = [paths[i::args.workers] for i in range(args.workers)]
-        rows[name] = {"dlib": _run(_dlib_worker, halves)}
-        for runtime in args.runtimes:
-            arm = "facemeta" if runtime == "torch" else f"facemeta ({runtime})"
-            rows[name][arm] = _run(_facemeta_worker, [(h, model, args.flip, args.batch, runtime) for h in halves])
-            rows[name][arm]["ratio"] = round(rows[name][arm]["images_per_s"] / rows[name]["dlib"]["images_per_s"], 2)
-        print(name, json.dumps(rows[name]), flush=True)
+        runs = []
+        for _ in range(args.repeats):  # each repeat runs every arm once, dlib first: ratios within a repeat
+            run = {"dlib": _run(_dlib_worker, halves)}
+            for runtime in args.runtimes:
+                arm = "facemeta" if runtime == "torch" else f"facemeta ({runtime})"
+                run[arm] = _run(_facemeta_worker, [(h, model, args.flip, args.batch, runtime) for h in halves])
+                run[arm]["ratio"] = round(run[arm]["images_per_s"] / run["dlib"]["images_per_s"], 2)
+            print(name, json.dumps(run), flush=True)
+            runs.append(run)
+        rows[name] = _median_run(runs)
     from facemeta.align.pipeline import PIPELINE_VERSION
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model, "workers": args.workers,
+              "repeats": args.repeats,
               "flip": args.flip, "runtimes": args.runtimes, "pipeline_version": PIPELINE_VERSION, "per_set": args.per_set, "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
               "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
@@ -134,13 +156,16 @@ def main() -> None:
              f"(model `{Path(model).name}`, alignment pipeline version {PIPELINE_VERSION}, {args.workers} worker "
              f"processes of one thread per arm, flip {'on' if args.flip else 'off'}). Load average {load_start[0]:.2f} at start, "
              f"{result['loadavg_end'][0]:.2f} at end.", "",
-             "| files | arm | images | faces found | seconds | images/s | facemeta / dlib |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"Each arm was measured {args.repeats} times (every repeat runs dlib, then each facemeta arm); the "
+             "table gives the medians, and each repeat's ratio.", "",
+             "| files | arm | images | faces found | seconds | images/s | facemeta / dlib | ratio per repeat |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in rows.items():
         for arm, a in r.items():
             ratio = f"**{a['ratio']:.2f}x**" if "ratio" in a else ""
+            each = ", ".join(f"{x:.2f}" for x in a.get("ratios", []))
             lines.append(f"| {per_set_label(name, args.per_set)} | {arm} | {a['images']} | {a['faces']} | "
-                         f"{a['seconds']} | {a['images_per_s']} | {ratio} |")
+                         f"{a['seconds']} | {a['images_per_s']} | {ratio} | {each} |")
     lines += ["", "dlib: HOG detector (1 upsample; where it finds no face the whole image is the box), 5-point "
               "shape predictor, compute_face_descriptor. facemeta: FaceEmbedder.embed_files (batched MTCNN with "
               "fallback routes, warp, one forward pass; `(onnx)`: the network run by ONNX Runtime). Seconds: the "
