@@ -252,7 +252,7 @@ class MilvusIndex(IndexBase):
 
     def load(self, repair: bool) -> None:
         """Connect, check the collection is there, and (writer) bring it up to date with the database;
-        with ``repair`` rebuild it from the database (``repair``)."""
+        with ``repair`` rebuild it from the database instead (see ``repair``)."""
         gen, eids, idents, digests = self.records.state()
         self.records.generation, self.ids = gen, IdMap(eids, idents)
         if self.writable:
@@ -295,8 +295,9 @@ class MilvusIndex(IndexBase):
         first (kept beside, as a damaged FAISS index file is), so a file Milvus cannot even open is mended."""
         self.repaired = {"aside": None, "problem": None, "digest_fixed": False}
         if is_local(self.uri) and os.path.lexists(self.uri):
-            self.disconnect()
-            CLIENTS.release(self.uri)  # stop a Lite server this process still holds for the old file
+            self.disconnect()  # the last user in this process also stops the Lite server holding the old file
+            if self.uri in CLIENTS.open:
+                raise GalleryError(f"{self.uri} is open elsewhere in this process; close it before repairing")
             aside = f"{self.uri}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(self.uri, aside)
             self.repaired["aside"] = aside
