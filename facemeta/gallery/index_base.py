@@ -8,7 +8,7 @@ is brought up to date by id when it lags, and can always be rebuilt from the dat
 
     create_empty()  load(repair)  read_ids()  ensure()  catch_up()  count  search(queries, k)
     add(vectors, eids, idents)  remove(eids)  after_change()  save()  save_now()  rebuild(spec)
-    identity_vectors(ident)  drop_caches()  status()  matches(eids)  describe()  close()
+    identity_vectors(ident)  drop_caches()  status()  matches(eids)  describe()  release()  close()
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ class IndexBase:
     def save(self) -> None:  # pragma: no cover - every backend defines it
         """Make the backend's state durable (the FAISS file; a Milvus flush)."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Let go of what the backend holds open without saving (a failed open); nothing for a file index."""
 
     def close(self) -> None:
         """Save what changed (writer)."""

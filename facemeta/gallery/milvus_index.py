@@ -205,6 +205,10 @@ class MilvusIndex(IndexBase):
                 raise
             self.unavailable = None
 
+    def release(self) -> None:
+        """A failed open: release the client without flushing."""
+        self.disconnect()
+
     def disconnect(self) -> None:
         """Release the client (the last user in this process closes it)."""
         if self.client is not None:

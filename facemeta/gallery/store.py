@@ -171,7 +171,7 @@ class Gallery:
         if mode == "w":
             lock = WriterLock(path / LOCK_NAME)
             lock.acquire(lock_timeout)
-        conn = None
+        conn = g = None
         try:
             with db_errors(db):
                 conn = connect(db, writable=mode == "w")
@@ -184,6 +184,8 @@ class Gallery:
                     g._index.read_ids()
             return g
         except BaseException:
+            if g is not None:
+                g._index.release()
             if conn is not None:
                 conn.close()
             if lock is not None:
