@@ -90,8 +90,7 @@ def test_deep_search_beyond_milvus_top_k_is_exact(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- every verb
 
-def test_every_gallery_verb_on_milvus(tmp_path, monkeypatch):
-    monkeypatch.setenv(milvus_index.TOKEN_ENV, "")
+def test_every_gallery_verb_on_milvus(tmp_path):
     x = random_vectors(30, 32, 2)
     path = tmp_path / "g"
     with Gallery.create(path, dim=32, fingerprint=FP, backend="milvus", index="hnsw", threshold=0.3) as g:
@@ -305,13 +304,19 @@ def test_unreachable_server_uri_is_one_line_and_leaves_nothing(tmp_path, monkeyp
         Gallery.create(tmp_path / "y", dim=8, fingerprint=FP, backend="pgvector")
 
 
-def test_token_is_never_stored(tmp_path, monkeypatch):
-    monkeypatch.setenv(milvus_index.TOKEN_ENV, "")
+def test_token_is_never_stored(tmp_path, monkeypatch, capsys):
+    """The token reaches MilvusClient (Milvus Lite ignores it) but no file of the gallery, nor info."""
+    token = "root:s3cret-token-0123"
+    monkeypatch.setenv(milvus_index.TOKEN_ENV, token)
     path = tmp_path / "g"
     with Gallery.create(path, dim=8, fingerprint=FP, backend="milvus") as g:
         g.enroll("ada", random_vectors(1, 8, 5), fingerprint=FP)
         meta = json.loads(g._records.read_meta()["milvus"])
     assert meta == {"uri": "milvus.db", "collection": f"facemeta_{g.gallery_id}"}
+    assert main(["gallery", "info", str(path), "--check", "--json"]) == 0
+    assert "s3cret" not in capsys.readouterr().out
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if b"s3cret" in p.read_bytes()]
 
 
 # --------------------------------------------------------------------------- end to end with the shipped model

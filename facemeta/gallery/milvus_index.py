@@ -287,7 +287,7 @@ class MilvusIndex(IndexBase):
         """A reader cannot mend Milvus: rows missing although the writer recorded this generation as
         flushed mean damage (repair hint); otherwise a writer is between its two commits (or died there)
         and ``status`` says how far behind Milvus is until the next writer brings it up to date."""
-        missing = expected - self.stored_count()
+        missing = expected - self.held_count()
         synced = self.records.read_meta().get(SYNCED_KEY)
         if missing > 0 and synced is not None and int(synced) == generation:
             raise self.repair_hint(f"the Milvus collection holds {expected - missing} of the database's "
@@ -308,10 +308,6 @@ class MilvusIndex(IndexBase):
         self.rebuild(fix_digest=True)
 
     def held_count(self) -> int:
-        """Rows in the collection now."""
-        return self.stored_count()
-
-    def stored_count(self) -> int:
         """Rows in the collection now."""
         with milvus_errors("count the collection"):
             res = self.client.query(self.collection, filter="", output_fields=["count(*)"])
@@ -334,7 +330,7 @@ class MilvusIndex(IndexBase):
         database holds; otherwise compare ids and add the missing rows, delete the extra ones."""
         meta = self.records.read_meta()
         synced = meta.get(SYNCED_KEY)
-        if synced is not None and int(synced) == self.records.generation and self.stored_count() == len(eids):
+        if synced is not None and int(synced) == self.records.generation and self.held_count() == len(eids):
             self.mark_saved()
             return
         present = self.stored_ids()
@@ -423,7 +419,8 @@ class MilvusIndex(IndexBase):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, int(k))
         if k > MAX_TOPK:
-            ids, vecs, _ = self.records.all_vectors()
+            ids = self.ids.eids  # the database's ids (no digest to compute, unlike Records.all_vectors)
+            vecs = self.records.fetch_vectors(ids)
             sims = queries @ vecs.T
             order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(sims, order, 1), ids[order]
