@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_files import cpu_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -599,7 +600,7 @@ def main() -> int:
         return 0
     t_run = time.time()
     results["machine"] = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}, "
-                          f"{_cpu_model()}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB "
+                          f"{cpu_model()}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB "
                           "RAM, shared with other jobs (each cell records the load average at its start); run under "
                           "nice -n 5")
     results.setdefault("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
@@ -636,16 +637,6 @@ def main() -> int:
     runs[-1]["wall_min"] = round((time.time() - t_run) / 60, 1)
     _write(args.out, results)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 def _git() -> str:

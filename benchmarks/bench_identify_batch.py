@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_files import machine, write_results
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
@@ -75,7 +76,7 @@ def main() -> None:
     per_photo = t_single / args.per_photo
     same = sum(batch_answers.get(k) == v for k, v in single_answers.items())
     right = sum(v == k.split("-")[0] for k, v in batch_answers.items())
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+    result = {"machine": machine(),
               "photos": len(files), "batch_seconds": round(t_batch, 2),
               "batch_images_per_s": round(len(files) / t_batch, 2),
               "per_photo_seconds": round(per_photo, 2), "per_photo_timed": args.per_photo,
@@ -93,10 +94,7 @@ def main() -> None:
              f"{per_photo * len(files):.1f} | {1 / per_photo:.2f} |", "",
              f"One run is **{result['speedup']}x** faster. The answers agree on {same} of the {len(single_answers)} "
              f"photos identified both ways; rank-1 of the batch run: {result['batch_rank1']:.3f}.", ""]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.out, result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_files import machine, write_results
 
 
 def _faces(model: str, n: int, folder: Path, seed: int = 0) -> np.ndarray:
@@ -102,25 +102,10 @@ def main() -> None:
               "image_size": contract["image_size"], "faces": len(faces), "flip": flip, "repeats": args.repeats,
               "threads": torch.get_num_threads(), "opset": contract["opset"], "export_seconds": round(export_s, 1),
               "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_model()}), "
-                         f"Python {platform.python_version()}",
+              "machine": machine(),
               "command": "python benchmarks/bench_onnx.py " + (f"--out {args.out}" if args.out else ""),
               "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    write_results(args.out, result, _markdown(result))
 
 
 def _markdown(r: dict) -> str:

@@ -21,12 +21,12 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import time
 from pathlib import Path
 
 import numpy as np
+from results_files import machine, write_results
 
 WARMUP = 4
 
@@ -144,13 +144,9 @@ def main() -> None:
     from facemeta.align.pipeline import PIPELINE_VERSION
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model, "workers": args.workers,
-              "repeats": args.repeats,
-              "flip": args.flip, "runtimes": args.runtimes, "pipeline_version": PIPELINE_VERSION, "per_set": args.per_set, "rows": rows,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
-              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+              "repeats": args.repeats, "flip": args.flip, "runtimes": args.runtimes, "pipeline_version": PIPELINE_VERSION,
+              "per_set": args.per_set, "rows": rows, "machine": machine(), "loadavg_start": load_start,
+              "loadavg_end": os.getloadavg()}
     lines = ["# End-to-end speed from image files: facemeta vs dlib's pipeline", "",
              f"Measured {result['date']} on {result['machine']} with `python benchmarks/bench_pipeline_speed.py` "
              f"(model `{Path(model).name}`, alignment pipeline version {PIPELINE_VERSION}, {args.workers} worker "
@@ -170,7 +166,7 @@ def main() -> None:
               "shape predictor, compute_face_descriptor. facemeta: FaceEmbedder.embed_files (batched MTCNN with "
               "fallback routes, warp, one forward pass; `(onnx)`: the network run by ONNX Runtime). Seconds: the "
               f"slowest worker's timed part (start-up and {WARMUP} warm-up files per worker excluded).", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.out, result, "\n".join(lines))
 
 
 def per_set_label(name: str, n: int) -> str:

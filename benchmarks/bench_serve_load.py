@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from results_files import machine, write_results
 
 SEED_SUBJECTS = [f"s{i}" for i in range(1, 11)]
 
@@ -156,7 +155,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp) / "g", None, args.threads) as url:
         res = run_load(url, data_root() / "orl", args.requests, args.clients, args.enrolls)
-    res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    res["machine"] = machine()
     res["server_threads"] = args.threads
     i, e = res["identify_ms"], res["enroll_ms"]
     lines = ["# `facemeta serve` under a bounded load", "",
@@ -172,10 +171,7 @@ def main() -> None:
              f"{res['identify_per_s']} identify requests per second over {res['wall_seconds']} s; server errors "
              f"(5xx): {res['server_errors']}; enrolments missing at the end: {res['missing_enrolments'] or 'none'}; "
              f"rank-1 of the identify answers: {res['identify_rank1']}.", ""]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.out, res, "\n".join(lines))
     print("\n".join(lines))
 
 
