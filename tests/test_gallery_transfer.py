@@ -210,6 +210,32 @@ def test_well_checksummed_but_wrong_files_are_refused(source, tmp_path, edit, me
     assert not (tmp_path / "copy").exists()
 
 
+def test_a_file_that_changes_after_its_check_is_refused(source, tmp_path):
+    """read_export checks the whole file; the import then reads it once more, hashing as it goes: a file changed
+    in between (another size or time) is refused before any row, one whose bytes no longer give the checked
+    checksum is refused at the end of the pass."""
+    out = exported(source, tmp_path / "f")
+    header, chunks = read_export(out)
+    rewrite(out, lambda b: b.replace(b'"ada"', b'"adb"'))
+    with pytest.raises(GalleryError, match="changed since it was checked"):
+        next(chunks)
+    header, chunks = read_export(out)
+    header["sha256"] = "0" * 64  # what the check saw differs from what the import reads
+    with pytest.raises(GalleryError, match="changed while it was imported"):
+        list(chunks)
+
+
+def test_inputs_that_are_not_files(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.fmg")  # opening a FIFO would wait for a writer: refused from its stat
+    for what in (tmp_path / "pipe.fmg", tmp_path):
+        with pytest.raises(GalleryError, match="is not a file"):
+            import_gallery(what, tmp_path / "copy")
+    with pytest.raises(GalleryError, match="cannot read"):
+        import_gallery(tmp_path / "missing.fmg", tmp_path / "copy")
+
+
 def test_targets_that_cannot_take_an_import(source, tmp_path):
     out = exported(source, tmp_path / "f")
     stuff = tmp_path / "stuff"

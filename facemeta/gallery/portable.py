@@ -51,10 +51,8 @@ WRITE_BATCH = 10000  # rows per enroll_many transaction on import
 COLUMNS = ("names", "sources", "scores", "content_hashes", "created", "fingerprints")
 _TAIL_PREFIX = b"SHA256 "
 _TAIL = len(_TAIL_PREFIX) + 64 + 1
-_MAX_HEADER = 1 << 20
-_MAX_LINE = 64 << 20
-_MAX_ROWS = 1 << 16
-_MAX_CHUNK_BYTES = 256 << 20
+# Bounds checked before anything is allocated: a header line, a metadata line, rows and bytes of a chunk.
+_MAX_HEADER, _MAX_LINE, _MAX_ROWS, _MAX_CHUNK_BYTES = 1 << 20, 64 << 20, 1 << 16, 256 << 20
 
 Progress = Callable[[int, int], None]  # (rows done, rows in all)
 
@@ -75,8 +73,9 @@ class Chunk:
 # ------------------------------------------------------------------ writing
 
 
-class _HashingWriter:
-    """Writes to a file and hashes what it writes."""
+class _Hashing:
+    """A file that hashes every byte written to it or read from it (the export's checksum as it is written;
+    the import's as it is read)."""
 
     def __init__(self, fh: IO[bytes]) -> None:
         self.fh = fh
@@ -86,6 +85,19 @@ class _HashingWriter:
         self.sha.update(data)
         self.fh.write(data)
 
+    def read(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        return data
+
+    def readline(self, limit: int) -> bytes:
+        data = self.fh.readline(limit)
+        self.sha.update(data)
+        return data
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
 
 def _line(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\n"
@@ -94,7 +106,7 @@ def _line(obj: dict) -> bytes:
 class _ChunkWriter:
     """Gathers rows and writes them out a chunk at a time."""
 
-    def __init__(self, out: _HashingWriter, dim: int, total: int, progress: Progress | None) -> None:
+    def __init__(self, out: _Hashing, dim: int, total: int, progress: Progress | None) -> None:
         self.out, self.total, self.progress = out, total, progress
         self.rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * dim)))
         self.meta: dict[str, list] = {c: [] for c in COLUMNS}
@@ -141,7 +153,7 @@ def export_gallery(gallery: Gallery, out: str | os.PathLike, progress: Progress 
               "embeddings": total, "created": time.time(), "gallery_id": gallery.gallery_id}
     try:
         with atomic_write(out, "wb") as fh:
-            writer = _HashingWriter(fh)
+            writer = _Hashing(fh)
             writer.write(MAGIC)
             writer.write(_line(header))
             chunks = _ChunkWriter(writer, gallery.dim, total, progress)
@@ -189,15 +201,14 @@ def _parse(line: bytes, path: Path, what: str) -> dict:
 
 
 def _open(path: Path) -> tuple[IO[bytes], os.stat_result]:
+    """The file open for reading, and its stat; checked to be a regular file first (opening a FIFO blocks)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise GalleryError(f"{path} is not a file")
         fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
     except OSError as exc:
         raise GalleryError(f"cannot read {path}: {exc.strerror or exc}") from None
-    st = os.fstat(fh.fileno())
-    if not stat.S_ISREG(st.st_mode):
-        fh.close()
-        raise GalleryError(f"{path} is not a file")
-    return fh, st
+    return fh, os.fstat(fh.fileno())
 
 
 def _read_header(fh: IO[bytes], path: Path) -> dict | None:
@@ -332,16 +343,18 @@ def read_export(path: str | os.PathLike) -> tuple[dict, Iterator[Chunk]]:
 
 
 def _chunks(path: Path, header: dict, checked: os.stat_result) -> Iterator[Chunk]:
+    """The chunks of a file read_export checked, read once more; the bytes are hashed as they go by and must
+    still give the checksum read_export verified (the file must not change while it is imported)."""
     fh, st = _open(path)
     with fh:
         if (st.st_size, st.st_mtime_ns, st.st_ino) != (checked.st_size, checked.st_mtime_ns, checked.st_ino):
             raise GalleryError(f"{path} changed since it was checked; import it again")
-        _read_header(fh, path)
-        for chunk in _scan(fh, path, header, st.st_size):
+        reader = _Hashing(fh)
+        _read_header(reader, path)
+        for chunk in _scan(reader, path, header, st.st_size):
             if isinstance(chunk, Chunk):
                 yield chunk
-        fh.seek(0)
-        if _check_checksum(fh, path, st.st_size) != header["sha256"]:
+        if reader.sha.hexdigest() != header["sha256"]:
             raise GalleryError(f"{path} changed while it was imported; check the gallery and import it again")
 
 
