@@ -125,9 +125,9 @@ def attempts(select: str) -> tuple[tuple, ...]:
     """The detector passes for a selection policy, in order. 'largest' starts with a coarse direct pass
     (faces of COARSE_MIN_FACE of the short side and up) and puts the full-range direct pass after the padded
     and equalised routes, which look only for faces filling their canvas (the tight crops and dark faces
-    they are for): the costly full pyramid then runs only where those fail. On 200 Extended Yale B files
-    this cut alignment from 19.5 s to 7.3 s with 185 faces found instead of 182 (PIPELINE_VERSION 4,
-    benchmarks/results/pipeline_speed.md). 'confident' and 'single' must see every face: full range first."""
+    they are for): the costly full pyramid then runs only where those fail. End to end on 200 Extended Yale B
+    files this took facemeta from 17.3 to 39.7 images/s, 185 faces found instead of 182 (PIPELINE_VERSION 4;
+    benchmarks/results/pipeline_speed.md and its history). 'confident' and 'single' must see every face."""
     if select == "largest":
         return (("direct", 0.0, False, False, COARSE_MIN_FACE), *FALLBACKS[:2], FULL_DIRECT, *FALLBACKS[2:])
     return (FULL_DIRECT, *FALLBACKS)
