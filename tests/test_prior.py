@@ -240,3 +240,48 @@ def test_freeze_keeps_named_parameters_fixed():
     assert model.fc.weight.requires_grad
     with pytest.raises(ConfigError, match="backbone.blockz"):
         freeze(model, ["backbone.blockz"])
+
+
+def test_interpolate_puts_the_final_model_between_start_and_trained(prior_model, data_dir, tmp_path):
+    """`interpolate: 0.5` (WiSE-FT): after two real steps from the prior, the final model is the midpoint of the
+    prior and the trained weights of the last checkpoint (which keeps the trained weights for a resume)."""
+    import torch
+
+    from facemeta.models.backbone import build_model
+    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
+    from facemeta.train.start import model_config, pretrained_file
+    from facemeta.train.trainer import Trainer
+
+    cfg = load_config("prior", overrides={
+        "data.root": str(data_dir), "output": str(tmp_path / "wise"), "threads": 2, "steps": 2,
+        "optim.warmup_steps": 0, "checkpoint_every": 0, "augment": {"flip": 0.5}, "interpolate": 0.5,
+        "data.sources": [{"set": "lfw", "people_folds": [1, 2, 3, 4, 5], "min_images": 4, "max_identities": 40,
+                          "limit_per_identity": 8}, {"set": "orl", "max_identities": 30, "limit_per_identity": 8}],
+        "data.targets": ["yaleb"]})
+    final, meta = load_checkpoint(Trainer(cfg, prepare_data(cfg), progress=False).fit())
+    trained, _ = load_checkpoint(tmp_path / "wise" / "checkpoints" / "step-000002.safetensors")
+    start = build_model(model_config(cfg), pretrained_path=pretrained_file(cfg)).state_dict()
+    assert meta["interpolate"]["alpha"] == 0.5 and -1.0 < meta["threshold"] < 1.0
+    moved = 0.0
+    for name, value in final.state_dict().items():
+        t, s = trained.state_dict()[name], start[name]
+        torch.testing.assert_close(value, (s + t) / 2, rtol=0, atol=1e-6)
+        moved = max(moved, (t - s).abs().max().item())
+    assert moved > 0  # the steps moved the weights, so the midpoint differs from both ends
+
+
+def test_interpolate_state_checks_its_inputs():
+    import torch
+
+    from facemeta.train.interpolation import interpolate_state
+
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 2.0]), "n": torch.tensor(5)}
+    out = interpolate_state(a, b, 0.25)
+    assert out["w"].tolist() == [1.0, 2.0] and int(out["n"]) == 5
+    with pytest.raises(ValueError, match="same parameters"):
+        interpolate_state(a, {"w": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        interpolate_state(a, {"w": torch.zeros(3), "n": b["n"]}, 0.5)

@@ -93,6 +93,17 @@ def test_leave_one_out_protocol():
         load_config("cpu", leave_out="lfw")
 
 
+def test_interpolate_needs_starting_weights_and_a_weight_in_range():
+    assert load_config("prior", overrides={"interpolate": 0.5}).interpolate == 0.5
+    with pytest.raises(ConfigError, match="interpolate: below 1 needs starting weights"):
+        load_config("cpu", overrides={"interpolate": 0.5})
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"interpolate: must be in \[0, 1\]"):
+            load_config("prior", overrides={"interpolate": bad})
+    with pytest.raises(ConfigError, match="interpolate: expected a finite number"):
+        load_config("prior", overrides={"interpolate": float("nan")})
+
+
 def test_config_round_trip():
     cfg = load_config("smoke")
     again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))

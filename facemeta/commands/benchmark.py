@@ -17,9 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "plus the other two sets, evaluate on the target and on LFW pairs.txt folds 6-10, and write "
                     "results.md (mean ± std, best in bold), results.json and ROC PNGs per target to "
                     "benchmarks/results/<preset>/. Resumable: finished runs are skipped. Presets: "
-                    "facemeta/configs/bench/ (smoke, cpu, gpu, prior, prior-distill) or a YAML file. Method `teacher`: the "
+                    "facemeta/configs/bench/ (smoke, cpu, gpu, prior, prior-distill, prior-wise) or a YAML file. Method `teacher`: the "
                     "starting weights themselves, zero-shot (run once per target).")
-    p.add_argument("preset", metavar="PRESET", help="benchmark preset name (smoke, cpu, gpu, prior, prior-distill) or YAML file")
+    p.add_argument("preset", metavar="PRESET", help="benchmark preset name (smoke, cpu, gpu, prior, prior-distill, prior-wise) or YAML file")
     p.add_argument("--methods", type=_list, help="comma list, e.g. erm,mfr (default: the preset's)")
     p.add_argument("--targets", type=_list, help="comma list of yaleb,orl,mfr2 (default: the preset's)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _list(s)], help="comma list of seeds")

@@ -155,7 +155,11 @@ class EvalSection:
 
 @dataclass
 class TrainConfig:
-    """A whole training run; see facemeta/configs/*.yaml for annotated presets."""
+    """A whole training run; see facemeta/configs/*.yaml for annotated presets.
+
+    ``interpolate``: the final model is ``start + interpolate * (trained - start)`` (WiSE-FT,
+    facemeta.train.interpolation); 1 (the default) keeps the trained weights; below 1 needs starting weights.
+    """
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -167,6 +171,7 @@ class TrainConfig:
     meta: MethodSettings = field(default_factory=MethodSettings)
     distill: DistillSection = field(default_factory=DistillSection)
     steps: int = 1000
+    interpolate: float = 1.0
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -263,6 +268,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.steps >= 0, "steps", "must be >= 0 (0: no training, the starting weights calibrated)", cfg.steps)
     _check(cfg.steps > 0 or bool(m.pretrained or m.pretrained_path), "steps",
            "0 (no training) needs starting weights (model.pretrained or model.pretrained_path)", cfg.steps)
+    _check(math.isfinite(cfg.interpolate) and 0 <= cfg.interpolate <= 1, "interpolate", "must be in [0, 1]",
+           cfg.interpolate)
+    _check(cfg.interpolate == 1 or bool(m.pretrained or m.pretrained_path), "interpolate",
+           "below 1 needs starting weights to interpolate with (model.pretrained or model.pretrained_path)",
+           cfg.interpolate)
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)", cfg.checkpoint_every)
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
     _check(cfg.log_every >= 1, "log_every", "must be >= 1", cfg.log_every)

@@ -426,8 +426,20 @@ class Trainer:
                            *steps.position(), meta)
             ddp.barrier()
 
+    def _interpolate(self, model: nn.Module, meta: dict[str, Any]) -> None:
+        """The final model between the starting and the trained weights (cfg.interpolate; WiSE-FT). The last
+        checkpoint keeps the trained weights, so a resumed or longer run continues from them."""
+        from facemeta.models.backbone import build_model
+        from facemeta.train.interpolation import interpolate_into
+
+        start = build_model(model_config(self.cfg), pretrained_path=pretrained_file(self.cfg))
+        interpolate_into(model, start.state_dict(), self.cfg.interpolate)
+        meta["interpolate"] = {"alpha": self.cfg.interpolate, "with": "the starting weights",
+                               "method": "WiSE-FT (Wortsman et al. 2022)"}
+
     def _finish(self, parts: _Parts, steps: ErmSteps | MetaSteps, meta: dict[str, Any]) -> Path:
-        """Last checkpoint and state, the threshold calibrated on the held-out identities, the final model."""
+        """Last checkpoint and state, the final weights (interpolated with the start when cfg.interpolate < 1), the
+        threshold calibrated on the held-out identities, the final model."""
         from facemeta.models.checkpoint import save_checkpoint
 
         final = self.out / "model.safetensors"
@@ -438,6 +450,8 @@ class Trainer:
         if self.is_main:
             self._save(parts.model, parts.head, parts.optimizer, parts.scheduler, steps.scaler, parts.sampler,
                        *steps.position(), meta)
+            if self.cfg.interpolate != 1 and self.cfg.steps:
+                self._interpolate(parts.model, meta)
             if self.data.heldout:
                 val = self._validate(parts.model, self.data.heldout, channels_last=True)
                 meta["threshold"] = val["threshold"]
