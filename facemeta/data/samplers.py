@@ -40,12 +40,16 @@ class FaceDataset(Dataset):
     follow the sorted domain names unless domain_to_index is given. An index may be an int or an
     ``(index, seed)`` pair (as yielded by DomainBalancedBatchSampler(with_seeds=True)); the seed is
     passed to the transform so the augmentation of that draw is reproducible.
+    A row whose ``extra["style"]`` names a style (facemeta.data.styles; rows of a synthetic domain) goes through
+    it before the transform; `layout` is where the aligned faces' five landmarks sit (5x2 fractions of the side,
+    ``facemeta.align.warp.template(size, chip) / size``), which the mask style needs.
     """
 
     def __init__(self, rows: Sequence[ManifestRow], transform: Callable | None = None,
                  identity_to_label: dict[str, int] | None = None, domain_to_index: dict[str, int] | None = None,
-                 image_size: int | None = None):
+                 image_size: int | None = None, layout: np.ndarray | None = None):
         self.rows = list(rows)
+        self.layout = layout
         if not self.rows:
             raise ConfigError("the training set is empty")
         self.transform = transform
@@ -84,6 +88,15 @@ class FaceDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, seed = (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), None)
         image = read_rgb(self.rows[index].path, self.image_size)
+        style = self.rows[index].extra.get("style")
+        if style:
+            from facemeta.data.styles import apply_style
+
+            if self.layout is None:
+                raise ConfigError(f"row {self.rows[index].path} has style {style} but the dataset has no landmark layout")
+            # its own stream, derived from the draw's seed: the same draw always gets the same style
+            rng = np.random.default_rng(None if seed is None else [seed & 0xFFFFFFFFFFFFFFFF, 0x57E])
+            image = apply_style(style, image, rng, self.layout)
         if self.transform is None:
             tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
         elif seed is not None:

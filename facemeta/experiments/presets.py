@@ -38,7 +38,9 @@ class BenchPreset:
     the rewrite too (``{lfw: {max_identities: 40}}``); methods, targets, seeds: the grid;
     target_limit_per_identity: first k images per identity of the target (null: all);
     lfw_pairs_per_fold: first k pairs of each LFW folds 6-10 half (same and different; null: all 300);
-    runs: folder for the training runs (checkpoints; not committed); flip: test-time flip.
+    runs: folder for the training runs (checkpoints; not committed); flip: test-time flip;
+    extra_sources: synthetic source specs (``{set: lfw, style: harsh_light}``, facemeta.data.styles) added to
+    every run's sources; one made from the run's target is left out.
     """
 
     name: str = ""
@@ -52,6 +54,7 @@ class BenchPreset:
     lfw_pairs_per_fold: int | None = None
     runs: str = "runs/bench"
     flip: bool = True
+    extra_sources: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_bench_preset(name_or_path: str) -> BenchPreset:
@@ -100,9 +103,13 @@ def run_config(preset: BenchPreset, target: str, method: str, seed: int, data_ro
     """The TrainConfig of one run: the training preset, left-one-out for `target`, with the overrides."""
     data = read_yaml(resolve_config_path(preset.train))
     data.setdefault("name", f"{preset.name}-{target}-{method}-s{seed}")
-    data = leave_one_out(data, target)
+    if preset.extra_sources:
+        section = data.setdefault("data", {})
+        section["sources"] = [*section.get("sources", []), *copy.deepcopy(preset.extra_sources)]
+    data = leave_one_out(data, target)  # keeps styled sources, except one made from the target
     for spec in data["data"]["sources"]:
-        spec.update(copy.deepcopy(preset.sources.get(spec["set"], {})))
+        if not spec.get("style"):
+            spec.update(copy.deepcopy(preset.sources.get(spec["set"], {})))
     over = dict(preset.overrides)
     over.update({"method": method, "seed": seed, "output": str(run_dir(preset, target, method, seed))})
     if method == ZERO_SHOT:  # the starting weights, calibrated, no step taken

@@ -61,6 +61,8 @@ class SourceSpec:
     ``people_folds`` (LFW only) keeps the people of those folds of people.txt; ``min_images``
     drops identities with fewer aligned images; ``max_identities`` keeps the first N identities
     (sorted by name) that qualify; ``limit_per_identity`` keeps the first N images of each.
+    ``style`` (facemeta.data.styles: harsh_light, mask) makes it a synthetic domain ``<set>+<style>``: the same
+    people and images, every training image seen through the style; never from a target set.
     """
 
     set: str = "lfw"
@@ -68,6 +70,14 @@ class SourceSpec:
     min_images: int = 2
     max_identities: int | None = None
     limit_per_identity: int | None = None
+    style: str | None = None
+
+    @property
+    def domain(self) -> str:
+        """The domain this spec makes: its set, or ``<set>+<style>``."""
+        from facemeta.data.styles import domain_name
+
+        return domain_name(self.set, self.style)
 
 
 @dataclass
@@ -222,8 +232,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for i, src in enumerate(d.sources):
         key = f"data.sources[{i}]"
         _check(src.set in SET_NAMES, f"{key}.set", f"must be one of {', '.join(SET_NAMES)}", src.set)
-        _check(src.set not in seen, f"{key}.set", "is listed twice", src.set)
-        seen.add(src.set)
+        _check(src.domain not in seen, f"{key}.set", "is listed twice" + (f" with style {src.style}" if src.style else ""),
+               src.set)
+        seen.add(src.domain)
+        if src.style is not None:
+            from facemeta.data.styles import STYLES
+
+            _check(src.style in STYLES, f"{key}.style", f"must be one of {', '.join(STYLES)} or null", src.style)
+            _check(src.set not in d.targets, f"{key}.style", f"builds a domain from target set {src.set}", src.style)
         if src.people_folds is not None:
             _check(src.set == "lfw", f"{key}.people_folds", "applies to lfw only", src.people_folds)
             _check(bool(src.people_folds) and all(1 <= f <= 10 for f in src.people_folds),
@@ -364,20 +380,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
 def leave_one_out(data: dict[str, Any], target: str) -> dict[str, Any]:
     """Rewrite sources/targets for DESIGN.md's protocol: LFW folds 1-5 + the other two small sets.
 
-    Settings of an existing source (caps, min_images) are kept where that set stays a source.
+    Settings of an existing source (caps, min_images) are kept where that set stays a source; styled (synthetic)
+    sources are kept after them, except those made from the target.
     """
     if target not in LODO_TARGETS:
         raise ConfigError(f"--leave-out must be one of {', '.join(LODO_TARGETS)}, got {target!r}")
     data = copy.deepcopy(data)
     section = data.setdefault("data", {}) or {}
     data["data"] = section
-    old = {s.get("set"): s for s in section.get("sources") or [] if isinstance(s, dict)}
+    given = [s for s in section.get("sources") or [] if isinstance(s, dict)]
+    old = {s.get("set"): s for s in given if not s.get("style")}
     sources = []
     for name in ["lfw", *[t for t in LODO_TARGETS if t != target]]:
         spec = dict(old.get(name, {"set": name}))
         if name == "lfw":
             spec["people_folds"] = list(LFW_TRAIN_FOLDS)
         sources.append(spec)
+    for spec in given:  # synthetic (styled) domains stay, but never one made from the target
+        if spec.get("style") and spec.get("set") != target:
+            spec = dict(spec)
+            if spec.get("set") == "lfw":
+                spec["people_folds"] = list(LFW_TRAIN_FOLDS)
+            sources.append(spec)
     section["sources"] = sources
     section["targets"] = [target]
     return data

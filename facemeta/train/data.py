@@ -81,7 +81,9 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
 
     Images are aligned into facemeta.align.pipeline.aligned_dir (shared with aligned_set);
     identities with fewer than `min_images` aligned images are dropped. Identity names are made
-    domain-qualified (``lfw/Name``) so classes of different domains never merge.
+    set-qualified (``lfw/Name``) so classes of different sets never merge; a styled domain of a set
+    (``lfw+mask``, facemeta.data.styles) shares its set's classes, holds out nobody itself, and
+    trains nobody held out of that set.
     """
     from facemeta.align.cache import aligned_dir
     from facemeta.align.pipeline import align_rows
@@ -91,20 +93,30 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
     heldout: list[ManifestRow] = []
     failures: dict[str, int] = {}
     keep = cfg.sampler.identities_per_domain
-    for spec in cfg.data.sources:
+    held_of_set: dict[str, set[str]] = defaultdict(set)  # people held out of each set, over all its specs
+    # natural domains first: a styled domain's people are those of its set minus everyone held out of that set
+    for spec in sorted(cfg.data.sources, key=lambda s: s.style is not None):
         raw = select_source_rows(spec, cfg.data.root)
         dst = aligned_dir(spec.set, cfg.data.align_size, cfg.data.align_chip, cfg.data.cache)
         aligned, failed = align_rows(raw, dst, size=cfg.data.align_size, workers=cfg.data.align_workers,
                                      pre_cropped=spec.set in PRE_CROPPED_SETS, progress=progress,
                                      chip=cfg.data.align_chip)
-        failures[spec.set] = len(failed)
+        failures[spec.domain] = len(failed)
         groups = {n: g for n, g in group_by_identity(aligned).items() if len(g) >= spec.min_images}
         held = heldout_identities(sorted(groups), cfg.eval.heldout_fraction, cfg.eval.min_heldout, keep)
+        if spec.style:  # synthetic: validation and calibration stay on real faces; nobody held out is trained
+            held = held | held_of_set[spec.set]
+        held_of_set[spec.set] |= held
         if len(groups) - len(held) < keep:
-            raise ConfigError(f"data.sources: {spec.set} has {len(groups) - len(held)} training identities with "
+            raise ConfigError(f"data.sources: {spec.domain} has {len(groups) - len(held)} training identities with "
                               f">= {spec.min_images} aligned images; sampler.identities_per_domain={keep} needs more")
         for name in sorted(groups):
             for r in groups[name]:
-                row = ManifestRow(r.path, f"{spec.set}/{name}", spec.set, dict(r.extra))
-                (heldout if name in held else train).append(row)
+                # one class per person: a styled domain shares its set's identity names
+                extra = {**r.extra, "style": spec.style} if spec.style else dict(r.extra)
+                row = ManifestRow(r.path, f"{spec.set}/{name}", spec.domain, extra)
+                if name not in held:
+                    train.append(row)
+                elif not spec.style:
+                    heldout.append(row)
     return SourceData(train, heldout, failures)

@@ -4,8 +4,8 @@ Wortsman et al., "Robust fine-tuning of zero-shot models" (CVPR 2022): fine-tuni
 gains on the training distribution and loses robustness on shifted ones; the weights half way between the
 zero-shot and the fine-tuned model often keep most of the gain and recover the robustness, at no extra
 inference cost. ``interpolate: a`` in a training config makes the final model ``start + a * (trained - start)``
-(1: the trained weights unchanged; 0: the starting weights). Valid for models without batch statistics to
-mend afterwards, such as the prior's architecture (its affine layers are fixed scales, not BatchNorm).
+(1: the trained weights unchanged; 0: the starting weights). BatchNorm running statistics are interpolated like
+the weights (the prior's architecture has none: its affine layers are fixed scales folded into its convolutions).
 """
 
 from __future__ import annotations

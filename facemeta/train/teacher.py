@@ -29,6 +29,7 @@ def teacher_embeddings(rows: list[ManifestRow], cache: str | os.PathLike | None 
     from facemeta.align.pipeline import align_rows
     from facemeta.atomic import atomic_write
     from facemeta.data.sets import PRE_CROPPED_SETS
+    from facemeta.data.styles import source_set
     from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE, prior_weights_path
     from facemeta.paths import cache_root
 
@@ -41,8 +42,8 @@ def teacher_embeddings(rows: list[ManifestRow], cache: str | os.PathLike | None 
         if vectors.shape == (len(rows), PRIOR_EMBEDDING_SIZE):
             return vectors
     by_set: dict[str, list[ManifestRow]] = defaultdict(list)
-    for r, src in zip(rows, sources, strict=True):
-        by_set[r.domain].append(ManifestRow(src, r.identity, r.domain, {}))
+    for r, src in zip(rows, sources, strict=True):  # a styled domain's teacher sees the real face of its set
+        by_set[source_set(r.domain)].append(ManifestRow(src, r.identity, r.domain, {}))
     chip_of: dict[str, str] = {}
     for name, raw in by_set.items():
         aligned, _failed = align_rows(raw, aligned_dir(name, TEACHER_SIZE, TEACHER_CHIP, cache), size=TEACHER_SIZE,

@@ -275,18 +275,21 @@ class Trainer:
 
     def _build(self, device: torch.device, state: dict[str, Any] | None) -> _Parts:
         """Dataset and sampler, model and head (from the saved state on resume), distillation, optimiser."""
+        from facemeta.align.warp import template
         from facemeta.data.samplers import DomainBalancedBatchSampler, FaceDataset
         from facemeta.data.transforms import build_train_transform
         from facemeta.models.backbone import build_model
         from facemeta.models.checkpoint import load_checkpoint
 
         cfg, data = self.cfg, self.data
-        domain_to_index = {s.set: i for i, s in enumerate(cfg.data.sources)}
+        domain_to_index = {s.domain: i for i, s in enumerate(cfg.data.sources)}
         identity_to_label = {n: i for i, n in enumerate(sorted({r.identity for r in data.train}))}
         model_cfg = model_config(cfg)
         transform = build_train_transform(build_augment(cfg.augment), cfg.model.image_size, model_cfg.mean,
                                           model_cfg.std)
-        dataset = FaceDataset(data.train, transform, identity_to_label, domain_to_index)
+        size = cfg.data.align_size
+        dataset = FaceDataset(data.train, transform, identity_to_label, domain_to_index,
+                              layout=template(size, cfg.data.align_chip) / size)
         sampler = DomainBalancedBatchSampler(
             dataset.labels, dataset.domains, cfg.sampler.identities_per_domain, cfg.sampler.images_per_identity,
             seed=cfg.seed, rank=self.rank, world_size=self.world_size, with_seeds=True)
