@@ -68,6 +68,7 @@ def class_prototypes(model: nn.Module, rows: list[ManifestRow], identity_to_labe
     from facemeta.models.backbone import embed
     from facemeta.paths import cache_root
 
+    rows = list({(r.path, r.identity): r for r in rows}.values())  # a styled domain repeats its set's faces
     path = None
     if cache_key:
         text = "\n".join([cache_key, json.dumps(model.config.to_dict(), sort_keys=True),
