@@ -12,13 +12,11 @@ target). The chosen alpha maximises the mean over runs of the mean over source d
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-
 from results_files import machine, write_results
 
 

@@ -93,7 +93,8 @@ class FaceDataset(Dataset):
             from facemeta.data.styles import apply_style
 
             if self.layout is None:
-                raise ConfigError(f"row {self.rows[index].path} has style {style} but the dataset has no landmark layout")
+                raise ConfigError(f"row {self.rows[index].path} has style {style} but the dataset has no "
+                                  "landmark layout")
             # its own stream, derived from the draw's seed: the same draw always gets the same style
             rng = np.random.default_rng(None if seed is None else [seed & 0xFFFFFFFFFFFFFFFF, 0x57E])
             image = apply_style(style, image, rng, self.layout)

@@ -213,27 +213,15 @@ def build_augment(values: dict[str, Any]) -> Any:
     return build_checked(AugmentConfig, values, "augment")
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Range checks across sections; raises ConfigError naming the first bad key."""
-    m, d, s, o, lo, e = cfg.model, cfg.data, cfg.sampler, cfg.optim, cfg.loss, cfg.eval
-    _check(bool(m.backbone), "model.backbone", "must name a timm model", m.backbone)
-    _check(1 <= m.embedding_size <= MAX_EMBEDDING_SIZE, "model.embedding_size", f"must be in 1..{MAX_EMBEDDING_SIZE}",
-           m.embedding_size)
-    _check(16 <= m.image_size <= 1024, "model.image_size", "must be in 16..1024", m.image_size)
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
-    _check(not (m.pretrained and m.pretrained_path), "model.pretrained", "and model.pretrained_path exclude each "
-           "other (pretrained: the backbone's installed weights; pretrained_path: a file)", m.pretrained)
-    for key, values in (("model.mean", m.mean), ("model.std", m.std)):
-        _check(values is None or (len(values) == 3 and all(math.isfinite(v) for v in values)), key,
-               "must be three finite numbers (R, G, B) or null", values)
-    _check(m.std is None or all(v > 0 for v in m.std), "model.std", "must be positive", m.std)
+def _check_data_domains(d: DataSection) -> None:
+    """The source specs (each domain once; a style only from a non-target set) and the targets (never a source)."""
     _check(len(d.sources) >= 1, "data.sources", "needs at least one source domain", d.sources)
     seen = set()
     for i, src in enumerate(d.sources):
         key = f"data.sources[{i}]"
         _check(src.set in SET_NAMES, f"{key}.set", f"must be one of {', '.join(SET_NAMES)}", src.set)
-        _check(src.domain not in seen, f"{key}.set", "is listed twice" + (f" with style {src.style}" if src.style else ""),
-               src.set)
+        twice = "is listed twice" + (f" with style {src.style}" if src.style else "")
+        _check(src.domain not in seen, f"{key}.set", twice, src.set)
         seen.add(src.domain)
         if src.style is not None:
             from facemeta.data.styles import STYLES
@@ -252,6 +240,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for i, tgt in enumerate(d.targets):
         _check(tgt in SET_NAMES, f"data.targets[{i}]", f"must be one of {', '.join(SET_NAMES)}", tgt)
         _check(tgt not in seen, f"data.targets[{i}]", "is also a source domain (targets must be unseen)", tgt)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range checks across sections; raises ConfigError naming the first bad key."""
+    m, d, s, o, lo, e = cfg.model, cfg.data, cfg.sampler, cfg.optim, cfg.loss, cfg.eval
+    _check(bool(m.backbone), "model.backbone", "must name a timm model", m.backbone)
+    _check(1 <= m.embedding_size <= MAX_EMBEDDING_SIZE, "model.embedding_size", f"must be in 1..{MAX_EMBEDDING_SIZE}",
+           m.embedding_size)
+    _check(16 <= m.image_size <= 1024, "model.image_size", "must be in 16..1024", m.image_size)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+    _check(not (m.pretrained and m.pretrained_path), "model.pretrained", "and model.pretrained_path exclude each "
+           "other (pretrained: the backbone's installed weights; pretrained_path: a file)", m.pretrained)
+    for key, values in (("model.mean", m.mean), ("model.std", m.std)):
+        _check(values is None or (len(values) == 3 and all(math.isfinite(v) for v in values)), key,
+               "must be three finite numbers (R, G, B) or null", values)
+    _check(m.std is None or all(v > 0 for v in m.std), "model.std", "must be positive", m.std)
+    _check_data_domains(d)
     _check(32 <= d.align_size <= 1024, "data.align_size", "must be in 32..1024", d.align_size)
     _check(d.workers >= 0, "data.workers", "must be >= 0", d.workers)
     _check(d.align_workers >= 1, "data.align_workers", "must be >= 1", d.align_workers)
