@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from facemeta.experiments.presets import ZERO_SHOT, load_bench_preset, run_config, run_dir
     from facemeta.models.checkpoint import load_checkpoint
     from facemeta.train.data import prepare_data
-    from facemeta.train.interpolation import interpolate_into
+    from facemeta.train.interpolation import interpolate_state
 
     preset = load_bench_preset(args.preset)
     cells = []
@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not path.is_file():
                     continue
                 cell = {"target": target, "method": method, "seed": seed, "alphas": {}}
+                model, _ = load_checkpoint(path)  # read once; each alpha interpolates from the trained weights
+                trained = {k: v.clone() for k, v in model.state_dict().items()}
                 for alpha in args.alphas:
-                    model, _ = load_checkpoint(path)
-                    interpolate_into(model, start_state, alpha)
+                    model.load_state_dict(interpolate_state(start_state, trained, alpha))
                     emb = embed_rows(model, heldout, flip=False)
                     per = {}
                     for dom in domains:

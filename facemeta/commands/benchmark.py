@@ -11,15 +11,20 @@ def _list(text: str) -> list[str]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `benchmark` and its options."""
+    from importlib import resources
+
+    # the shipped presets, listed without importing the experiments layer (torch) to build the parser
+    names = ", ".join(sorted(f.name.removesuffix(".yaml") for f in (resources.files("facemeta") / "configs" / "bench")
+                             .iterdir() if f.name.endswith(".yaml")))
     p = subparsers.add_parser(
         "benchmark", help="leave-one-domain-out benchmark of the training methods on the real face sets",
         description="For each unseen target (yaleb, orl, mfr2), method and seed: train on LFW people folds 1-5 "
                     "plus the other two sets, evaluate on the target and on LFW pairs.txt folds 6-10, and write "
                     "results.md (mean ± std, best in bold), results.json and ROC PNGs per target to "
                     "benchmarks/results/<preset>/. Resumable: finished runs are skipped. Presets: "
-                    "facemeta/configs/bench/ (smoke, cpu, gpu, prior, prior-distill, prior-wise) or a YAML file. Method `teacher`: the "
+                    f"facemeta/configs/bench/ ({names}) or a YAML file. Method `teacher`: the "
                     "starting weights themselves, zero-shot (run once per target).")
-    p.add_argument("preset", metavar="PRESET", help="benchmark preset name (smoke, cpu, gpu, prior, prior-distill, prior-wise) or YAML file")
+    p.add_argument("preset", metavar="PRESET", help=f"benchmark preset name ({names}) or YAML file")
     p.add_argument("--methods", type=_list, help="comma list, e.g. erm,mfr (default: the preset's)")
     p.add_argument("--targets", type=_list, help="comma list of yaleb,orl,mfr2 (default: the preset's)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _list(s)], help="comma list of seeds")

@@ -28,7 +28,8 @@ def interpolate_state(start: dict[str, torch.Tensor], trained: dict[str, torch.T
         if s.shape != t.shape:
             raise ValueError(f"interpolation: {name} has shape {tuple(s.shape)} at the start, {tuple(t.shape)} trained")
         if t.is_floating_point():
-            out[name] = (s.to(t.device, torch.float32) + alpha * (t.float() - s.to(t.device, torch.float32))).to(t.dtype)
+            s = s.to(t.device, torch.float32)
+            out[name] = (s + alpha * (t.float() - s)).to(t.dtype)
         else:
             out[name] = t.clone()
     return out
