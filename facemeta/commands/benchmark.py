@@ -11,11 +11,9 @@ def _list(text: str) -> list[str]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `benchmark` and its options."""
-    from importlib import resources
+    from facemeta.commands.options import shipped_presets
 
-    # the shipped presets, listed without importing the experiments layer (torch) to build the parser
-    names = ", ".join(sorted(f.name.removesuffix(".yaml") for f in (resources.files("facemeta") / "configs" / "bench")
-                             .iterdir() if f.name.endswith(".yaml")))
+    names = shipped_presets("bench")
     p = subparsers.add_parser(
         "benchmark", help="leave-one-domain-out benchmark of the training methods on the real face sets",
         description="For each unseen target (yaleb, orl, mfr2), method and seed: train on LFW people folds 1-5 "

@@ -1,11 +1,22 @@
-"""Options several commands share: which runtime embeds the faces (torch or ONNX Runtime), and which
-search backend a new gallery gets."""
+"""Options several commands share: which runtime embeds the faces (torch or ONNX Runtime), which search
+backend a new gallery gets, and the names of the shipped presets their help lists."""
 
 from __future__ import annotations
 
 import argparse
 
 from facemeta.errors import CheckpointError, GalleryError
+
+
+def shipped_presets(folder: str = "") -> str:
+    """The preset names shipped in facemeta/configs/<folder> ('' for training presets, 'bench' for benchmark
+    ones), comma-joined: read from the package's files, without importing torch to build a parser."""
+    from importlib import resources
+
+    root = resources.files("facemeta") / "configs"
+    if folder:
+        root = root / folder
+    return ", ".join(sorted(f.name.removesuffix(".yaml") for f in root.iterdir() if f.name.endswith(".yaml")))
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:

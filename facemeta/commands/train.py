@@ -9,15 +9,18 @@ import sys
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `train` and its options."""
+    from facemeta.commands.options import shipped_presets
+
+    names = shipped_presets()
     p = subparsers.add_parser(
-        "train", help="train a face embedder from a YAML preset (smoke, cpu, gpu, mobile or a file)",
-        description="Train a face embedder from a YAML preset: a file path or a shipped preset name (smoke, "
-                    "cpu, gpu, or mobile: the recipe of the model in weights/). The preset's `method` picks "
+        "train", help=f"train a face embedder from a YAML preset ({names} or a file)",
+        description=f"Train a face embedder from a YAML preset: a file path or a shipped preset name ({names}; "
+                    "weights/MODEL_CARD.md names the recipe of the shipped model). The preset's `method` picks "
                     "the objective (erm, mfr, cdt, maml-fo, reptile; --set method=mfr). Checkpoints, metrics.jsonl and the final "
                     "model.safetensors (with a verification threshold calibrated on held-out source-domain "
                     "identities) go to the output folder. Under torchrun every process trains its share of "
                     "each batch (DDP: gloo on CPU, nccl on CUDA).")
-    p.add_argument("config", metavar="CONFIG", help="YAML file or preset name")
+    p.add_argument("config", metavar="CONFIG", help=f"YAML file or preset name ({names})")
     p.add_argument("--out", help="output folder (overrides the preset's `output`)")
     p.add_argument("--steps", type=int, help="number of optimiser steps (overrides `steps`)")
     p.add_argument("--seed", type=int, help="random seed (overrides `seed`)")
