@@ -62,8 +62,7 @@ PRE_CROPPED_MIN_FACE = 0.4  # in a pre-cropped image the face box spans at least
 MAX_FIT_ERROR = 8.0  # mean landmark distance to the 112-px template after the fit, in pixels
 SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median
 JOURNAL = ".align-journal.jsonl"
-PIPELINE_VERSION = 5  # bump when routes, filters or the detector change: cached folders are then aligned again
-# (5: MTCNN's cascade resamples with OpenCV, facemeta.align.cascade)
+PIPELINE_VERSION = 5  # bump when routes, filters or the detector change (5: align.cascade); caches then re-align
 CONFIG = ".align-config.json"
 LOCK = ".align.lock"
 
