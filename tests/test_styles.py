@@ -61,6 +61,11 @@ def test_config_keeps_styles_off_targets_and_out_of_duplicates():
     with pytest.raises(ConfigError, match="listed twice with style mask"):
         load_config("smoke", overrides={"data.sources": [SMALL_LFW, {"set": "lfw", "style": "mask"},
                                                          {"set": "lfw", "style": "mask"}]})
+    with pytest.raises(ConfigError, match=r"people_folds: must select the people of the lfw source \(\[1, 2\]\)"):
+        load_config("smoke", overrides={"data.sources": [{"set": "lfw", "people_folds": [1, 2]},
+                                                         {"set": "lfw", "style": "mask"}]})  # would train folds 3-10
+    load_config("smoke", overrides={"data.sources": [{"set": "lfw", "people_folds": [1, 2]},
+                                                     {"set": "lfw", "style": "mask", "people_folds": [2, 1]}]})
     data = {"data": {"sources": [{"set": "lfw"}, {"set": "lfw", "style": "mask"}, {"set": "orl", "style": "mask"}]}}
     kept = leave_one_out(data, "orl")["data"]["sources"]
     assert [(s["set"], s.get("style")) for s in kept] == [("lfw", None), ("yaleb", None), ("mfr2", None),

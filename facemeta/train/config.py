@@ -214,7 +214,8 @@ def build_augment(values: dict[str, Any]) -> Any:
 
 
 def _check_data_domains(d: DataSection) -> None:
-    """The source specs (each domain once; a style only from a non-target set) and the targets (never a source)."""
+    """The source specs (each domain once; a style only from a non-target set, with the people of its set's own
+    source) and the targets (never a source)."""
     _check(len(d.sources) >= 1, "data.sources", "needs at least one source domain", d.sources)
     seen = set()
     for i, src in enumerate(d.sources):
@@ -237,6 +238,12 @@ def _check_data_domains(d: DataSection) -> None:
                "must be >= 2", src.max_identities)
         _check(src.limit_per_identity is None or src.limit_per_identity >= 2,
                f"{key}.limit_per_identity", "must be >= 2", src.limit_per_identity)
+    natural = {src.set: src for src in d.sources if src.style is None}
+    for i, src in enumerate(d.sources):  # a styled domain trains the people its set's own domain trains, no others
+        own = natural.get(src.set)
+        if src.style is not None and own is not None:
+            _check(sorted(src.people_folds or []) == sorted(own.people_folds or []), f"data.sources[{i}].people_folds",
+                   f"must select the people of the {src.set} source ({own.people_folds})", src.people_folds)
     for i, tgt in enumerate(d.targets):
         _check(tgt in SET_NAMES, f"data.targets[{i}]", f"must be one of {', '.join(SET_NAMES)}", tgt)
         _check(tgt not in seen, f"data.targets[{i}]", "is also a source domain (targets must be unseen)", tgt)
