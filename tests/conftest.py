@@ -22,6 +22,20 @@ def data_dir() -> Path:
         pytest.fail(f"real face data is required for the tests: {exc}")
 
 
+@pytest.fixture(scope="module")
+def detector():
+    """One MTCNN detector per test module; torch on one thread while that module runs (MTCNN's small
+    convolutions gain little from a second thread, and on a busy 2-core machine OpenMP threads fight)."""
+    import torch
+
+    from facemeta.align.detect import FaceDetector
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield FaceDetector()
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     """A temporary folder shared by the whole test session (for cached aligned faces)."""

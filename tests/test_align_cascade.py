@@ -6,18 +6,7 @@ import numpy as np
 import pytest
 
 from facemeta.align.cascade import detect_faces
-from facemeta.align.detect import FaceDetector
 from facemeta.images import load_image
-
-
-@pytest.fixture(scope="module")
-def detector():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield FaceDetector()
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

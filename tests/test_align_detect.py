@@ -6,20 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from facemeta.align.detect import Face, FaceDetector, select_faces
+from facemeta.align.detect import Face, select_faces
 from facemeta.images import load_image
-
-
-@pytest.fixture(scope="module")
-def detector():
-    """One detector; torch on one thread while this module runs (MTCNN's small convolutions gain
-    little from a second thread, and on a busy 2-core machine OpenMP threads fight each other)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield FaceDetector()
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
