@@ -103,6 +103,11 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
+def _count(n: int) -> str:
+    """A small number in words (for the card's prose)."""
+    return ("one two three four five six seven eight nine ten".split()[n - 1]) if 1 <= n <= 10 else str(n)
+
+
 def write_card(card: dict, note: str, path: Path) -> None:
     """MODEL_CARD.md from the measured card dict."""
     m, t, b = card["model"], card["training"], card["budget"]
@@ -126,8 +131,10 @@ def write_card(card: dict, note: str, path: Path) -> None:
         f"- Weights stored as {card['dtype']} and computed in float32 (float16 is kept only when no headline "
         f"figure moves by more than {FP16_TOLERANCE}; measured below).", "",
         "## Data", "",
-        "Trained on three source domains of `../shared/data` (identities / images used for training; "
-        "a tenth of the identities of each were held out to calibrate the threshold):", "",
+        f"Trained on {_count(len(t['train']))} source domains of `../shared/data` (identities / images used for "
+        "training; a tenth of the identities of each real set were held out to calibrate the threshold"
+        + ("; a `set+style` domain is that set's training people restyled by facemeta.data.styles, the same "
+           "people and classes" if any("+" in dom for dom in t["train"]) else "") + "):", "",
         "| domain | identities | images | held-out identities | held-out images |",
         "| --- | --- | --- | --- | --- |",
     ]
