@@ -121,10 +121,12 @@ def test_identify_enrolled_and_unknown(client, enrolled, data_dir):
     with_preview = client.post("/api/identify", files={"image": upload(data_dir / "orl" / "s2" / "5.pgm")},
                                data={"preview": "true", "top_k": "1"}).json()
     assert jpeg_side(with_preview["image"]["preview"]) == (92, 112) and len(with_preview["faces"][0]["candidates"]) == 1
-    # someone never enrolled: an LFW face against four ORL subjects
-    res = client.post("/api/identify", files={"image": upload(lfw(data_dir, "Bill_Gates", 1))}).json()
+    # someone never enrolled: an LFW face against four ORL subjects. The probe is one the prior places well below the
+    # threshold (best match about 0.83 against about 0.91 on this machine; Bill Gates, used before, scored 0.909
+    # against s4 with alignment pipeline 5: a decision that close to the threshold is a coin toss across CPUs)
+    res = client.post("/api/identify", files={"image": upload(lfw(data_dir, "Serena_Williams", 1))}).json()
     assert [f["identity"] for f in res["faces"]] == ["unknown"], res
-    assert res["faces"][0]["score"] < res["threshold"]
+    assert res["faces"][0]["score"] < res["threshold"] - 0.03 and face["score"] - res["faces"][0]["score"] > 0.1
 
 
 def test_enroll_list_rename_remove(client, enrolled, data_dir, service):
