@@ -51,7 +51,7 @@ def _proposals(images: np.ndarray, pnet, min_size: float, threshold: float,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: P-Net over the image pyramid -> candidate boxes [M, 9] (x1, y1, x2, y2, score, regression) and
     their image indices, after NMS per scale and per image."""
-    n, h, w = images.shape[:3]
+    h, w = images.shape[1:3]
     scale = 12.0 / min_size
     side = min(h, w) * scale
     boxes, inds = [], []
