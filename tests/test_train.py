@@ -110,6 +110,25 @@ def test_config_round_trip():
     assert again == cfg
 
 
+def test_preset_with_a_base_is_its_base_plus_overrides(tmp_path):
+    """prior-styled names prior as its base: every setting it does not override is prior's."""
+    base, variant = load_config("prior").to_dict(), load_config("prior-styled").to_dict()
+    assert variant["name"] == "prior-styled" and variant["interpolate"] == 0.5
+    assert [(s["set"], s["style"]) for s in variant["data"]["sources"]][-2:] == [("lfw", "harsh_light"), ("lfw", "mask")]
+    changed = {k for k in base if base[k] != variant[k]}
+    assert changed == {"name", "interpolate", "data", "sampler", "output"}
+    assert {k for k in base["optim"] if base["optim"][k] != variant["optim"][k]} == set()
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("base: prior\nsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"holds only base, name and overrides, not \['steps'\]"):
+        load_config(extra)
+    (tmp_path / "mid.yaml").write_text("base: prior\n")
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(f"base: {tmp_path / 'mid.yaml'}\n")
+    with pytest.raises(ConfigError, match="names a base itself"):
+        load_config(chain)
+
+
 # ---------------------------------------------------------------- schedule
 def test_warmup_then_cosine():
     total, warm = 100, 10

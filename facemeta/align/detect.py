@@ -75,8 +75,7 @@ class FaceDetector:
         self.thresholds = tuple(float(t) for t in thresholds)
         self.max_side = int(max_side)
         self.batch_size = int(batch_size)
-        self.mtcnn = MTCNN(keep_all=True, select_largest=False, min_face_size=self.min_face_size,
-                           thresholds=list(self.thresholds), post_process=False, device=device)
+        self.mtcnn = MTCNN(device=device)  # only its three networks and their weights are used (align.cascade)
 
     def detect(self, image: np.ndarray, thresholds: Sequence[float] | None = None) -> list[Face]:
         """Every face in one RGB uint8 image, most confident first."""

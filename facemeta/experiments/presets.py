@@ -19,6 +19,7 @@ from facemeta.train.config import (
     apply_overrides,
     config_from_dict,
     leave_one_out,
+    read_preset,
     read_yaml,
     resolve_config_path,
 )
@@ -101,7 +102,7 @@ def run_dir(preset: BenchPreset, target: str, method: str, seed: int) -> Path:
 
 def run_config(preset: BenchPreset, target: str, method: str, seed: int, data_root: str | None = None):
     """The TrainConfig of one run: the training preset, left-one-out for `target`, with the overrides."""
-    data = read_yaml(resolve_config_path(preset.train))
+    data = read_preset(preset.train)
     data.setdefault("name", f"{preset.name}-{target}-{method}-s{seed}")
     if preset.extra_sources:
         section = data.setdefault("data", {})

@@ -355,6 +355,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_preset(path_or_name: str | Path) -> dict[str, Any]:
+    """A training preset's settings (file path or shipped name): its YAML, or, where the file names a ``base``
+    preset, that preset's settings with the file's dotted ``overrides`` applied (a variant of a recipe that cannot
+    drift from it). One level only: a base does not name a base."""
+    path = resolve_config_path(path_or_name)
+    data = read_yaml(path)
+    if "base" not in data:
+        return data
+    extra = sorted(set(data) - {"base", "name", "overrides"})
+    if extra:
+        raise ConfigError(f"config {path}: a preset with a base holds only base, name and overrides, not {extra}")
+    base = read_yaml(resolve_config_path(data["base"]))
+    if "base" in base:
+        raise ConfigError(f"config {path}: its base {data['base']} names a base itself (one level only)")
+    base.pop("name", None)
+    out = apply_overrides(base, dict(data.get("overrides") or {}))
+    if "name" in data:
+        out["name"] = data["name"]
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """Return a copy of `data` with dotted overrides applied (``["optim.lr=0.05", "steps=10"]``).
 
@@ -433,7 +454,7 @@ def load_config(path_or_name: str | Path, overrides: list[str] | dict[str, Any] 
     ``name`` unless the file sets one.
     """
     path = resolve_config_path(path_or_name)
-    data = read_yaml(path)
+    data = read_preset(path)
     data.setdefault("name", path.stem)
     if leave_out:
         data = leave_one_out(data, leave_out)
