@@ -188,3 +188,31 @@ def test_mfr_trainer_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method, weight", [("mfr", "hp_weight"), ("cdt", "triplet_weight")])
+def test_term_weight_scales_its_term_only(method, weight, episodes):
+    """L(w) − L(0) = w · (L(1) − L(0)) for the hard-pair (MFR) and triplet (CDT) weights, and the term is not
+    zero on real faces (so the check can fail)."""
+    ds, sampler, classes = episodes
+    torch.set_num_threads(1)
+    batch = load_episode(ds, sampler.episode(0), seed=0)
+    joint = _joint(method, classes, MethodSettings(), seed=2)
+    joint.eval()
+    losses = {}
+    with torch.no_grad():
+        for w in (0.0, 1.0, 3.0):
+            settings = MethodSettings(**{weight: w})
+            if method == "mfr":
+                losses[w] = float(mfr_loss(joint, batch.meta_train, settings, align=True))
+            else:
+                losses[w] = float(cdt_train_loss(joint, batch.meta_train, settings))
+    term = losses[1.0] - losses[0.0]
+    assert abs(term) > 1e-4
+    assert losses[3.0] - losses[0.0] == pytest.approx(3 * term, rel=1e-4, abs=1e-5)
+
+
+def test_term_weights_must_not_be_negative():
+    for weight in ("hp_weight", "triplet_weight"):
+        with pytest.raises(ValueError, match=weight):
+            MethodSettings(**{weight: -1.0}).check()

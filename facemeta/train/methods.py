@@ -50,9 +50,12 @@ class MethodSettings:
       (benchmarks/results/meta.md); set False for the full MLDG gradient.
     tau_p = 0.5, tau_n = 0.3, soft_scale = 30: MFR thresholds and cosine-softmax scale, see
       facemeta.objectives.mfr (not given by the paper).
-    da_weight = 1.0: L_S = L_hp + L_cls + da_weight · L_da, as DESIGN.md writes it (weight 1).
+    da_weight = 1.0, hp_weight = 1.0: L_S = hp_weight · L_hp + L_cls + da_weight · L_da (and
+      L_T = hp_weight · L_hp + L_cls); weight 1 is DESIGN.md's sum. From the prior the terms' gradients are
+      far smaller than the classifier's (benchmarks/results/term_gradients.md), so presets may raise them.
     cdt_margin = 0.5, cdt_mining = "all": facemeta.objectives.cdt's defaults.
-    cdt_weight = 1.0: L_T = L_cls + L_trip + cdt_weight · L_cdt, the sum DESIGN.md describes.
+    cdt_weight = 1.0, triplet_weight = 1.0: L_T = L_cls + triplet_weight · L_trip + cdt_weight · L_cdt
+      (meta-train: L_cls + triplet_weight · L_trip); weight 1 is the sum DESIGN.md describes.
     triplet_margin = 0.2: the usual FaceNet margin on unit vectors (squared distances).
     meta_test_domains = 1: of 3 source domains, 2 meta-train and 1 meta-test each step (the
       papers' split); the sampler rotates which domain is held out.
@@ -69,9 +72,11 @@ class MethodSettings:
     tau_n: float = 0.3
     soft_scale: float = 30.0
     da_weight: float = 1.0
+    hp_weight: float = 1.0
     cdt_margin: float = 0.5
     cdt_mining: str = "all"
     cdt_weight: float = 1.0
+    triplet_weight: float = 1.0
     triplet_margin: float = 0.2
     inner_lr: float = 0.01
     inner_steps: int = 1
@@ -86,7 +91,9 @@ class MethodSettings:
             (self.soft_scale > 0, "soft_scale must be > 0"), (self.da_weight >= 0, "da_weight must be >= 0"),
             (self.cdt_margin >= 0, "cdt_margin must be >= 0"), (self.cdt_mining in ("all", "hard"),
                                                                   "cdt_mining must be all or hard"),
-            (self.cdt_weight >= 0, "cdt_weight must be >= 0"), (self.triplet_margin >= 0, "triplet_margin must be >= 0"),
+            (self.cdt_weight >= 0, "cdt_weight must be >= 0"), (self.hp_weight >= 0, "hp_weight must be >= 0"),
+            (self.triplet_weight >= 0, "triplet_weight must be >= 0"),
+            (self.triplet_margin >= 0, "triplet_margin must be >= 0"),
             (self.inner_lr > 0, "inner_lr must be > 0"), (self.inner_steps >= 1, "inner_steps must be >= 1"),
             (self.reptile_inner_steps >= 1, "reptile_inner_steps must be >= 1"),
             (self.meta_test_domains >= 1, "meta_test_domains must be >= 1"),
@@ -207,7 +214,7 @@ def _cls_loss(joint: Joint, params: Mapping[str, Tensor] | None, emb: Tensor, la
     return F.cross_entropy(logits, labels)
 
 
-def _split(emb: Tensor, parts: list[DomainTensors]) -> list[tuple[Tensor, Tensor]]:
+def split_by_domain(emb: Tensor, parts: list[DomainTensors]) -> list[tuple[Tensor, Tensor]]:
     """Cut a concatenated embedding batch back into (gallery, probe) per domain."""
     out, start = [], 0
     for d in parts:
@@ -235,12 +242,13 @@ def erm_loss(joint: Joint, batch: EpisodeBatch, params: Mapping[str, Tensor] | N
 
 def mfr_loss(joint: Joint, parts: list[DomainTensors], settings: MethodSettings,
              params: Mapping[str, Tensor] | None = None, live: bool = False, align: bool = True) -> Tensor:
-    """MFR on some domains: mean per-domain L_hp + L_cls on their union (+ da_weight·L_da when align)."""
+    """MFR on some domains: hp_weight · mean per-domain L_hp + L_cls on their union (+ da_weight·L_da when
+    align)."""
     x, y, dom = _cat(parts)
     emb = _embed(joint, params, x, live)
     hp = torch.stack([hard_pair_attention_loss(g, p, settings.tau_p, settings.tau_n)
-                      for g, p in _split(emb, parts)]).mean()
-    loss = hp + _cls_loss(joint, params, emb, y)
+                      for g, p in split_by_domain(emb, parts)]).mean()
+    loss = settings.hp_weight * hp + _cls_loss(joint, params, emb, y)
     if align and settings.da_weight > 0:
         loss = loss + settings.da_weight * domain_alignment_loss(emb, dom)
     return loss
@@ -248,15 +256,16 @@ def mfr_loss(joint: Joint, parts: list[DomainTensors], settings: MethodSettings,
 
 def _cdt_base(joint: Joint, parts: list[DomainTensors], settings: MethodSettings,
               params: Mapping[str, Tensor] | None, live: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """CosFace on the union + mean per-domain triplet loss, and each domain's (embeddings, labels)."""
+    """CosFace on the union + triplet_weight · mean per-domain triplet loss, and each domain's (embeddings,
+    labels)."""
     x, y, _ = _cat(parts)
     emb = _embed(joint, params, x, live)
     per, trip = [], []
-    for d, (g, p) in zip(parts, _split(emb, parts), strict=True):
+    for d, (g, p) in zip(parts, split_by_domain(emb, parts), strict=True):
         e, lab = torch.cat([g, p]), d.all_labels
         trip.append(triplet_loss(e, lab, margin=settings.triplet_margin))
         per.append((e, lab))
-    return _cls_loss(joint, params, emb, y) + torch.stack(trip).mean(), per
+    return _cls_loss(joint, params, emb, y) + settings.triplet_weight * torch.stack(trip).mean(), per
 
 
 def cdt_train_loss(joint: Joint, parts: list[DomainTensors], settings: MethodSettings,

@@ -240,6 +240,13 @@ class Trainer:
         self._loop(parts, steps, meta)
         return self._finish(parts, steps, meta)
 
+    def start_state(self) -> tuple[nn.Module, nn.Module, Any]:
+        """The model, the method's head(s) and the training dataset that a fresh run takes its first step from
+        (starting weights, class weights as the config says), built without training or writing any file: for
+        diagnostics such as benchmarks/term_gradients.py."""
+        parts = self._build(self._device(), None)
+        return parts.model, parts.head, parts.dataset
+
     def _setup_torch(self) -> torch.device:
         """Threads, determinism and the process group; returns the device."""
         cfg = self.cfg
