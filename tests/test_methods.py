@@ -216,3 +216,22 @@ def test_term_weights_must_not_be_negative():
     for weight in ("hp_weight", "triplet_weight"):
         with pytest.raises(ValueError, match=weight):
             MethodSettings(**{weight: -1.0}).check()
+
+
+def test_trainer_start_state_builds_without_training_or_files(data_dir, tmp_path):
+    """Trainer.start_state: the model and the method's heads a run starts from (seeded: the same twice), over the
+    run's training faces; no step, no file."""
+    from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
+    from facemeta.train.trainer import Trainer
+
+    cfg = load_config("smoke", overrides={"model.image_size": 32, "model.embedding_size": 32, "threads": 1,
+                                          "method": "mfr", "data.root": str(data_dir), "output": str(tmp_path / "run")})
+    data = prepare_data(cfg)
+    model, head, dataset = Trainer(cfg, data, progress=False).start_state()
+    again, _, _ = Trainer(cfg, data, progress=False).start_state()
+    assert len(dataset) == len(data.train)
+    assert set(head.keys()) == {"cls"} and head["cls"].weight.shape[0] == len({r.identity for r in data.train})
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not (tmp_path / "run").exists()
