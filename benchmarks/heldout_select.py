@@ -27,6 +27,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
 from results_files import machine, write_results
 
 # The weight each method's terms take, and the rows of term_gradients.json that give the term's ratio to the
@@ -57,7 +58,7 @@ def candidates(args, method: str) -> dict[str, dict[str, Any]]:
     if args.vary:
         key, *values = args.vary
         for value in values:
-            out[f"{key.removeprefix('meta.')}-{value}"] = {key: float(value)}
+            out[f"{key.removeprefix('meta.')}-{value}"] = {key: yaml.safe_load(value)}  # numbers, true/false
     return out
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vary", nargs="+", metavar="KEY V", default=[],
                     help="one config key and the values to try (e.g. meta.alpha 0 0.002)")
     ap.add_argument("--methods", nargs="+", default=["mfr", "cdt"], choices=sorted(TERMS))
+    ap.add_argument("--reference", action="store_true",
+                    help="also train ERM as it is (row `erm base`, not a candidate): the level to beat")
     ap.add_argument("--targets", nargs="+", default=None, help="left-out targets (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradients", default="benchmarks/results/term_gradients.json",
@@ -87,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     preset = load_bench_preset(args.preset)
     targets = args.targets or list(preset.targets)
     cells = []
+    grid = [("erm", {"base": {}})] if args.reference else []
+    grid += [(method, candidates(args, method)) for method in args.methods]
     for target in targets:
         data = None
-        for method in args.methods:
-            for name, over in candidates(args, method).items():
+        for method, named in grid:
+            for name, over in named.items():
                 out = Path(args.runs) / args.preset / name / target / method / f"seed{args.seed}"
                 final = out / "model.json"
                 if not final.is_file():
@@ -116,15 +121,16 @@ def main(argv: list[str] | None = None) -> int:
              "| method | candidate | overrides | " + " | ".join(f"leave-{t}-out" for t in targets) + " | mean |",
              "| --- | --- | --- | " + " | ".join("---" for _ in targets) + " | --- |"]
     chosen = {}
-    for method in args.methods:
+    for method, named in grid:
         means = {}
-        for name in candidates(args, method):
+        for name in named:
             got = [c for c in cells if c["method"] == method and c["candidate"] == name]
             means[name] = statistics.fmean(c["mean"] for c in got)
-            over = ", ".join(f"{k} {v:g}" for k, v in got[0]["overrides"].items()) or "none"
+            over = ", ".join(f"{k} {v}" for k, v in got[0]["overrides"].items()) or "none"
             lines.append(f"| {method} | {name} | {over} | " + " | ".join(f"{c['mean']:.3f}" for c in got)
                          + f" | {means[name]:.3f} |")
-        chosen[method] = max(means, key=lambda n: means[n])
+        if method in args.methods:
+            chosen[method] = max(means, key=lambda n: means[n])
     lines += ["", "Chosen (highest mean): " + "; ".join(f"{m} `{c}`" for m, c in chosen.items()) + "."]
     write_results(args.out, {"preset": preset.name, "seed": args.seed, "targets": targets, "cells": cells,
                              "chosen": chosen, "machine": machine()}, "\n".join(lines) + "\n")

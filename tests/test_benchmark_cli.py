@@ -41,6 +41,19 @@ def test_presets_load_and_bad_grids_are_refused(tmp_path):
         load_bench_preset(str(bad))
 
 
+def test_method_overrides_reach_that_method_only(tmp_path):
+    path = tmp_path / "chosen.yaml"
+    path.write_text("train: cpu\noverrides: {meta.alpha: 0.02}\nmethods: [teacher, erm, mfr, cdt]\n"
+                    "method_overrides: {cdt: {meta.alpha: 0.0, meta.cdt_weight: 2.0}}\n")
+    preset = load_bench_preset(str(path))
+    cdt, mfr = run_config(preset, "orl", "cdt", 0), run_config(preset, "orl", "mfr", 0)
+    assert (cdt.meta.alpha, cdt.meta.cdt_weight) == (0.0, 2.0)
+    assert (mfr.meta.alpha, mfr.meta.cdt_weight) == (0.02, 1.0)
+    path.write_text("train: cpu\nmethod_overrides: {sgdx: {meta.alpha: 0.0}}\n")
+    with pytest.raises(ConfigError, match="method_overrides"):
+        load_bench_preset(str(path))
+
+
 def test_smoke_benchmark_writes_the_table_and_resumes(data_dir, tmp_path, capsys):
     out = tmp_path / "results"
     args = _args("smoke", "--runs", str(tmp_path / "runs"), "--out", str(out), "--data", str(data_dir))

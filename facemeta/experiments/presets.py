@@ -41,7 +41,9 @@ class BenchPreset:
     lfw_pairs_per_fold: first k pairs of each LFW folds 6-10 half (same and different; null: all 300);
     runs: folder for the training runs (checkpoints; not committed); flip: test-time flip;
     extra_sources: synthetic source specs (``{set: lfw, style: harsh_light}``, facemeta.data.styles) added to
-    every run's sources; one made from the run's target is left out.
+    every run's sources; one made from the run's target is left out;
+    method_overrides: dotted settings for one method's runs only, applied after ``overrides``
+    (``{cdt: {meta.alpha: 0.0}}``: a setting chosen for that method, e.g. by benchmarks/heldout_select.py).
     """
 
     name: str = ""
@@ -56,6 +58,7 @@ class BenchPreset:
     runs: str = "runs/bench"
     flip: bool = True
     extra_sources: list[dict[str, Any]] = field(default_factory=list)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_bench_preset(name_or_path: str) -> BenchPreset:
@@ -76,6 +79,10 @@ def load_bench_preset(name_or_path: str) -> BenchPreset:
     data.setdefault("name", path.stem)
     preset = BenchPreset(**data)
     check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
+    for method, over in preset.method_overrides.items():
+        if method not in METHODS or not isinstance(over, dict):
+            raise ConfigError(f"benchmark preset {path.name}: method_overrides takes a method of {', '.join(METHODS)} "
+                              f"and a mapping of settings, got {method!r}: {over!r}")
     resolve_config_path(preset.train)
     return preset
 
@@ -111,7 +118,7 @@ def run_config(preset: BenchPreset, target: str, method: str, seed: int, data_ro
     for spec in data["data"]["sources"]:
         if not spec.get("style"):
             spec.update(copy.deepcopy(preset.sources.get(spec["set"], {})))
-    over = dict(preset.overrides)
+    over = {**preset.overrides, **preset.method_overrides.get(method, {})}
     over.update({"method": method, "seed": seed, "output": str(run_dir(preset, target, method, seed))})
     if method == ZERO_SHOT:  # the starting weights, calibrated, no step taken
         over.update({"method": "erm", "steps": 0})
