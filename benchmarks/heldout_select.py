@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
              "recipe otherwise); score: TAR@FAR=1e-2 on all pairs of the held-out identities of each source domain "
              "(never a target), mean over the domains. `base`: the preset as it is."
              + (" `share-r`: each of the method's own terms weighted so its gradient at the prior is r times the "
-                "classifier's (ratios from term_gradients.json)." if args.shares else ""), "",
+                "classifier's (ratios from term_gradients.json)." if args.shares else "")
+             + (" Row `erm base`: ERM as it is, the level to beat (not a candidate)." if args.reference else ""), "",
              "| method | candidate | overrides | " + " | ".join(f"leave-{t}-out" for t in targets) + " | mean |",
              "| --- | --- | --- | " + " | ".join("---" for _ in targets) + " | --- |"]
     chosen = {}
