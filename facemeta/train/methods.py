@@ -45,6 +45,10 @@ class MethodSettings:
     alpha = 0.01: virtual-step size θ' = θ − α∇L_S. The outer SGD lr is 0.1 with gradient clipping
       at 5; a tenth of it keeps θ' close enough to θ that L_T(θ') is informative, yet far enough
       to matter (MLDG used α equal to the outer lr; our clipped ResNets diverged less with 0.1x).
+      The virtual step uses the UNCLIPPED gradient: where gradients are far above the clip (from the
+      prior, norms 40-70 against a clip of 5), θ' moves about as far as a whole outer step, and at the
+      `prior` presets' α = 0.0005 the meta-test gradient at θ' already differs from the one at θ by
+      about half its norm (benchmarks/results/term_gradients.md). α = 0 takes L_T at θ (no virtual step).
     gamma = 0.5: total = γ L_S + (1 − γ) L_T; equal weight, as MLDG's β = 1 up to scale.
     first_order = True: on 2 CPU cores a second-order step costs about twice a first-order one
       (benchmarks/results/meta.md); set False for the full MLDG gradient.
@@ -52,7 +56,8 @@ class MethodSettings:
       facemeta.objectives.mfr (not given by the paper).
     da_weight = 1.0, hp_weight = 1.0: L_S = hp_weight · L_hp + L_cls + da_weight · L_da (and
       L_T = hp_weight · L_hp + L_cls); weight 1 is DESIGN.md's sum. From the prior the terms' gradients are
-      far smaller than the classifier's (benchmarks/results/term_gradients.md), so presets may raise them.
+      far smaller than the classifier's (benchmarks/results/term_gradients.md); raising them to a quarter
+      of it or more lowered the held-out source score (benchmarks/results/term_weights.md).
     cdt_margin = 0.5, cdt_mining = "all": facemeta.objectives.cdt's defaults.
     cdt_weight = 1.0, triplet_weight = 1.0: L_T = L_cls + triplet_weight · L_trip + cdt_weight · L_cdt
       (meta-train: L_cls + triplet_weight · L_trip); weight 1 is the sum DESIGN.md describes.
