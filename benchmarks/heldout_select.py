@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="gradient shares of MFR's and CDT's own terms to try (e.g. 0.25 1)")
     ap.add_argument("--vary", nargs="+", metavar="KEY V", default=[],
                     help="one config key and the values to try (e.g. meta.alpha 0 0.002)")
-    ap.add_argument("--methods", nargs="+", default=["mfr", "cdt"], choices=sorted(TERMS))
+    ap.add_argument("--methods", nargs="+", default=["mfr", "cdt"], choices=["erm", *sorted(TERMS)],
+                    help="methods whose candidates are trained (erm: with --vary only; it has no own terms)")
     ap.add_argument("--reference", action="store_true",
                     help="also train ERM as it is (row `erm base`, not a candidate): the level to beat")
     ap.add_argument("--targets", nargs="+", default=None, help="left-out targets (default: the preset's)")
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.shares and len(args.vary) < 2:
         ap.error("give --shares, or --vary KEY and at least one value")
+    if args.shares and "erm" in args.methods:
+        ap.error("--shares weights MFR's and CDT's own terms; ERM has none")
+    if args.reference and "erm" in args.methods:
+        ap.error("--reference adds ERM's base row; ERM is already among --methods")
 
     from facemeta.experiments.presets import load_bench_preset, run_config
     from facemeta.train.config import apply_overrides, config_from_dict
