@@ -30,11 +30,13 @@ from results_files import machine, write_results
 def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """The gradient of `loss` with respect to `params`, flattened into one vector (zeros where unused)."""
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)])
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                      for p, g in zip(params, grads, strict=True)])
 
 
 def mfr_test_grad(joint, params: dict[str, torch.Tensor], parts, settings) -> torch.Tensor:
-    """The backbone gradient of MFR's meta-test loss (L_cls + L_hp) on the domains `parts`, at `params`."""
+    """The backbone gradient of MFR's meta-test loss (L_cls + hp_weight · L_hp) on the domains `parts`, at
+    `params`."""
     from facemeta.meta import functional_forward
     from facemeta.objectives.mfr import hard_pair_attention_loss
     from facemeta.train.methods import split_by_domain
@@ -46,7 +48,7 @@ def mfr_test_grad(joint, params: dict[str, torch.Tensor], parts, settings) -> to
     logits = torch.func.functional_call(joint.heads["cls"], head, (e,))
     hp = torch.stack([hard_pair_attention_loss(g, q, settings.tau_p, settings.tau_n)
                       for g, q in split_by_domain(e, parts)]).mean()
-    loss = torch.nn.functional.cross_entropy(logits, y) + hp
+    loss = torch.nn.functional.cross_entropy(logits, y) + settings.hp_weight * hp
     return flat_grad(loss, [params[n] for n in params if n.startswith("model.")])
 
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="orl", help="the left-out target (its sources are used, never it)")
     ap.add_argument("--episodes", type=int, default=6, help="episodes to average over (default 6)")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.0005, 0.005, 0.05],
-                    help="virtual-step sizes to measure (the presets train with 0.0005; 0 checks the measurement: it must give 0)")
+                    help="virtual-step sizes to measure (the presets train with 0.0005; 0 checks the "
+                         "measurement: it must give 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/term_gradients")
     args = ap.parse_args(argv)
@@ -133,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                             for d, (g, p) in zip(tr, split_by_domain(emb, tr), strict=True)]).mean()
         record("cdt: CosFace meta-train", g_cls, g_cls, g_erm)
         record("cdt: triplet meta-train", flat_grad(trip, params), g_cls, g_erm)
-        covs = [pair_covariances(torch.cat([g, p]).detach(), d.all_labels) for d, (g, p) in zip(tr, split_by_domain(emb, tr), strict=True)]
+        covs = [pair_covariances(torch.cat([g, p]).detach(), d.all_labels)
+                for d, (g, p) in zip(tr, split_by_domain(emb, tr), strict=True)]
         emb_te = joint(x_te)
         cdt = torch.stack([cross_domain_triplet_loss(torch.cat([g, p]), d.all_labels, cp, cn, settings.cdt_margin,
                                                      settings.cdt_mining)
-                           for d, (g, p) in zip(te, split_by_domain(emb_te, te), strict=True) for cp, cn in covs]).mean()
+                           for d, (g, p) in zip(te, split_by_domain(emb_te, te), strict=True)
+                           for cp, cn in covs]).mean()
         record("cdt: L_cdt meta-test", flat_grad(cdt, params), g_cls, g_erm)
 
         # The virtual step (MFR's losses): meta-test gradient at θ − α∇L_S against the one at θ.
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         theta = {n: p for n, p in joint.named_parameters() if p.requires_grad}
         emb = joint(x_tr)
         loss_s = (joint.heads["cls"].loss(emb, y_tr)
-                  + torch.stack([hard_pair_attention_loss(g, p, settings.tau_p, settings.tau_n)
+                  + settings.hp_weight * torch.stack([hard_pair_attention_loss(g, p, settings.tau_p, settings.tau_n)
                                  for g, p in split_by_domain(emb, tr)]).mean()
                   + settings.da_weight * domain_alignment_loss(emb, dom_tr))
         g_s = torch.autograd.grad(loss_s, list(theta.values()), allow_unused=True)

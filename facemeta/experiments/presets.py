@@ -81,8 +81,8 @@ def load_bench_preset(name_or_path: str) -> BenchPreset:
     check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
     for method, over in preset.method_overrides.items():
         if method not in METHODS or not isinstance(over, dict):
-            raise ConfigError(f"benchmark preset {path.name}: method_overrides takes a method of {', '.join(METHODS)} "
-                              f"and a mapping of settings, got {method!r}: {over!r}")
+            raise ConfigError(f"benchmark preset {path.name}: method_overrides takes a method of "
+                              f"{', '.join(METHODS)} and a mapping of settings, got {method!r}: {over!r}")
     resolve_config_path(preset.train)
     return preset
 

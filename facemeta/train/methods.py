@@ -46,9 +46,10 @@ class MethodSettings:
       at 5; a tenth of it keeps θ' close enough to θ that L_T(θ') is informative, yet far enough
       to matter (MLDG used α equal to the outer lr; our clipped ResNets diverged less with 0.1x).
       The virtual step uses the UNCLIPPED gradient: where gradients are far above the clip (from the
-      prior, norms 40-70 against a clip of 5), θ' moves about as far as a whole outer step, and at the
-      `prior` presets' α = 0.0005 the meta-test gradient at θ' already differs from the one at θ by
-      about half its norm (benchmarks/results/term_gradients.md). α = 0 takes L_T at θ (no virtual step).
+      prior, backbone norms 40-70 against a clip of 5), θ' moves as far as one clipped outer SGD step
+      before momentum, not a tenth of it (`prior` presets: α·|∇L_S| >= 0.0005 x 42 = 0.021 against
+      lr x clip = 0.025), and the meta-test gradient at θ' differs from the one at θ by about half its
+      norm (benchmarks/results/term_gradients.md). α = 0 takes L_T at θ (no virtual step).
     gamma = 0.5: total = γ L_S + (1 − γ) L_T; equal weight, as MLDG's β = 1 up to scale.
     first_order = True: on 2 CPU cores a second-order step costs about twice a first-order one
       (benchmarks/results/meta.md); set False for the full MLDG gradient.
