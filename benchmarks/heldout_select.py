@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{target} {method} {name}: " + " ".join(f"{d} {v:.3f}" for d, v in per.items())
                       + f" mean {cells[-1]['mean']:.3f}", flush=True)
 
-    lines = [f"# MFR and CDT settings chosen on held-out source identities (preset `{preset.name}`)", "",
+    lines = [f"# Settings chosen on held-out source identities (preset `{preset.name}`)", "",
              f"Machine: {machine()}. One run per split, method and candidate (seed {args.seed}, the preset's "
              "recipe otherwise); score: TAR@FAR=1e-2 on all pairs of the held-out identities of each source domain "
              "(never a target), mean over the domains. `base`: the preset as it is."
