@@ -28,9 +28,9 @@ import cv2
 import numpy as np
 
 from facemeta.align.detect import FaceDetector, select_faces
-from facemeta.align.pipeline import PIPELINE_VERSION, PRE_CROPPED_SETS, align_rows
+from facemeta.align.pipeline import PIPELINE_VERSION, align_rows
 from facemeta.align.warp import warp_face
-from facemeta.data.sets import read_set
+from facemeta.data.sets import PRE_CROPPED_SETS, read_set
 from facemeta.images import load_image
 
 RESULTS = Path(__file__).resolve().parent / "results"

