@@ -13,7 +13,7 @@ filters), ``uncropped`` (the pipeline's routes without the pre-cropped filters) 
 pass at its default thresholds, the largest face, no routes and no filters).
 
 It needs dlib-bin and face-recognition-models (the dev extras). Results go to
-benchmarks/results/prior_figures.{md,json}.
+benchmarks/results/prior_figures.{md,json} (``--out`` elsewhere: a run writes only the rows it measured).
 
     python tools/check_prior_figures.py
     python tools/check_prior_figures.py --sets yaleb --boxes pipeline uncropped mtcnn
@@ -33,29 +33,35 @@ FIGURES = {  # ../shared/data/figures.md, second table: TAR@FAR=1e-2 (%), (Eucli
 BOXES = ("pipeline", "uncropped", "mtcnn")
 
 
-def boxes_from_pipeline(images: list[np.ndarray], pre_cropped: bool) -> list[np.ndarray | None]:
-    """The box of the face the alignment pipeline picks in each image (its routes), or None."""
-    from facemeta.align.detect import FaceDetector
+def face_boxes(images: list[np.ndarray], way: str, pre_cropped: bool, detector) -> list[np.ndarray | None]:
+    """The box of the face chosen in each image, or None where none is found. `way`: ``pipeline`` (the alignment
+    pipeline's routes, with the pre-cropped filters when `pre_cropped`), ``uncropped`` (the routes without them)
+    or ``mtcnn`` (one plain MTCNN pass at its default thresholds, the largest face)."""
+    from facemeta.align.detect import select_faces
     from facemeta.align.pipeline import align_batch
 
-    detector = FaceDetector()
     out: list[np.ndarray | None] = []
     for start in range(0, len(images), 32):
-        results = align_batch(images[start:start + 32], detector, 112, pre_cropped=pre_cropped, crop_fallback=False)
-        out += [r.box for r in results]
+        batch = images[start:start + 32]
+        if way == "mtcnn":
+            out += [select_faces(faces, "largest")[0].box if faces else None
+                    for faces in detector.detect_batch(batch)]
+        else:
+            results = align_batch(batch, detector, 112, pre_cropped=pre_cropped and way == "pipeline",
+                                  crop_fallback=False)
+            out += [r.box for r in results]
     return out
 
 
-def boxes_from_mtcnn(images: list[np.ndarray]) -> list[np.ndarray | None]:
-    """The box of the largest face one plain MTCNN pass finds in each image (default thresholds), or None."""
-    from facemeta.align.detect import FaceDetector, select_faces
+def tar_row(embeddings: np.ndarray, ia: np.ndarray, ib: np.ndarray, same: np.ndarray) -> dict[str, float]:
+    """TAR@FAR=1e-2 (%) over the pairs (ia, ib): by cosine of unit vectors and by Euclidean distance of raw ones."""
+    from facemeta.eval.metrics import tar_at_far
+    from facemeta.eval.pairs import pair_scores
 
-    detector = FaceDetector()
-    out: list[np.ndarray | None] = []
-    for start in range(0, len(images), 32):
-        out += [select_faces(faces, "largest")[0].box if faces else None
-                for faces in detector.detect_batch(images[start:start + 32])]
-    return out
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    euclid = -np.linalg.norm(embeddings[ia] - embeddings[ib], axis=1)
+    return {"tar@far=1e-2 cosine": 100 * tar_at_far(pair_scores(unit, ia, ib), same, 1e-2),
+            "tar@far=1e-2 euclidean": 100 * tar_at_far(euclid, same, 1e-2)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sets to measure (default: all three of figures.md's second table)")
     parser.add_argument("--boxes", nargs="+", choices=BOXES, default=["pipeline"],
                         help="how each image's face box is chosen (default: pipeline); see the module docstring")
+    parser.add_argument("--out", default="benchmarks/results/prior_figures",
+                        help="results file stem (OUT.md, OUT.json); a run writes only its own rows")
     return parser.parse_args(argv)
 
 
@@ -73,10 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     import dlib
     import torch
 
+    from facemeta.align.detect import FaceDetector
     from facemeta.align.pipeline import PIPELINE_VERSION
     from facemeta.data.sets import PRE_CROPPED_SETS, read_set
-    from facemeta.eval.metrics import tar_at_far
-    from facemeta.eval.pairs import all_pairs, pair_scores
+    from facemeta.eval.pairs import all_pairs
     from facemeta.images import load_image
     from facemeta.models.dlib_resnet import DlibResNet29, find_prior_file, load_prior_state
 
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     port.load_state_dict(load_prior_state())
     port.eval()
     mean = torch.tensor([122.782, 117.001, 104.298]).view(1, 3, 1, 1)
+    detector = FaceDetector()
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pipeline_version": PIPELINE_VERSION,
               "rows": []}
     for name in args.sets:
@@ -97,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         for way in args.boxes:
             if way == "uncropped" and name not in PRE_CROPPED_SETS:
                 continue  # the same boxes as `pipeline` on a set that is not pre-cropped
-            if way == "mtcnn":
-                boxes = boxes_from_mtcnn(images)
-            else:
-                boxes = boxes_from_pipeline(images, way == "pipeline" and name in PRE_CROPPED_SETS)
+            boxes = face_boxes(images, way, name in PRE_CROPPED_SETS, detector)
             chips = []
             for img, box in zip(images, boxes, strict=True):
                 h, w = img.shape[:2]
@@ -113,21 +119,15 @@ def main(argv: list[str] | None = None) -> None:
             theirs = np.array([np.array(encoder.compute_face_descriptor(c)) for c in chips], dtype=np.float32)
             row = {"set": name, "boxes": way, "images": len(rows), "no_face": sum(b is None for b in boxes),
                    "pairs_same": int(same.sum()), "pairs_different": int((~same).sum())}
-            for label, emb in (("port", ours), ("dlib", theirs)):
-                unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-                cos = pair_scores(unit, ia, ib)
-                euclid = -np.linalg.norm(emb[ia] - emb[ib], axis=1)
-                row[label] = {"tar@far=1e-2 cosine": 100 * tar_at_far(cos, same, 1e-2),
-                              "tar@far=1e-2 euclidean": 100 * tar_at_far(euclid, same, 1e-2)}
+            row["port"], row["dlib"] = tar_row(ours, ia, ib, same), tar_row(theirs, ia, ib, same)
             row["figures.md"] = {"tar@far=1e-2 euclidean": FIGURES[name][0], "tar@far=1e-2 cosine": FIGURES[name][1]}
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    write(result)
+    write(result, Path(args.out))
 
 
-def write(result: dict) -> None:
-    """benchmarks/results/prior_figures.{json,md} from one run's rows."""
-    out = Path("benchmarks/results/prior_figures")
+def write(result: dict, out: Path) -> None:
+    """OUT.json and OUT.md (default benchmarks/results/prior_figures) from one run's rows."""
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# The prior zero-shot, measured as figures.md measured it", "",
              f"Measured {result['date']} (alignment pipeline {result['pipeline_version']}) with "
