@@ -8,7 +8,10 @@
 - Host check (loopback binds): only Host headers naming this machine are served, so a web page whose
   domain re-resolves to 127.0.0.1 (DNS rebinding) cannot reach the API through the visitor's browser.
 - Cross-site writes: a POST/PATCH/DELETE whose Origin is not this server is refused, so another site
-  cannot submit forms to the API (CSRF) of a server running without a key.
+  cannot submit forms to the API (CSRF) of a server running without a key. The opaque origin "null"
+  (a sandboxed iframe, a data: or file: page, some redirects) is refused too: it is what a hostile page
+  can send on purpose, and no page of this server ever sends it. A browser that sends no Origin but
+  says ``Sec-Fetch-Site: cross-site`` is refused the same way.
 - Security headers on every answer; a Content-Security-Policy on the page; no caching of API answers.
 """
 
@@ -55,6 +58,28 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def cross_site(scope: Scope, host: str) -> str | None:
+    """Why a write request comes from another site's page (None when it does not): an Origin header that
+    is not this server, including the opaque origin "null" (sandboxed iframes, data: and file: pages), or,
+    without an Origin, a browser's ``Sec-Fetch-Site: cross-site``. Clients that are not browsers (curl,
+    scripts) send neither and pass."""
+    origin = (_header(scope, b"origin") or b"").decode("latin-1")
+    if origin:
+        if origin.strip().lower() == "null":
+            return "cross-site request from origin 'null' (a sandboxed or local page) refused"
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 address)
+            netloc = None
+        if netloc != host.lower():
+            return f"cross-site request from {origin[:80]!r} refused"
+        return None
+    fetch_site = (_header(scope, b"sec-fetch-site") or b"").decode("latin-1").strip().lower()
+    if fetch_site == "cross-site":
+        return "cross-site request (Sec-Fetch-Site: cross-site) refused"
+    return None
+
+
 class Guard:
     """ASGI middleware: API key, upload cap, Host and Origin checks, security headers (see the module)."""
 
@@ -94,9 +119,9 @@ class Guard:
             await reply(send, 400, f"this server answers to {', '.join(sorted(self.allowed_hosts))}, not Host {host[:80]!r}")
             return
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
-            origin = (_header(scope, b"origin") or b"").decode("latin-1")
-            if origin and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
-                await reply(send, 403, f"cross-site request from {origin[:80]!r} refused")
+            why = cross_site(scope, host)
+            if why:
+                await reply(send, 403, why)
                 return
         if self.key is not None and not self.public(path):
             why = self._key_ok(scope)
