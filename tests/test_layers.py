@@ -23,7 +23,7 @@ LAYERS = {
     "train": 3, "recognizer": 3, "embedder": 3,
     "eval": 4,
     "align": 5, "objectives": 5, "meta": 5, "models": 5, "data": 5, "gallery": 5,
-    "images": 6, "errors": 6, "atomic": 6, "checks": 6, "paths": 6, "version": 6,
+    "images": 6, "errors": 6, "atomic": 6, "checks": 6, "paths": 6, "version": 6, "registry": 6,
 }
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
