@@ -40,7 +40,8 @@ class RegistryError(LookupError):
 
 class Registry(Generic[T]):
     """Names to objects, in registration order; ``register`` as a decorator or a call, ``get`` with a one-line
-    error listing the choices, ``names()``, ``in``, ``len`` and iteration over the names."""
+    error listing the choices (also as ``registry[name]``), ``names()``, ``in``, ``len`` and iteration over the
+    names."""
 
     def __init__(self, kind: str, error: type[Exception] = RegistryError):
         self.kind = kind
@@ -73,6 +74,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except (KeyError, TypeError):
             raise self.error(f"unknown {self.kind} {name!r} (choose one of: {', '.join(self._items)})") from None
+
+    __getitem__ = get  # dict-like lookup, same error
 
     def names(self) -> tuple[str, ...]:
         """The registered names, in registration order (use as argparse ``choices``)."""

@@ -23,6 +23,7 @@ from facemeta.train.config import (
     read_yaml,
     resolve_config_path,
 )
+from facemeta.train.methods import METHODS
 
 BENCH_DIR = PRESET_DIR / "bench"
 # The benchmark row of the starting weights themselves (no training step; the prior zero-shot). It is the same
@@ -50,7 +51,7 @@ class BenchPreset:
     train: str = "cpu"
     overrides: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
-    methods: list[str] = field(default_factory=lambda: ["erm", "mfr", "cdt", "maml-fo", "reptile"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS.names()))  # every registered method
     targets: list[str] = field(default_factory=lambda: list(LODO_TARGETS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     target_limit_per_identity: int | None = None
@@ -63,8 +64,6 @@ class BenchPreset:
 
 def load_bench_preset(name_or_path: str) -> BenchPreset:
     """Read a benchmark preset: a YAML path or a name in facemeta/configs/bench/ (ConfigError if bad)."""
-    from facemeta.train.methods import METHODS
-
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = BENCH_DIR / f"{name_or_path}.yaml"

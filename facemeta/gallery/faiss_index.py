@@ -28,8 +28,14 @@ import faiss
 import numpy as np
 
 from facemeta.errors import GalleryError
+from facemeta.registry import Registry
 
-KINDS = ("flat", "hnsw", "ivf", "ivf_sq8")
+# The index kinds (name -> a line on what it is): IndexSpec and `facemeta enroll --index` read this registry.
+KINDS: Registry[str] = Registry("index kind", error=GalleryError)
+KINDS.register("flat", "exact search (the default)")
+KINDS.register("hnsw", "graph search (HNSW; deletions are tombstones)")
+KINDS.register("ivf", "inverted lists (trained once the gallery is large enough)")
+KINDS.register("ivf_sq8", "inverted lists with 8-bit codes (a quarter of the memory)")
 MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 # IVF k-means: FAISS's cap of 256 training points per list, but 10 iterations instead of 25. Measured on
 # 10^5 clustered 512-d vectors, 1,024 lists: 10 iterations lose no recall@1 (0.994 at nprobe 16, as with
@@ -54,8 +60,7 @@ class IndexSpec:
     nprobe: int = 16
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise GalleryError(f"unknown index kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        KINDS.get(self.kind)  # GalleryError naming the kinds when there is no such kind
         for name in ("m", "ef_construction", "ef_search", "nprobe"):
             if int(getattr(self, name)) < 1:
                 raise GalleryError(f"index setting {name} must be >= 1, got {getattr(self, name)}")

@@ -13,6 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facemeta.errors import ConfigError
+from facemeta.registry import Registry
+
+# The margin heads a config may name (``loss.head``), registered where each is defined; the config validation and
+# the Trainer read this one registry.
+MARGIN_HEADS: Registry[type[nn.Module]] = Registry("margin head", error=ConfigError)
+
 
 class _MarginHead(nn.Module):
     """Shared part: a class-weight matrix [C, E] (normal init, std 0.01 as insightface) and the loss."""
@@ -58,6 +65,7 @@ class _MarginHead(nn.Module):
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}"
 
 
+@MARGIN_HEADS.register("arcface")
 class ArcFaceHead(_MarginHead):
     """ArcFace (Deng et al., CVPR 2019): target logit s·cos(θ + m), insightface defaults s=64, m=0.5.
 
@@ -87,6 +95,7 @@ class ArcFaceHead(_MarginHead):
         return super().extra_repr() + f", m={self.m}, easy_margin={self.easy_margin}"
 
 
+@MARGIN_HEADS.register("cosface")
 class CosFaceHead(_MarginHead):
     """CosFace / large-margin cosine loss (Wang et al., CVPR 2018): target logit s·(cos θ − m); s=64, m=0.4."""
 
@@ -101,6 +110,3 @@ class CosFaceHead(_MarginHead):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", m={self.m}"
 
-
-# The margin heads a config may name (``loss.head``); the config validation and the Trainer read this one table.
-MARGIN_HEADS: dict[str, type[nn.Module]] = {"arcface": ArcFaceHead, "cosface": CosFaceHead}

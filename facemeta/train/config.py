@@ -177,7 +177,7 @@ class TrainConfig:
     sampler: SamplerSection = field(default_factory=SamplerSection)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
-    method: Literal["erm", "mfr", "cdt", "maml-fo", "reptile"] = "erm"
+    method: str = "erm"  # a name in facemeta.train.methods.METHODS (the registry of training methods)
     meta: MethodSettings = field(default_factory=MethodSettings)
     distill: DistillSection = field(default_factory=DistillSection)
     steps: int = 1000
@@ -285,7 +285,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.meta.check()
     except ValueError as exc:
         raise ConfigError(f"meta.{exc}") from None
-    if cfg.method != "erm":
+    if METHODS.get(cfg.method).episodic:
         # budget rule: every method sees domains x identities_per_domain x 2 images per step
         _check(s.images_per_identity == 2, "sampler.images_per_identity",
                f"must be 2 for method {cfg.method} (gallery/probe pairs; ERM uses the same for a fair budget)",

@@ -18,6 +18,10 @@ buffers and leave them untouched.
 
 Each step function accumulates gradients into ``.grad`` and returns floats for logging;
 :func:`train_step` wraps one in zero_grad / clip / optimiser step.
+
+A method is defined in one place: its gradient function, decorated with ``@register_method(name, ...)``, which
+puts it in :data:`METHODS` (a facemeta.registry.Registry); the config validation, the benchmark presets' default
+grid and ``facemeta train --method`` read that registry.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from facemeta.errors import ConfigError
 from facemeta.meta import MAML, Reptile, functional_forward, meta_train_test_step
 from facemeta.objectives.cdt import cross_domain_triplet_loss, pair_covariances
 from facemeta.objectives.mfr import CosineSoftmaxHead, domain_alignment_loss, hard_pair_attention_loss
 from facemeta.objectives.triplet import triplet_loss
-
-METHODS = ("erm", "mfr", "cdt", "maml-fo", "reptile")
+from facemeta.registry import Registry
 
 
 @dataclass
@@ -192,15 +196,55 @@ class Joint(nn.Module):
         return self.model(x)
 
 
+GradFn = Callable[[Joint, EpisodeBatch, MethodSettings], dict[str, float]]
+HeadsFn = Callable[[int, int, Callable[[], nn.Module], MethodSettings], dict[str, nn.Module]]
+
+
+def margin_heads(embedding_size: int, num_classes: int, margin_head: Callable[[], nn.Module],
+                 settings: MethodSettings) -> dict[str, nn.Module]:
+    """The usual heads: one margin head ``cls`` (the config's ``loss.head``, or the method's ``margin_head``)."""
+    return {"cls": margin_head()}
+
+
+def cosine_softmax_heads(embedding_size: int, num_classes: int, margin_head: Callable[[], nn.Module],
+                         settings: MethodSettings) -> dict[str, nn.Module]:
+    """MFR's soft classification: a cosine-softmax classifier ``cls`` (scale ``meta.soft_scale``), no margin."""
+    return {"cls": CosineSoftmaxHead(embedding_size, num_classes, scale=settings.soft_scale)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered training method: its gradient on one episode (accumulated into ``.grad``), the heads it
+    trains, the margin head it requires whatever the config's ``loss.head`` (None: the config's), and whether
+    it reads episodes of gallery/probe pairs (every method but ERM, which also runs on plain batches)."""
+
+    name: str
+    grad: GradFn
+    heads: HeadsFn = margin_heads
+    margin_head: str | None = None
+    episodic: bool = True
+
+
+METHODS: Registry[Method] = Registry("training method", error=ConfigError)
+
+
+def register_method(name: str, heads: HeadsFn = margin_heads, margin_head: str | None = None,
+                    episodic: bool = True) -> Callable[[GradFn], GradFn]:
+    """Decorator of a method's gradient function: registers it in :data:`METHODS` under `name` (the one
+    place a new method is written)."""
+    def add(grad: GradFn) -> GradFn:
+        METHODS.register(name, Method(name, grad, heads, margin_head, episodic))
+        return grad
+
+    return add
+
+
 def build_heads(method: str, embedding_size: int, num_classes: int, margin_head: Callable[[], nn.Module],
                 settings: MethodSettings) -> dict[str, nn.Module]:
-    """The heads a method trains: ERM, MAML-FO, Reptile and CDT a margin head (``cls``; CDT's is
-    CosFace as in the paper, the others the config's head); MFR a cosine-softmax classifier."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "mfr":
-        return {"cls": CosineSoftmaxHead(embedding_size, num_classes, scale=settings.soft_scale)}
-    return {"cls": margin_head()}
+    """The heads `method` trains (its registry entry says which): ERM, MAML-FO, Reptile and CDT a margin
+    head (``cls``; CDT's is CosFace as in the paper, the others the config's head); MFR a cosine-softmax
+    classifier. ConfigError for a method that is not registered."""
+    return METHODS.get(method).heads(embedding_size, num_classes, margin_head, settings)
 
 
 def _embed(joint: Joint, params: Mapping[str, Tensor] | None, x: Tensor, live: bool) -> Tensor:
@@ -302,6 +346,7 @@ def cdt_test_loss(joint: Joint, parts: list[DomainTensors], sources: list[tuple[
 
 
 # ---------------------------------------------------------------- steps (accumulate .grad)
+@register_method("erm", episodic=False)
 def erm_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dict[str, float]:
     """ERM gradient on the pooled episode."""
     loss = erm_loss(joint, batch)
@@ -309,6 +354,7 @@ def erm_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dic
     return {"loss": float(loss.detach())}
 
 
+@register_method("mfr", heads=cosine_softmax_heads)
 def mfr_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dict[str, float]:
     """MFR: γ L_S(θ) + (1 − γ) L_T(θ − α∇L_S) through facemeta.meta's MLDG step.
 
@@ -323,6 +369,7 @@ def mfr_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dic
     return {"loss": res.total, "loss_train": res.loss_train, "loss_test": res.loss_test}
 
 
+@register_method("cdt", margin_head="cosface")
 def cdt_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dict[str, float]:
     """CDT: meta-train CosFace + triplet on domains i; meta-test at θ' adds L_cdt(j | i)."""
     sources: list[tuple[Tensor, Tensor]] = []
@@ -348,6 +395,7 @@ def _domain_task_loss(joint: Joint, x: Tensor, y: Tensor, first: list[bool]) -> 
     return loss
 
 
+@register_method("maml-fo")
 def maml_fo_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dict[str, float]:
     """First-order MAML, one task per source domain: adapt on the gallery images (one per identity,
     ``inner_steps`` steps at ``inner_lr``), classification loss of the probe images at θ̃."""
@@ -361,6 +409,7 @@ def maml_fo_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) ->
     return {"loss": out["query_loss"], "loss_train": out["support_loss"], "loss_test": out["query_loss"]}
 
 
+@register_method("reptile")
 def reptile_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) -> dict[str, float]:
     """Reptile, one task per source domain (k inner SGD steps on its 2B images); writes
     (θ − mean θ̃) / (k · inner_lr) into ``.grad`` so the outer optimiser applies ε = its lr."""
@@ -375,10 +424,6 @@ def reptile_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) ->
         if p.grad is not None:
             p.grad.mul_(scale)
     return {"loss": out["inner_loss"]}
-
-
-GRADS: dict[str, Callable[[Joint, EpisodeBatch, MethodSettings], dict[str, float]]] = {
-    "erm": erm_grad, "mfr": mfr_grad, "cdt": cdt_grad, "maml-fo": maml_fo_grad, "reptile": reptile_grad}
 
 
 @dataclass
@@ -398,10 +443,9 @@ def train_step(method: str, joint: Joint, batch: EpisodeBatch, optimizer: torch.
 
     `extra_loss` (e.g. distillation from a teacher) is computed at the current parameters on the episode's
     images after the method's own gradient, and its gradient added to it (a term of the outer objective)."""
-    if method not in GRADS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    grad = METHODS.get(method).grad  # ConfigError naming the methods when there is no such method
     optimizer.zero_grad(set_to_none=True)
-    losses = GRADS[method](joint, batch, settings)
+    losses = grad(joint, batch, settings)
     if extra_loss is not None:
         loss, logged = extra_loss(joint, batch)
         loss.backward()

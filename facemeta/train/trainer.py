@@ -336,11 +336,12 @@ class Trainer:
         head_cls = MARGIN_HEADS[cfg.loss.head]
         if cfg.method == "erm":
             return head_cls(cfg.model.embedding_size, classes, s=cfg.loss.s, m=cfg.loss.m)
-        from facemeta.train.methods import build_heads
+        from facemeta.train.methods import METHODS, build_heads
 
         if self.world_size > 1:
             raise ConfigError(f"method {cfg.method} runs in one process (no DDP); use method erm under torchrun")
-        margin_cls = MARGIN_HEADS["cosface"] if cfg.method == "cdt" else head_cls
+        required = METHODS.get(cfg.method).margin_head  # CDT's is CosFace, as in the paper
+        margin_cls = MARGIN_HEADS[required] if required else head_cls
         return nn.ModuleDict(build_heads(
             cfg.method, cfg.model.embedding_size, classes,
             lambda: margin_cls(cfg.model.embedding_size, classes, s=cfg.loss.s, m=cfg.loss.m), cfg.meta))
