@@ -18,7 +18,7 @@ from facemeta.version import __version__
 # Order of the subcommands in `facemeta --help`.
 COMMANDS = [
     "detect", "align", "train", "eval", "verify", "benchmark",
-    "enroll", "identify", "gallery", "serve", "export",
+    "enroll", "identify", "gallery", "domain", "serve", "export", "adapt",
 ]
 
 EXIT_ERROR = 1

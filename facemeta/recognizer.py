@@ -165,14 +165,16 @@ class FaceRecognizer:
     # -- verbs
     def enroll(self, name: str, images: str | os.PathLike | Sequence[str | os.PathLike],
                on_image: Callable[[Path], None] | None = None, force: bool = False,
-               sources: Sequence[str] | None = None) -> EnrollResult:
+               sources: Sequence[str] | None = None, domain: str | None = None) -> EnrollResult:
         """Add every usable image of one person (files or folders; one face per image by the select
         policy) in one transaction. A file whose bytes (sha256) are already enrolled for that person,
         or repeat an earlier file of this call, is skipped as already enrolled unless ``force``;
         unusable images are reported in ``skipped``. If no image is usable, NoFaceError with the reason.
         ``sources`` (one per image file given) is what the gallery records as each photo's source instead of
-        its path (e.g. ``upload:ada.jpg`` for a file that will not outlive the call)."""
+        its path (e.g. ``upload:ada.jpg`` for a file that will not outlive the call). ``domain``: a domain of
+        the gallery (:meth:`add_domain`) the photos come from (default: the gallery's default domain)."""
         name = check_name(name)  # a bad name is refused before any image is read
+        domain = self._domain_name(domain)  # so is an unknown domain
         paths = image_files([images] if isinstance(images, str | os.PathLike) else images)
         if not paths:
             raise GalleryError(f"no images given for {name!r}")
@@ -212,16 +214,19 @@ class FaceRecognizer:
         if vecs:
             g = self.gallery(write=True)
             g.enroll(name, np.stack(vecs), fingerprint=self.embedder.fingerprint, sources=recorded, scores=scores,
-                     content_hashes=hashes)
+                     content_hashes=hashes, domain=domain)
             result.added[name] = len(vecs)
         return result
 
-    def enroll_folder(self, root: str | os.PathLike, progress: bool = False, force: bool = False) -> EnrollResult:
+    def enroll_folder(self, root: str | os.PathLike, progress: bool = False, force: bool = False,
+                      domain: str | None = None) -> EnrollResult:
         """Enroll a folder of identity subfolders (one transaction per identity, so an interrupted
         run keeps every identity it finished, and a rerun skips the photos already enrolled unless
         ``force``). A subfolder with a bad name or no usable face is reported in ``skipped`` and the
-        rest continue; a problem with the gallery itself (locked, another model, damaged) stops the run."""
+        rest continue; a problem with the gallery itself (locked, another model, damaged) stops the run.
+        ``domain``: as in :meth:`enroll`, for every photo."""
         people = identity_folders(root)
+        domain = self._domain_name(domain)
         total = sum(len(v) for v in people.values())
         bar = None
         if progress:
@@ -240,7 +245,8 @@ class FaceRecognizer:
                         bar.update(len(files))
                     continue
                 try:
-                    r = self.enroll(name, files, on_image=(lambda _p: bar.update(1)) if bar else None, force=force)
+                    r = self.enroll(name, files, on_image=(lambda _p: bar.update(1)) if bar else None, force=force,
+                                    domain=domain)
                 except GalleryError:
                     raise  # the gallery itself (locked, another model, damaged): no point going on
                 except FacemetaError as exc:  # no usable face, or another problem of this person's photos
@@ -255,37 +261,47 @@ class FaceRecognizer:
                 bar.close()
         return result
 
-    def identify(self, image: str | os.PathLike, top_k: int = 1, threshold: float | None = None) -> list[dict]:
+    def identify(self, image: str | os.PathLike, top_k: int = 1, threshold: float | None = None,
+                 domain: str | None = None) -> list[dict]:
         """Every face in an image: box, detector score, its identity (or "unknown" below the
-        threshold) with its score, and the top-k candidate identities. An unreadable file raises."""
-        _, faces = next(self.identify_files([image], top_k, threshold))
+        threshold) with its score, and the top-k candidate identities. An unreadable file raises.
+        ``domain``: the domain the photo comes from (its faces are normalised by its statistics)."""
+        _, faces = next(self.identify_files([image], top_k, threshold, domain=domain))
         if isinstance(faces, Exception):
             raise faces
         return faces
 
     def identify_files(self, images: Sequence[str | os.PathLike], top_k: int = 1, threshold: float | None = None,
-                       batch_size: int = 16) -> Iterator[tuple[str | os.PathLike, list[dict] | FacemetaError]]:
+                       batch_size: int = 16, domain: str | None = None
+                       ) -> Iterator[tuple[str | os.PathLike, list[dict] | FacemetaError]]:
         """:meth:`identify` for many image files with the model and MTCNN loaded once: images are decoded and
         detected in batches and every face of a batch is searched in one call. Yields (path, faces) in order,
-        or (path, the FacemetaError of a file that could not be read)."""
+        or (path, the FacemetaError of a file that could not be read). ``domain``: as in :meth:`identify`; the
+        threshold is then the domain's calibrated one unless one is given (:meth:`threshold_for`)."""
         from facemeta.checks import check_threshold
 
         g = self.gallery()
+        stats = self.domain(domain).stats if domain is not None else None
         thr = check_threshold(threshold) if threshold is not None else self.threshold
+        if thr is None and domain is not None:
+            thr = self.threshold_for(domain)[0]
         if top_k < 1 or batch_size < 1:
             raise GalleryError(f"top-k and batch size must be >= 1, got {top_k} and {batch_size}")
         pending: list[tuple[str | os.PathLike, list | FacemetaError]] = []
         for path, faces in self.embedder.embed_all_files(list(images), batch_size):
             pending.append((path, faces))
             if len(pending) == batch_size:
-                yield from self._search_faces(g, pending, top_k, thr)
+                yield from self._search_faces(g, pending, top_k, thr, stats)
                 pending = []
-        yield from self._search_faces(g, pending, top_k, thr)
+        yield from self._search_faces(g, pending, top_k, thr, stats)
 
-    def _search_faces(self, g: Gallery, items: list, top_k: int, threshold: float | None) -> Iterator:
-        """One gallery search for every face of `items` [(path, [(vector, Face)] or an error)]."""
+    def _search_faces(self, g: Gallery, items: list, top_k: int, threshold: float | None, stats=None) -> Iterator:
+        """One gallery search for every face of `items` [(path, [(vector, Face)] or an error)], each vector
+        normalised by the domain statistics ``stats`` first (None: as the model gives it)."""
+        from facemeta.gallery.domain_stats import normalise
+
         vectors = [v for _, faces in items if not isinstance(faces, Exception) for v, _ in faces]
-        results = iter(g.search(np.stack(vectors), k=top_k, threshold=threshold,
+        results = iter(g.search(normalise(np.stack(vectors), stats), k=top_k, threshold=threshold,
                                 fingerprint=self.embedder.fingerprint) if vectors else [])
         for path, faces in items:
             if isinstance(faces, Exception):
@@ -308,20 +324,37 @@ class FaceRecognizer:
         return self.gallery().identify(vectors, threshold=threshold if threshold is not None else self.threshold,
                                        fingerprint=self.embedder.fingerprint)
 
-    def verify(self, a: str | os.PathLike, b: str | os.PathLike, threshold: float | None = None):
+    def verify(self, a: str | os.PathLike, b: str | os.PathLike, threshold: float | None = None,
+               domain_a: str | None = None, domain_b: str | None = None):
         """Same person in two photos? A facemeta.embedder.Verification (score, threshold and its FAR,
-        same, faces; the model's threshold unless one is given)."""
-        return self.embedder.verify(a, b, threshold=threshold)
+        same, faces; the model's threshold unless one is given). ``domain_a``/``domain_b``: the gallery's
+        domains the photos come from; each face is normalised by its own domain's statistics, and the
+        threshold is :meth:`threshold_for` theirs."""
+        if domain_a is None and domain_b is None:
+            return self.embedder.verify(a, b, threshold=threshold)
+        da = self.domain(domain_a) if domain_a is not None else None
+        db = self.domain(domain_b) if domain_b is not None else None
+        thr, far, _ = self.threshold_for(domain_b if domain_b is not None else domain_a, threshold, other=domain_a)
+        return verify_across(self.embedder, a, b, da, db, threshold=thr, far=far)
 
-    def verify_person(self, image: str | os.PathLike, name: str, threshold: float | None = None):
+    def verify_person(self, image: str | os.PathLike, name: str, threshold: float | None = None,
+                      domain: str | None = None):
         """Is the face in ``image`` (one, by the select policy) the enrolled person ``name``? A
         facemeta.embedder.Verification whose score is the face against that person's stored embeddings
         (the gallery's scoring: best or mean cosine); the threshold is the one given, else this
-        recognizer's, else the gallery's, else the model's."""
+        recognizer's, else the gallery's, else the model's. ``domain``: the photo's domain (normalised by its
+        statistics; its calibrated threshold, :meth:`threshold_for`)."""
         from facemeta.checks import check_threshold
         from facemeta.embedder import Verification
+        from facemeta.gallery.domain_stats import normalise
 
         g = self.gallery()
+        if domain is not None:
+            thr, far, _ = self.threshold_for(domain, threshold)
+            vector, face = self.embedder.embed_file(image)
+            score = g.score_person(name, normalise(vector, self.domain(domain).stats),
+                                   fingerprint=self.embedder.fingerprint)
+            return Verification(score, thr, far, bool(score >= thr), [face.to_dict()])
         vector, face = self.embedder.embed_file(image)
         score = g.score_person(name, vector, fingerprint=self.embedder.fingerprint)
         thr = next((t for t in (threshold, self.threshold, g.threshold, self.embedder.threshold) if t is not None), None)
@@ -342,3 +375,185 @@ class FaceRecognizer:
     def list(self) -> list[Identity]:
         """Every enrolled person with their number of embeddings."""
         return self.gallery().identities()
+
+    # -- domains (facemeta.gallery.domains): where photos come from, with statistics from unlabelled photos
+    def _domain_name(self, domain: str | None) -> str | None:
+        """The stored name of an existing domain of the gallery (None stays None); checked before any photo is read."""
+        if domain is None:
+            return None
+        if not self.exists():
+            raise GalleryError(f"no gallery at {self.path} yet, so no domain {domain!r}: add the domain first "
+                               "(facemeta domain add)")
+        return self.domain(domain).name
+
+    def domain(self, name: str):
+        """One domain of the gallery (facemeta.gallery.domains.Domain: statistics, photos, threshold)."""
+        from facemeta.gallery import domains
+
+        return domains.get_domain(self.gallery(), name)
+
+    def domains(self) -> list:
+        """Every domain of the gallery (empty when there is no gallery yet)."""
+        from facemeta.gallery import domains
+
+        return domains.list_domains(self.gallery()) if self.exists() else []
+
+    def add_domain(self, name: str, images: str | os.PathLike | Sequence[str | os.PathLike], *,
+                   kind: str | None = None, strength: float | None = None,
+                   on_image: Callable[[Path], None] | None = None, sources: Sequence[str] | None = None) -> DomainResult:
+        """Count unlabelled photos (any people, one face each) into a domain, created (with the gallery) if new,
+        and re-estimate its statistics; the people enrolled under it are normalised again without reading any
+        image. A photo already counted (same sha256) is skipped, an unusable one reported in ``skipped``; one
+        transaction. ``kind``/``strength``: facemeta.gallery.domain_stats.estimate's (default: the domain's own)."""
+        from facemeta.gallery import domains
+
+        name = domains.check_domain_name(name)
+        paths = image_files([images] if isinstance(images, str | os.PathLike) else images)
+        if not paths:
+            raise GalleryError(f"no images given for domain {name!r}")
+        if sources is not None and len(sources) != len(paths):
+            raise GalleryError(f"{len(sources)} source labels for {len(paths)} images of domain {name!r}")
+        label = dict(zip(paths, sources, strict=True)) if sources is not None else {}
+        known = domains.photo_hashes(self.gallery(), name) if self.exists() else set()
+        result = DomainResult(name)
+        vecs, recorded, hashes = [], [], []
+        for p in paths:
+            digest = file_sha256(p)
+            if digest is not None and digest in known:
+                result.already += 1
+            else:
+                try:
+                    vecs.append(self.embedder.embed_file(p)[0])
+                    recorded.append(label.get(p) or str(p.resolve()))
+                    hashes.append(digest)
+                    if digest is not None:
+                        known.add(digest)
+                except FacemetaError as exc:
+                    result.skipped.append((str(p), one_line(exc, limit=1000)))
+            if on_image:
+                on_image(p)
+        if vecs:
+            result.domain = domains.add_photos(self.gallery(write=True), name, np.stack(vecs),
+                                               fingerprint=self.embedder.fingerprint, sources=recorded,
+                                               content_hashes=hashes, kind=kind, strength=strength)
+            result.added = len(vecs)
+        elif not result.already:
+            first = f": {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""
+            raise NoFaceError(f"none of the {len(paths)} image(s) for domain {name!r} gave a usable face{first}")
+        else:
+            result.domain = self.domain(name)
+        if result.domain.photos < domains.FEW_PHOTOS:
+            result.warning = (f"domain {name!r} rests on {result.domain.photos} photo(s); its estimate is rough "
+                              f"below {domains.FEW_PHOTOS}: add more unlabelled photos of it")
+        return result
+
+    def remove_domain(self, name: str, force: bool = False) -> int:
+        """Remove a domain; people enrolled under it stay (in the default domain) only with ``force``.
+        Returns how many embeddings moved to the default domain."""
+        from facemeta.gallery import domains
+
+        return domains.remove_domain(self.gallery(write=True), name, force=force)
+
+    def export_domain(self, name: str, out: str | os.PathLike) -> Path:
+        """Write a domain's statistics to a small file that :func:`load_domain_file` (and `verify --domains`) reads."""
+        from facemeta.gallery import domains
+
+        return domains.write_domain_file(self.gallery(), name, out)
+
+    def calibrate_domain(self, name: str, images: str | os.PathLike | Sequence[str | os.PathLike],
+                         far: float = 1e-2) -> tuple[object, list[tuple[str, str]]]:
+        """Set a domain's threshold at false-accept rate ``far`` from the impostor pairs of photos of DIFFERENT
+        people of that domain (one photo each), normalised by its statistics. -> (the Domain, skipped images)."""
+        from facemeta.gallery import domains
+        from facemeta.gallery.domain_stats import normalise
+
+        if not 0 < far < 1:
+            raise GalleryError(f"the false-accept rate must be in (0, 1), got {far}")
+        stats = self.domain(name).stats
+        vecs, skipped = [], []
+        for p in image_files([images] if isinstance(images, str | os.PathLike) else images):
+            try:
+                vecs.append(self.embedder.embed_file(p)[0])
+            except FacemetaError as exc:
+                skipped.append((str(p), one_line(exc, limit=1000)))
+        if len(vecs) < 2:
+            raise NoFaceError(f"calibrating domain {name!r} needs usable photos of at least two people, "
+                              f"got {len(vecs)}")
+        thr, pairs = domains.impostor_threshold(normalise(np.stack(vecs), stats), far)
+        return domains.set_calibration(self.gallery(write=True), name, thr, far, pairs), skipped
+
+    def threshold_for(self, domain: str | None = None, given: float | None = None,
+                      other: str | None = None) -> tuple[float, float | None, str]:
+        """The threshold a comparison with a photo of ``domain`` uses -> (threshold, its false-accept rate or None
+        when unknown, where it came from): the one given (or this recognizer's), else the domain's calibrated
+        one, else the gallery's, else the model's. A threshold calibrated without normalisation keeps its FAR
+        only when neither photo (``domain``, ``other``) is normalised."""
+        from facemeta.checks import check_threshold
+
+        if given is not None or self.threshold is not None:
+            return check_threshold(given if given is not None else self.threshold), None, "given"
+        if domain is not None:
+            d = self.domain(domain)
+            if d.threshold is not None:
+                return d.threshold, d.far, f"domain {d.name} (calibrated on {d.calibration_pairs} impostor pairs)"
+        plain = domain is None and other is None
+        g = self.gallery() if self.exists() else None
+        for thr, where in ((g.threshold if g else None, "gallery"), (self.embedder.threshold, "model")):
+            if thr is not None:
+                far = self.embedder.threshold_far if plain and thr == self.embedder.threshold else None
+                note = "" if plain else " (not calibrated for this domain: `facemeta domain calibrate`)"
+                return float(thr), far, where + note
+        raise GalleryError(f"neither the gallery nor {self.embedder.model_path} has a threshold; pass --threshold")
+
+
+@dataclass
+class DomainResult:
+    """What :meth:`FaceRecognizer.add_domain` did: the domain (facemeta.gallery.domains.Domain) as it now is,
+    photos added, photos skipped as already counted, unusable ones with the reason, and a warning when the
+    domain rests on few photos."""
+
+    name: str
+    domain: object = None
+    added: int = 0
+    already: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warning: str | None = None
+
+
+def load_domain_file(path: str | os.PathLike, embedder=None):
+    """A domain statistics file (`facemeta domain export`) -> facemeta.gallery.domains.DomainFile; with an
+    ``embedder`` (FaceEmbedder), refused unless it was made with that model."""
+    from facemeta.gallery.domains import read_domain_file
+
+    return read_domain_file(path, None if embedder is None else embedder.fingerprint)
+
+
+def verify_across(embedder, a: str | os.PathLike, b: str | os.PathLike, domain_a=None, domain_b=None,
+                  threshold: float | None = None, far: float | None = None):
+    """Verify two photos with a FaceEmbedder, each face normalised by its domain's statistics first
+    (``domain_a``/``domain_b``: a Domain or DomainFile, or None for the default domain). The threshold is the
+    one given, else the calibrated one of ``domain_b`` (then ``domain_a``), else the model's (its FAR only
+    when neither photo is normalised). -> facemeta.embedder.Verification."""
+    from facemeta.checks import check_threshold
+    from facemeta.embedder import Verification
+    from facemeta.gallery.domain_stats import normalise
+
+    for d in (domain_a, domain_b):
+        if d is not None and d.fingerprint != embedder.fingerprint:
+            raise GalleryError(f"domain {d.name!r} was made with model {d.fingerprint}, not {embedder.fingerprint}")
+    if threshold is None:
+        calibrated = [d for d in (domain_b, domain_a) if d is not None and d.threshold is not None]
+        if calibrated:
+            threshold, far = calibrated[0].threshold, calibrated[0].far
+        elif embedder.threshold is not None:
+            threshold = embedder.threshold
+            far = embedder.threshold_far if domain_a is None and domain_b is None else None
+        else:
+            raise GalleryError(f"{embedder.model_path} has no calibrated threshold; pass --threshold")
+    threshold = check_threshold(threshold)
+    ea, fa = embedder.embed_file(a)
+    eb, fb = embedder.embed_file(b)
+    va = normalise(ea, None if domain_a is None else domain_a.stats)
+    vb = normalise(eb, None if domain_b is None else domain_b.stats)
+    score = float(np.dot(va, vb))
+    return Verification(score, float(threshold), far, bool(score >= threshold), [fa.to_dict(), fb.to_dict()])

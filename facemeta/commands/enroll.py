@@ -7,9 +7,11 @@ import json
 import sys
 
 from facemeta.commands.options import (
+    INDEX_CHOICES,
     add_backend_options,
     add_runtime_options,
     backend_options,
+    face_policy_choices,
     runtime_options,
 )
 from facemeta.commands.text import shown
@@ -32,12 +34,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folder", metavar="DIR", help="a folder of identity subfolders to enroll instead of NAME IMAGES")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    p.add_argument("--select", choices=["largest", "confident"], default="largest",
-                   help="which face of a photo with several to enroll")
-    p.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat",
-                   help="index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+    p.add_argument("--select", choices=face_policy_choices(exclude=("all",)), default="largest", metavar="POLICY",
+                   help="which face of a photo with several to enroll (%(choices)s)")
+    p.add_argument("--index", choices=INDEX_CHOICES, default="flat", metavar="KIND",
+                   help="index of a NEW gallery (%(choices)s; flat = exact; HNSW/IVF for very large galleries)")
     add_backend_options(p)
     add_runtime_options(p)
+    p.add_argument("--domain", metavar="NAME",
+                   help="the domain the photos come from (`facemeta domain add`): stored raw and normalised by its "
+                        "statistics (default: the gallery's default domain, no normalisation)")
     p.add_argument("--force", action="store_true",
                    help="enroll photos again even when the same file content is already enrolled for that person")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     with FaceRecognizer(args.gallery, args.model, device=args.device, select=args.select, index=args.index,
                         **backend_options(args), **runtime_options(args)) as fr:
         if args.folder:
-            result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json, force=args.force)
+            result = fr.enroll_folder(args.folder, progress=not args.no_progress and not args.json, force=args.force,
+                                      domain=args.domain)
         else:
-            result = fr.enroll(args.name, args.images, force=args.force)
+            result = fr.enroll(args.name, args.images, force=args.force, domain=args.domain)
         info = fr.gallery().info() if fr.exists() else {"identities": 0, "embeddings": 0}
     failed = [(what, why) for what, why in result.skipped if not why.startswith(ALREADY_ENROLLED)]
     for what, why in failed:
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise NoFaceError(f"nothing was enrolled: no usable face in any image{first}")
     if args.json:
         print(json.dumps({"gallery": args.gallery, "added": result.added, "skipped": result.skipped,
-                          "already_enrolled": result.already,
+                          "already_enrolled": result.already, "domain": args.domain,
                           "identities": info["identities"], "embeddings": info["embeddings"]}))
     elif not result.total:
         print(f"nothing new to enroll into {args.gallery}: {result.already} image(s) already enrolled "

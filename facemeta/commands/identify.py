@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders of images (not recursive)")
     p.add_argument("--top-k", type=int, default=1, help="candidate identities to list per face (default 1)")
     p.add_argument("--threshold", type=float, help="open-set threshold (cosine); below it a face is 'unknown'")
+    p.add_argument("--domain", metavar="NAME",
+                   help="the domain the photos come from (`facemeta domain add`): faces are normalised by its "
+                        "statistics, and its calibrated threshold is used unless --threshold")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=16, help="images decoded and detected together (default 16)")
@@ -53,28 +56,31 @@ def run(args: argparse.Namespace) -> int:
     with FaceRecognizer(args.gallery, args.model, device=args.device, **runtime_options(args)) as fr:
         if not fr.exists():
             raise GalleryError(f"no gallery at {args.gallery}; enroll someone first")
-        threshold = args.threshold if args.threshold is not None else fr.gallery().threshold
-        results = fr.identify_files(paths, top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size)
+        plain = args.domain is None and args.threshold is None and fr.gallery().threshold is None
+        threshold, far, source = (None, None, "none") if plain else fr.threshold_for(args.domain, args.threshold)
+        results = fr.identify_files(paths, top_k=args.top_k, threshold=threshold, batch_size=args.batch_size,
+                                    domain=args.domain)
+        used = {"threshold": threshold, "threshold_far": far, "threshold_source": source, "domain": args.domain}
         if single:
-            return _one_image(args, paths[0], next(results)[1], threshold)
-        return _many_images(args, results, len(paths), threshold)
+            return _one_image(args, paths[0], next(results)[1], used)
+        return _many_images(args, results, len(paths), used)
 
 
-def _one_image(args: argparse.Namespace, path: Path, faces, threshold: float | None) -> int:
+def _one_image(args: argparse.Namespace, path: Path, faces, used: dict) -> int:
     """The answer for one image: its faces, or its error as the command's error."""
     if isinstance(faces, Exception):
         raise faces
     if not faces:
         raise NoFaceError(f"no face found in {path}")
     if args.json:
-        print(json.dumps({"image": str(path), "gallery": args.gallery, "threshold": threshold, "faces": faces}))
+        print(json.dumps({"image": str(path), "gallery": args.gallery, **used, "faces": faces}))
     else:
         for line in _face_lines(faces, args.top_k):
             print(line)
     return 0
 
 
-def _many_images(args: argparse.Namespace, results, total: int, threshold: float | None) -> int:
+def _many_images(args: argparse.Namespace, results, total: int, used: dict) -> int:
     """Each image's faces (or why it has none) as it is identified; 1 when no image gave a face."""
     from tqdm import tqdm
 
@@ -86,7 +92,7 @@ def _many_images(args: argparse.Namespace, results, total: int, threshold: float
             error = str(faces) if isinstance(faces, Exception) else None if faces else f"no face found in {path}"
             identified += error is None
             if args.json:
-                record = {"image": str(path), "gallery": args.gallery, "threshold": threshold}
+                record = {"image": str(path), "gallery": args.gallery, **used}
                 print(json.dumps(record | ({"error": error} if error else {"faces": faces})), flush=True)
             elif error:
                 bar.write(f"{shown(str(path))}: {shown(error)}")

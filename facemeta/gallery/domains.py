@@ -1,0 +1,487 @@
+"""Named domains of a gallery (DESIGN.md, "Domains at deployment"): where photos come from (a camera, a sketch
+artist, a scanner), with statistics of the model's embeddings on unlabelled photos of it (domain_stats.py).
+
+Stored in the gallery's SQLite database, the source of truth, added on first use (a gallery that never names a
+domain is left exactly as it was):
+
+    domains        name, model fingerprint, statistics (JSON of DomainStats.to_dict), calibrated threshold,
+                   its false-accept rate and impostor pairs, times
+    domain_photos  one row per unlabelled photo behind a domain: its sha256 (a photo is counted once), source,
+                   and raw float32 embedding (so more photos refine the estimate, and a change of statistic
+                   needs no image)
+    embeddings     two columns: ``domain`` (NULL: the default domain, no normalisation) and ``raw`` (the
+                   embedding as the model gave it); ``vector`` holds the normalised one the index searches
+
+When a domain's statistics change, every embedding enrolled under it is normalised again from its raw vector
+in the same transaction and stored under a NEW embedding id (the old row goes): the index, a cache kept up to
+date by id (index_cache.py, milvus_index.py), then swaps the vectors by id, readers included, and a crash at
+any point leaves the database and the index consistent. No image is read. Functions here take an open
+``Gallery`` (store.py) and run under its lock; they use its records, index and change transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from facemeta.atomic import atomic_write
+from facemeta.errors import GalleryError
+from facemeta.gallery.domain_stats import DomainStats, estimate, normalise
+from facemeta.gallery.records import fault
+from facemeta.gallery.schema import db_errors
+from facemeta.gallery.validate import check_name, normal_name
+
+DEFAULT_DOMAIN = None  # a photo without a domain: compared as the model embeds it (no normalisation)
+DEFAULT_DESCRIPTION = "default (no normalisation: vectors compared as the model gives them)"
+FEW_PHOTOS = 10  # below this many photos a domain's estimate is rough (the benchmark's 10-photo point)
+FILE_FORMAT = "facemeta-domain"
+FILE_VERSION = 1
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    threshold REAL,
+    far REAL,
+    calibration_pairs INTEGER,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS domain_photos (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    domain TEXT NOT NULL,
+    content_hash TEXT,
+    source TEXT,
+    vector BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS domain_photos_domain ON domain_photos(domain);
+"""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain of a gallery: name, model fingerprint, statistics, the photos behind them, how many
+    enrolled embeddings use it, the relative standard error of its mean (None with one photo), and the
+    calibrated threshold with its false-accept rate and impostor pairs (None until calibrated)."""
+
+    name: str
+    fingerprint: str
+    stats: DomainStats
+    photos: int
+    enrolled: int
+    stability: float | None
+    threshold: float | None = None
+    far: float | None = None
+    calibration_pairs: int | None = None
+
+    @property
+    def stability_word(self) -> str:
+        """'stable', 'fair' or 'rough' (relative standard error of the mean below 0.1, 0.25, above), or
+        'unknown' with a single photo."""
+        if self.stability is None:
+            return "unknown"
+        return "stable" if self.stability < 0.1 else "fair" if self.stability < 0.25 else "rough"
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no vectors)."""
+        return {"name": self.name, "photos": self.photos, "enrolled": self.enrolled, "kind": self.stats.kind,
+                "strength": self.stats.strength,
+                "stability": None if self.stability is None else round(self.stability, 4),
+                "stability_word": self.stability_word, "threshold": self.threshold, "far": self.far,
+                "calibration_pairs": self.calibration_pairs, "fingerprint": self.fingerprint}
+
+
+def check_domain_name(name: str) -> str:
+    """The stored form of a domain name, checked as person names are (validate.check_name)."""
+    try:
+        return check_name(name)
+    except GalleryError as exc:
+        raise GalleryError(str(exc).replace("identity name", "domain name")) from None
+
+
+def stability(vectors: np.ndarray) -> float | None:
+    """Relative standard error of a domain's mean: sqrt(trace(cov) / n) / |mean| (None for one vector).
+    About how far, as a fraction of its length, the estimated mean may sit from the domain's true mean."""
+    x = np.asarray(vectors, np.float64)
+    if len(x) < 2:
+        return None
+    mean = x.mean(axis=0)
+    spread = float(((x - mean) ** 2).sum(axis=1).mean()) * len(x) / (len(x) - 1)
+    return math.sqrt(spread / len(x)) / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _tables(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='domains'").fetchone() is not None
+
+
+def _blob(x: np.ndarray) -> bytes:
+    return np.ascontiguousarray(x, dtype="<f4").tobytes()
+
+
+def _vec(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def _photo_vectors(conn: sqlite3.Connection, name: str) -> np.ndarray:
+    rows = conn.execute("SELECT vector FROM domain_photos WHERE domain=? ORDER BY id", (name,)).fetchall()
+    return np.stack([_vec(r[0]) for r in rows]) if rows else np.empty((0, 0), np.float32)
+
+
+def _domain(conn: sqlite3.Connection, row: tuple) -> Domain:
+    name, fp, stats, thr, far, pairs = row
+    vectors = _photo_vectors(conn, name)
+    enrolled = conn.execute("SELECT COUNT(*) FROM embeddings WHERE domain=?", (name,)).fetchone()[0]
+    return Domain(name, fp, DomainStats.from_dict(json.loads(stats)), len(vectors), int(enrolled),
+                  stability(vectors), thr, far, pairs)
+
+
+_COLUMNS = "name, fingerprint, stats, threshold, far, calibration_pairs"
+
+
+def list_domains(gallery) -> list[Domain]:
+    """Every domain of a gallery, sorted by name (empty for a gallery that never named one)."""
+    records = gallery._records
+    with gallery._mutex, db_errors(records.db), records.snapshot():
+        if not _tables(records.conn):
+            return []
+        rows = records.conn.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY name").fetchall()
+        return [_domain(records.conn, r) for r in rows]
+
+
+def get_domain(gallery, name: str) -> Domain:
+    """One domain of a gallery; GalleryError when it has none by that name or it was made with another model."""
+    key = normal_name(name)
+    records = gallery._records
+    with gallery._mutex, db_errors(records.db), records.snapshot():
+        row = None
+        if _tables(records.conn):
+            row = records.conn.execute(f"SELECT {_COLUMNS} FROM domains WHERE name=?", (key,)).fetchone()
+        if row is None:
+            names = [r[0] for r in records.conn.execute("SELECT name FROM domains ORDER BY name")] \
+                if _tables(records.conn) else []
+            known = ", ".join(names[:10]) if names else "none yet; add one with `facemeta domain add`"
+            raise GalleryError(f"no domain named {key[:80]!r} in gallery {gallery.path} (domains: {known})")
+        domain = _domain(records.conn, row)
+    if domain.fingerprint != gallery.fingerprint:
+        raise GalleryError(f"domain {key!r} was made with model {domain.fingerprint}, not this gallery's "
+                           f"{gallery.fingerprint}: add its photos again with this model")
+    return domain
+
+
+def domain_stats(gallery, name: str | None) -> DomainStats | None:
+    """The statistics of a named domain (None for the default domain)."""
+    return None if name is None else get_domain(gallery, name).stats
+
+
+def photo_hashes(gallery, name: str) -> set[str]:
+    """Content hashes of the photos already counted into a domain (empty for a new domain)."""
+    records = gallery._records
+    with gallery._mutex, db_errors(records.db):
+        if not _tables(records.conn):
+            return set()
+        rows = records.conn.execute("SELECT content_hash FROM domain_photos WHERE domain=? AND content_hash "
+                                    "IS NOT NULL", (normal_name(name),))
+        return {r[0] for r in rows}
+
+
+def raw_vectors(gallery, eids: list[int]) -> tuple[np.ndarray, list[str | None]]:
+    """The raw (un-normalised) vectors of stored embeddings and each one's domain (None: default)."""
+    records = gallery._records
+    with gallery._mutex, db_errors(records.db):
+        has = "domain" in {r[1] for r in records.conn.execute("PRAGMA table_info(embeddings)")}
+        out, names = [], []
+        for eid in eids:
+            q = "SELECT vector, raw, domain FROM embeddings WHERE id=?" if has else \
+                "SELECT vector, NULL, NULL FROM embeddings WHERE id=?"
+            row = records.conn.execute(q, (int(eid),)).fetchone()
+            if row is None:
+                raise GalleryError(f"no stored embedding with id {eid}")
+            out.append(_vec(row[1] if row[1] is not None else row[0]))
+            names.append(row[2])
+    return np.stack(out) if out else np.empty((0, gallery.dim), np.float32), names
+
+
+# ------------------------------------------------------------------ changing
+
+
+def ensure_tables(tx) -> None:
+    """Inside a change transaction: the domain tables and the two embeddings columns, added when missing."""
+    columns = {r[1] for r in tx.execute("PRAGMA table_info(embeddings)")}
+    if "domain" not in columns:
+        tx.execute("ALTER TABLE embeddings ADD COLUMN domain TEXT")
+    if "raw" not in columns:
+        tx.execute("ALTER TABLE embeddings ADD COLUMN raw BLOB")
+    for statement in _TABLES.split(";"):
+        if statement.strip():
+            tx.execute(statement)
+
+
+def prepare_enroll(gallery, domain: str | None, vectors: np.ndarray) -> tuple[np.ndarray, DomainStats | None]:
+    """Vectors to store for an enroll under ``domain`` (normalised by its statistics; as given for the
+    default domain) and the statistics used."""
+    stats = domain_stats(gallery, domain)
+    return normalise(vectors, stats), stats
+
+
+def tag_embedding(tx, eid: int, domain: str, raw: np.ndarray) -> None:
+    """Inside the enroll's transaction: record an embedding's domain and raw vector."""
+    tx.execute("UPDATE embeddings SET domain=?, raw=? WHERE id=?", (domain, _blob(raw), int(eid)))
+
+
+def _renormalise(tx, name: str, stats: DomainStats) -> tuple[list[int], list[int], list[int], np.ndarray]:
+    """Inside a change transaction: every embedding enrolled under a domain normalised again from its raw
+    vector and stored under a new id. -> (old ids, new ids, identity ids, new vectors)."""
+    rows = tx.execute("SELECT id, identity_id, source, score, fingerprint, created, content_hash, raw, vector "
+                      "FROM embeddings WHERE domain=? ORDER BY id", (name,)).fetchall()
+    old, new, idents, vecs = [], [], [], []
+    for eid, ident, source, score, fp, created, digest, raw, blob in rows:
+        vec = normalise(_vec(raw), stats)
+        tx.removed(eid, blob)
+        tx.execute("DELETE FROM embeddings WHERE id=?", (eid,))
+        nid = tx.add_embedding(ident, vec.tobytes(), source=source, score=score, fingerprint=fp, created=created,
+                               content_hash=digest)
+        tag_embedding(tx, nid, name, _vec(raw))
+        old.append(eid)
+        new.append(nid)
+        idents.append(ident)
+        vecs.append(vec)
+    return old, new, idents, np.stack(vecs) if vecs else np.empty((0, 0), np.float32)
+
+
+def _swap(gallery, old: list[int], new: list[int], idents: list[int], vecs: np.ndarray) -> None:
+    """After the commit: the index drops the old ids and takes the re-normalised vectors under the new ones."""
+    fault("after_commit")
+    if old:
+        gallery._index.remove(old)
+        gallery._index.add(vecs, np.array(new, np.int64), np.array(idents, np.int64))
+    gallery._index.drop_caches()
+    gallery._index.after_change()
+
+
+def add_photos(gallery, name: str, vectors: np.ndarray, *, fingerprint: str, sources: list[str | None],
+               content_hashes: list[str | None], kind: str | None = None, strength: float | None = None) -> Domain:
+    """Count unlabelled photos' embeddings (unit vectors [n, dim] of model ``fingerprint``) into a domain,
+    created if new, and re-estimate its statistics from every photo behind it (``kind``/``strength``:
+    domain_stats.estimate's; default: the domain's own, or estimate's defaults for a new one). The embeddings
+    enrolled under it are normalised again. One transaction: a crash keeps all of it or none."""
+    from facemeta.gallery.validate import check_vectors
+
+    name = check_domain_name(name)
+    with gallery._mutex:
+        gallery._check_open(write=True)
+        x = check_vectors(vectors, gallery.dim, gallery.fingerprint, fingerprint)
+        if len(sources) != len(x) or len(content_hashes) != len(x):
+            raise GalleryError("sources and content hashes must have one entry per photo")
+        now = time.time()
+        with gallery._change() as tx:
+            ensure_tables(tx)
+            row = tx.execute("SELECT fingerprint, stats, created FROM domains WHERE name=?", (name,)).fetchone()
+            if row is not None and row[0] != gallery.fingerprint:
+                raise GalleryError(f"domain {name!r} was made with model {row[0]}; this gallery holds model "
+                                   f"{gallery.fingerprint}: remove the domain and add its photos again")
+            old = DomainStats.from_dict(json.loads(row[1])) if row is not None else None
+            for vec, src, digest in zip(x, sources, content_hashes, strict=True):
+                tx.execute("INSERT INTO domain_photos(domain, content_hash, source, vector, created) "
+                           "VALUES (?, ?, ?, ?, ?)", (name, digest, None if src is None else str(src), _blob(vec), now))
+            photos = _photo_vectors(tx.conn, name)
+            if photos.size == 0:
+                raise GalleryError(f"domain {name!r} needs at least one photo")
+            kw = {"kind": kind or (old.kind if old else "mean")}
+            if strength is not None or old is not None:
+                kw["strength"] = strength if strength is not None else old.strength
+            stats = estimate(photos, **kw)
+            text = json.dumps(stats.to_dict())
+            if row is None:
+                tx.execute("INSERT INTO domains(name, fingerprint, stats, created, updated) VALUES (?, ?, ?, ?, ?)",
+                           (name, gallery.fingerprint, text, now, now))
+            else:  # new statistics: an earlier calibration no longer holds
+                tx.execute("UPDATE domains SET stats=?, updated=?, threshold=NULL, far=NULL, calibration_pairs=NULL "
+                           "WHERE name=?", (text, now, name))
+            moved = _renormalise(tx, name, stats)
+        _swap(gallery, *moved)
+    return get_domain(gallery, name)
+
+
+def remove_domain(gallery, name: str, force: bool = False) -> int:
+    """Remove a domain and its photos. Embeddings enrolled under it stay, moved to the default domain (their
+    raw vectors, no normalisation), only with ``force``; otherwise a GalleryError says how many there are.
+    Returns how many embeddings moved."""
+    name = normal_name(name)
+    with gallery._mutex:
+        gallery._check_open(write=True)
+        if not _known(gallery, name):
+            get_domain(gallery, name)  # raises the "no domain named" error
+        with db_errors(gallery._records.db):
+            enrolled = gallery._records.conn.execute("SELECT COUNT(*) FROM embeddings WHERE domain=?",
+                                                     (name,)).fetchone()[0]
+        if enrolled and not force:
+            raise GalleryError(f"{enrolled} enrolled embedding(s) use domain {name!r}; remove those people "
+                               "first, or force it to keep them in the default domain (no normalisation)")
+        with gallery._change() as tx:
+            rows = tx.execute("SELECT id, identity_id, source, score, fingerprint, created, content_hash, raw, vector "
+                              "FROM embeddings WHERE domain=? ORDER BY id", (name,)).fetchall()
+            old, new, idents, vecs = [], [], [], []
+            for eid, ident, source, score, fp, created, digest, raw, blob in rows:
+                tx.removed(eid, blob)
+                tx.execute("DELETE FROM embeddings WHERE id=?", (eid,))
+                new.append(tx.add_embedding(ident, raw, source=source, score=score, fingerprint=fp, created=created,
+                                            content_hash=digest))
+                old.append(eid)
+                idents.append(ident)
+                vecs.append(_vec(raw))
+            tx.execute("DELETE FROM domain_photos WHERE domain=?", (name,))
+            tx.execute("DELETE FROM domains WHERE name=?", (name,))
+        _swap(gallery, old, new, idents, np.stack(vecs) if vecs else np.empty((0, gallery.dim), np.float32))
+        return len(old)
+
+
+def _known(gallery, name: str) -> bool:
+    records = gallery._records
+    with db_errors(records.db):
+        return _tables(records.conn) and records.conn.execute(
+            "SELECT 1 FROM domains WHERE name=?", (name,)).fetchone() is not None
+
+
+def impostor_threshold(vectors: np.ndarray, far: float) -> tuple[float, int]:
+    """The lowest cosine threshold at which at most ``far`` of the impostor pairs (every pair of the given
+    vectors, one per person) score at or above it. -> (threshold, number of pairs)."""
+    x = np.asarray(vectors, np.float32)
+    if len(x) < 2:
+        raise GalleryError("calibration needs photos of at least two different people")
+    sims = (x @ x.T)[np.triu_indices(len(x), 1)].astype(np.float64)
+    sims.sort()
+    allowed = int(math.floor(far * len(sims)))  # impostor pairs that may score at or above the threshold
+    if allowed >= len(sims):
+        return float(sims[0]), len(sims)
+    top = sims[len(sims) - allowed - 1]  # the highest impostor score that must fall below the threshold
+    return float(np.nextafter(top, np.inf)), len(sims)
+
+
+def set_calibration(gallery, name: str, threshold: float, far: float, pairs: int) -> Domain:
+    """Store a domain's calibrated threshold, its false-accept rate and the impostor pairs behind it."""
+    name = normal_name(name)
+    with gallery._mutex:
+        gallery._check_open(write=True)
+        get_domain(gallery, name)
+        with db_errors(gallery._records.db):
+            conn = gallery._records.conn
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE domains SET threshold=?, far=?, calibration_pairs=? WHERE name=?",
+                         (float(threshold), float(far), int(pairs), name))
+            conn.execute("COMMIT")
+    return get_domain(gallery, name)
+
+
+# ------------------------------------------------------------------ statistics files and export/import
+
+
+@dataclass(frozen=True)
+class DomainFile:
+    """A domain's statistics without a gallery (``facemeta domain export``): name, model fingerprint and
+    dimension, statistics, photos behind them, calibrated threshold and FAR (None when not calibrated)."""
+
+    name: str
+    fingerprint: str
+    dim: int
+    stats: DomainStats
+    photos: int
+    threshold: float | None = None
+    far: float | None = None
+
+
+def write_domain_file(gallery, name: str, out: str | Path) -> Path:
+    """Write a domain's statistics as a small JSON file (atomically)."""
+    d = get_domain(gallery, name)
+    body = {"format": FILE_FORMAT, "version": FILE_VERSION, "name": d.name, "fingerprint": d.fingerprint,
+            "dim": gallery.dim, "photos": d.photos, "threshold": d.threshold, "far": d.far,
+            "stats": d.stats.to_dict()}
+    out = Path(out)
+    with atomic_write(out, "w") as fh:
+        fh.write(json.dumps(body) + "\n")
+    return out
+
+
+def read_domain_file(path: str | Path, fingerprint: str | None = None) -> DomainFile:
+    """Read a domain statistics file; GalleryError when it is not one, or (``fingerprint`` given) it was
+    made with another model."""
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(body, dict) or body.get("format") != FILE_FORMAT:
+            raise ValueError("not a facemeta domain statistics file")
+        if int(body.get("version", 0)) > FILE_VERSION:
+            raise ValueError(f"version {body.get('version')} is newer than this facemeta understands")
+        stats = DomainStats.from_dict(body["stats"])
+        out = DomainFile(check_domain_name(body["name"]), str(body["fingerprint"]), int(body["dim"]), stats,
+                         int(body.get("photos", stats.count)), body.get("threshold"), body.get("far"))
+    except OSError as exc:
+        raise GalleryError(f"cannot read domain file {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GalleryError(f"{path} is not a usable domain statistics file: {exc}") from None
+    if len(stats.mean) != out.dim:
+        raise GalleryError(f"{path}: statistics of length {len(stats.mean)} for {out.dim}-d embeddings")
+    if fingerprint is not None and out.fingerprint != fingerprint:
+        raise GalleryError(f"domain {out.name!r} in {path} was made with model {out.fingerprint}, "
+                           f"not {fingerprint}: export it from a gallery of this model")
+    return out
+
+
+def export_domains(gallery) -> list[dict]:
+    """Every domain with its photos, JSON-ready (for a gallery export file); vectors as base64 float32."""
+    records = gallery._records
+    out = []
+    with gallery._mutex, db_errors(records.db), records.snapshot():
+        if not _tables(records.conn):
+            return []
+        for row in records.conn.execute("SELECT name, fingerprint, stats, threshold, far, calibration_pairs, "
+                                        "created, updated FROM domains ORDER BY name").fetchall():
+            photos = records.conn.execute("SELECT content_hash, source, vector, created FROM domain_photos "
+                                          "WHERE domain=? ORDER BY id", (row[0],)).fetchall()
+            out.append({"name": row[0], "fingerprint": row[1], "stats": json.loads(row[2]), "threshold": row[3],
+                        "far": row[4], "calibration_pairs": row[5], "created": row[6], "updated": row[7],
+                        "photos": [{"content_hash": h, "source": s, "created": c,
+                                    "vector": base64.b64encode(v).decode("ascii")} for h, s, v, c in photos]})
+    return out
+
+
+def import_domains(gallery, domains: list[dict], fingerprint: str) -> None:
+    """Store exported domains (``export_domains``) in a gallery, statistics and photos exactly as exported,
+    in one transaction; a domain the gallery already has is refused (one-line GalleryError)."""
+    if not domains:
+        return
+    with gallery._mutex:
+        gallery._check_open(write=True)
+        with gallery._change() as tx:
+            ensure_tables(tx)
+            for d in domains:
+                try:
+                    name = check_domain_name(d["name"])
+                    DomainStats.from_dict(d["stats"])
+                    vecs = [base64.b64decode(p["vector"], validate=True) for p in d["photos"]]
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise GalleryError(f"a domain of the export is malformed: {exc}") from None
+                if d["fingerprint"] != fingerprint or any(len(v) != 4 * gallery.dim for v in vecs):
+                    raise GalleryError(f"domain {name!r} was made with another model or dimension")
+                if tx.execute("SELECT 1 FROM domains WHERE name=?", (name,)).fetchone():
+                    raise GalleryError(f"the gallery already has a domain named {name!r}")
+                tx.execute("INSERT INTO domains(name, fingerprint, stats, threshold, far, calibration_pairs, created, "
+                           "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (name, gallery.fingerprint, json.dumps(d["stats"]), d.get("threshold"), d.get("far"),
+                            d.get("calibration_pairs"), float(d.get("created") or time.time()),
+                            float(d.get("updated") or time.time())))
+                for p, v in zip(d["photos"], vecs, strict=True):
+                    tx.execute("INSERT INTO domain_photos(domain, content_hash, source, vector, created) "
+                               "VALUES (?, ?, ?, ?, ?)", (name, p.get("content_hash"), p.get("source"), v,
+                                                          float(p.get("created") or time.time())))
