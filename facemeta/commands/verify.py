@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from facemeta.commands.options import add_runtime_options, face_policy_choices, runtime_options
+from facemeta.commands.options import add_runtime_options, runtime_options
 from facemeta.errors import FacemetaError
 
 
@@ -30,8 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="without a gallery: a domain statistics file from `facemeta domain export` (repeat for two)")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored with the model)")
-    p.add_argument("--select", choices=face_policy_choices(exclude=("all",)), default="largest", metavar="POLICY",
-                   help="which face of a photo with several to use (%(choices)s)")
+    p.add_argument("--select", choices=["largest", "confident"], default="largest",
+                   help="which face of a photo with several to use")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
