@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from facemeta.commands.options import ALIGN_SELECT_CHOICES
 from facemeta.data.sets import SET_NAMES
 
 
@@ -31,9 +32,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="face data folder for set names (default $FACEMETA_DATA or ../shared/data)")
     p.add_argument("--size", type=int, default=112, help="side of the aligned square in pixels (default 112)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2; 1 = in this process)")
-    p.add_argument("--select", choices=("largest", "confident", "single"), default="largest",
-                   help="which face of a photo to keep: the largest (default), the most confident, or "
-                        "'single': fail with 'several faces' when there is more than one")
+    p.add_argument("--select", choices=ALIGN_SELECT_CHOICES, default="subject", metavar="POLICY",
+                   help="which face of a photo to keep (%(choices)s): the subject (default: size, nearness to the "
+                        "centre and detector confidence together; the choice verify, enroll and identify make too), "
+                        "the largest, the most confident, or 'single': fail with 'several faces' when there is more "
+                        "than one")
     p.add_argument("--pre-cropped", action="store_true",
                    help="images are face crops: allow the template-crop fallback (default for yaleb and orl)")
     p.add_argument("--layout", choices=("auto", "identity", "domain"), default="auto",

@@ -10,9 +10,12 @@ import json
 import sys
 
 from facemeta.commands.options import (
+    DOMAIN_STAT_CHOICES,
+    INDEX_CHOICES,
     add_backend_options,
     add_runtime_options,
     backend_options,
+    face_policy_choices,
     runtime_options,
 )
 from facemeta.commands.text import shown
@@ -22,8 +25,9 @@ from facemeta.errors import GalleryError
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    p.add_argument("--select", choices=["largest", "confident"], default="largest",
-                   help="which face of a photo with several to use")
+    p.add_argument("--select", choices=face_policy_choices(exclude=("all",)), default="subject", metavar="POLICY",
+                   help="which face of a photo with several to use (%(choices)s; default subject: size, nearness to the centre and "
+                        "detector confidence together, as training alignment chooses; a warning when two compete)")
     add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -50,9 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("name", metavar="NAME", help="domain name (checked as person names are)")
     a.add_argument("images", metavar="IMAGES", nargs="*", help="image files or folders of the domain (any people)")
     a.add_argument("--folder", metavar="DIR", help="a folder of the domain's images (instead of IMAGES)")
-    a.add_argument("--kind", choices=["mean", "coral-diag"],
-                   help="statistic of a new domain (default mean; an existing domain keeps its own)")
-    a.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat", help="index of a NEW gallery")
+    a.add_argument("--kind", choices=DOMAIN_STAT_CHOICES, metavar="KIND",
+                   help="statistic of a new domain (%(choices)s; default mean; an existing domain keeps its own)")
+    a.add_argument("--index", choices=INDEX_CHOICES, default="flat", metavar="KIND",
+                   help="index of a NEW gallery (%(choices)s)")
     add_backend_options(a)
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(a)

@@ -7,9 +7,11 @@ import json
 import sys
 
 from facemeta.commands.options import (
+    INDEX_CHOICES,
     add_backend_options,
     add_runtime_options,
     backend_options,
+    face_policy_choices,
     runtime_options,
 )
 from facemeta.commands.text import shown
@@ -32,10 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folder", metavar="DIR", help="a folder of identity subfolders to enroll instead of NAME IMAGES")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    p.add_argument("--select", choices=["largest", "confident"], default="largest",
-                   help="which face of a photo with several to enroll")
-    p.add_argument("--index", choices=["flat", "hnsw", "ivf", "ivf_sq8"], default="flat",
-                   help="index of a NEW gallery (flat = exact; HNSW/IVF for very large galleries)")
+    p.add_argument("--select", choices=face_policy_choices(exclude=("all",)), default="subject", metavar="POLICY",
+                   help="which face of a photo with several to enroll (%(choices)s; default subject: size, nearness to the centre "
+                        "and detector confidence together, as training alignment chooses; a warning when two compete)")
+    p.add_argument("--index", choices=INDEX_CHOICES, default="flat", metavar="KIND",
+                   help="index of a NEW gallery (%(choices)s; flat = exact; HNSW/IVF for very large galleries)")
     add_backend_options(p)
     add_runtime_options(p)
     p.add_argument("--domain", metavar="NAME",

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from facemeta.commands.options import BACKEND_CHOICES
 from facemeta.commands.text import shown
 
 BAR_FROM = 10000  # embeddings from which a progress bar is shown (on a terminal, without --json)
@@ -30,7 +31,8 @@ def add_actions(actions: argparse._SubParsersAction) -> None:
     a.add_argument("--any-model", action="store_true",
                    help="import embeddings made by another model than the gallery's (they are then compared "
                         "as if they were its own: only for the same model under another fingerprint)")
-    a.add_argument("--backend", choices=("faiss", "milvus"), help="backend of a new gallery")
+    a.add_argument("--backend", choices=BACKEND_CHOICES, metavar="BACKEND",
+                   help="backend of a new gallery (%(choices)s)")
     a.add_argument("--milvus-uri", metavar="URI", help="Milvus server or file of a new milvus gallery")
     a.add_argument("--json", action="store_true")
 

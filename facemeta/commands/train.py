@@ -9,14 +9,14 @@ import sys
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `train` and its options."""
-    from facemeta.commands.options import shipped_presets
+    from facemeta.commands.options import LODO_CHOICES, METHOD_CHOICES, shipped_presets
 
     names = shipped_presets()
     p = subparsers.add_parser(
         "train", help=f"train a face embedder from a YAML preset ({names} or a file)",
         description=f"Train a face embedder from a YAML preset: a file path or a shipped preset name ({names}; "
                     "weights/MODEL_CARD.md names the recipe of the shipped model). The preset's `method` picks "
-                    "the objective (erm, mfr, cdt, maml-fo, reptile; --set method=mfr). Checkpoints, metrics.jsonl and the final "
+                    "the objective (--method below, or --set method=NAME). Checkpoints, metrics.jsonl and the final "
                     "model.safetensors (with a verification threshold calibrated on held-out source-domain "
                     "identities) go to the output folder. Under torchrun every process trains its share of "
                     "each batch (DDP: gloo on CPU, nccl on CUDA).")
@@ -24,8 +24,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (overrides the preset's `output`)")
     p.add_argument("--steps", type=int, help="number of optimiser steps (overrides `steps`)")
     p.add_argument("--seed", type=int, help="random seed (overrides `seed`)")
-    p.add_argument("--leave-out", choices=["yaleb", "orl", "mfr2"],
-                   help="leave-one-domain-out protocol: train on LFW folds 1-5 + the other two small sets")
+    p.add_argument("--method", choices=METHOD_CHOICES, metavar="METHOD",
+                   help="training method (overrides `method`): %(choices)s")
+    p.add_argument("--leave-out", choices=LODO_CHOICES, metavar="TARGET",
+                   help="leave-one-domain-out protocol (%(choices)s): train on LFW folds 1-5 + the other two small "
+                        "sets")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set optim.lr=0.05 --set model.backbone=resnet18")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.method is not None:
+        overrides.append(f"method={json.dumps(args.method)}")
     cfg = load_config(args.config, overrides=overrides, leave_out=args.leave_out)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from facemeta.commands.options import add_runtime_options, runtime_options
+from facemeta.commands.options import add_runtime_options, face_policy_choices, runtime_options
 from facemeta.errors import FacemetaError
 
 
@@ -30,8 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="without a gallery: a domain statistics file from `facemeta domain export` (repeat for two)")
     p.add_argument("--model", help="model checkpoint (.safetensors); default: the model in weights/ or $FACEMETA_MODEL")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored with the model)")
-    p.add_argument("--select", choices=["largest", "confident"], default="largest",
-                   help="which face of a photo with several to use")
+    p.add_argument("--select", choices=face_policy_choices(exclude=("all",)), default="subject", metavar="POLICY",
+                   help="which face of a photo with several to use (%(choices)s; default subject: size, nearness to the centre and "
+                        "detector confidence together, as training alignment chooses; a warning when two compete)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -81,8 +83,12 @@ def run(args: argparse.Namespace) -> int:
                                threshold=args.threshold)
     else:
         result = embedder.verify(args.a, args.b, threshold=args.threshold)
+    warnings = [f["warning"] for f in result.faces if f.get("warning")]
+    for warning in warnings:  # two faces competed to be the subject of a photo
+        print(f"facemeta verify: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({"a": args.a, "b": args.b, "person": args.person, "score": round(result.score, 6),
+                          "warnings": warnings,
                           "domain_a": args.domain_a, "domain_b": args.domain_b,
                           "threshold": round(result.threshold, 6), "threshold_far": result.threshold_far,
                           "decision": result.decision, "same": result.same, "model": str(embedder.model_path),
