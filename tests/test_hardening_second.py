@@ -10,12 +10,20 @@ enroll tests use real LFW and ORL photos and a small random checkpoint (plumbing
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from facemeta.cli import main
+from facemeta.errors import GalleryError
 from facemeta.gallery import Gallery
 
 DIM = 32
@@ -56,6 +64,17 @@ def one_line_error(code: int, err: str, command: str, *needles: str) -> str:
 def files(path: Path) -> dict[str, bytes]:
     """Every file of a folder (recursively) with its bytes."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def state(path: Path) -> tuple:
+    """What a gallery holds (people, every record, every vector) and whether it checks whole: compared before
+    and after a refusal where a writer's open may rewrite the files' bytes (a WAL checkpoint, the lock's pid)."""
+    with Gallery.open(path) as g:
+        rows = [(r.id, r.identity, r.source, r.content_hash) for r in g.records()]
+        vectors = {i.name: g.vectors(i.name).tobytes() for i in g.identities()}
+        check = g.check()
+        assert check["database"] == "ok" and check["index_matches_database"], check
+        return [(i.name, i.count) for i in g.identities()], rows, vectors
 
 
 def people_of(path: Path) -> list[tuple[str, int]]:
@@ -134,3 +153,172 @@ def test_origin_null_and_cross_site_fetches_are_refused_for_every_write(service,
                headers={"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"})
     assert r.status_code == 201, r.text
     assert c.delete("/api/people/Tony Blair").status_code == 200
+
+
+# ------------------------------------------------------------------ 2: look-alike and invisible names
+
+INVISIBLE_SUFFIXES = ["\u034f", "\u3164", "\ufe0f", "\uffa0", "\u2800", "\u200b", "\u00ad", "\u115f", "\U000e0041"]
+LOOK_ALIKES = ["tony blair", "TONY BLAIR", "Tony  Blair", "\uff34\uff4f\uff4e\uff59 \uff22\uff4c\uff41\uff49\uff52",
+               "Tony\u00a0Blair", "Tony\u3000Blair"]
+
+
+def test_invisible_and_look_alike_names_are_refused_naming_the_person(tmp_path, capsys):
+    g = make(tmp_path / "G", ["Tony Blair", "Colin Powell"])
+    before = files(g)
+    with Gallery.open(g, mode="w") as w:
+        for bad in ["Tony Blair" + c for c in INVISIBLE_SUFFIXES] + ["\u0301", "\u0301\u0301\u0301", "a" + "\u0301" * 6]:
+            with pytest.raises(GalleryError, match="bad identity name") as err:
+                w.enroll(bad, unit(1, 3), fingerprint=FP)
+            msg = str(err.value)
+            assert "\n" not in msg and msg.isprintable(), msg
+            assert not any(c in msg for c in INVISIBLE_SUFFIXES + ["\u0301"]), msg  # shown escaped, never raw
+            with pytest.raises(GalleryError, match="bad identity name"):
+                w.rename("Colin Powell", bad)
+        for alike in LOOK_ALIKES:
+            with pytest.raises(GalleryError, match="looks like 'Tony Blair'") as err:
+                w.enroll(alike, unit(1, 4), fingerprint=FP)
+            assert "\n" not in str(err.value)
+            with pytest.raises(GalleryError, match="looks like 'Tony Blair'"):
+                w.rename("Colin Powell", alike)
+            with pytest.raises(GalleryError, match="looks like"):  # two new look-alikes in one transaction
+                w.enroll_many(["Ada Lovelace", "ADA LOVELACE"], unit(2, 5), fingerprint=FP)
+        assert "Ada Lovelace" not in [i.name for i in w.identities()]
+    assert files(g) == before
+    code, _, err = cli(capsys, "gallery", "rename", g, "Colin Powell", "tony blair")
+    one_line_error(code, err, "gallery", "looks like 'Tony Blair'")
+    code, _, err = cli(capsys, "gallery", "rename", g, "Colin Powell", "Tony Blair\u3164")
+    one_line_error(code, err, "gallery", "bad identity name", "\\u3164", "HANGUL FILLER")
+    assert files(g) == before
+    # a person may change the case of their own name; the same name again is the same person
+    with Gallery.open(g, mode="w") as w:
+        w.rename("Tony Blair", "TONY BLAIR")
+        w.enroll("TONY BLAIR", unit(1, 6), fingerprint=FP)
+        assert [(i.name, i.count) for i in w.identities()] == [("Colin Powell", 2), ("TONY BLAIR", 3)]
+
+
+def test_look_alike_names_are_refused_by_enroll_folder_enroll_import_and_the_service(tmp_path, data_dir, model,
+                                                                                   service, capsys):
+    from facemeta.gallery.portable import export_gallery, import_gallery
+
+    orl = data_dir / "orl"
+    g = tmp_path / "G"
+    code, out, err = cli(capsys, "enroll", g, "s1", orl / "s1" / "1.pgm", "--model", model, "--json")
+    assert code == 0, err
+    before = state(g)
+    code, _, err = cli(capsys, "enroll", g, "S1", orl / "s2" / "1.pgm", "--model", model)
+    one_line_error(code, err, "enroll", "looks like 's1'")
+    assert state(g) == before
+    folder = tmp_path / "people"
+    for name, subject in (("\uff33\uff11", "s2"), ("s3", "s3")):  # full-width "S1" looks like s1
+        (folder / name).mkdir(parents=True)
+        shutil.copy(orl / subject / "1.pgm", folder / name / "1.pgm")
+    code, out, err = cli(capsys, "enroll", g, "--folder", folder, "--model", model, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["added"] == {"s3": 1} and any("looks like 's1'" in why for _, why in result["skipped"]), result
+    # import: a file holding "S1" into a gallery holding "s1" is refused before any row is written
+    other = make(tmp_path / "O", ["S1"], per=1)
+    with Gallery.open(other) as o:
+        export_gallery(o, tmp_path / "o.fmg")
+    h = make(tmp_path / "H", ["s1"], per=1)
+    before = files(h)
+    with pytest.raises(GalleryError, match="looks like 's1'"):
+        import_gallery(tmp_path / "o.fmg", h)
+    assert files(h) == before
+    # the service: 409 naming the person, nobody added
+    from fastapi.testclient import TestClient
+
+    from facemeta.serve import create_app
+
+    c = TestClient(create_app(service))
+    photo = orl / "s5" / "1.pgm"
+    assert c.post("/api/enroll", data={"name": "Ada"}, files=[("images", (photo.name, photo.read_bytes()))]).status_code == 201
+    people = c.get("/api/people").json()["people"]
+    r = c.post("/api/enroll", data={"name": "ADA"}, files=[("images", (photo.name, photo.read_bytes()))])
+    assert_json_error(r, 409, "looks like 'Ada'")
+    assert_json_error(c.post("/api/enroll", data={"name": "Ada\u2800"}, files=[("images", (photo.name, b"x"))]), 422,
+                      "bad identity name", "\\u2800")
+    assert c.get("/api/people").json()["people"] == people
+    assert c.delete("/api/people/Ada").status_code == 200
+
+
+# ------------------------------------------------------------------ 5, 6: export headers and repeated chunks
+
+
+def rewrite(out: Path, edit) -> None:
+    """Change an export's body with ``edit`` and give it a valid checksum again (a forger's file)."""
+    import hashlib
+
+    body = edit(out.read_bytes()[:-72])
+    out.write_bytes(body + f"SHA256 {hashlib.sha256(body).hexdigest()}\n".encode())
+
+
+def exported(tmp_path: Path, people=("Tony Blair", "Colin Powell"), per: int = 8) -> tuple[Path, Path]:
+    from facemeta.gallery.portable import export_gallery
+
+    g = make(tmp_path / "src", list(people), per=per)
+    with Gallery.open(g) as src:
+        export_gallery(src, tmp_path / "g.fmg")
+    return g, tmp_path / "g.fmg"
+
+
+def nested_header(body: bytes, depth: int) -> bytes:
+    head, rest = body.split(b"\n", 2)[:2], body.split(b"\n", 2)[2]
+    deep = b"[" * depth + b"]" * depth
+    return head[0] + b"\n" + head[1][:-1] + b',"x":' + deep + b"}\n" + rest
+
+
+def test_deeply_nested_export_header_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    g, out = exported(tmp_path)
+    h = make(tmp_path / "H", ["Ada"])
+    before = files(h)
+    for depth in (9, 1000, 50_000):
+        rewrite(out, lambda b, d=depth: nested_header(b, d))
+        with pytest.raises(GalleryError, match="nested more than 8 deep") as err:
+            import_gallery_(out, tmp_path / "new")
+        assert "\n" not in str(err.value)
+        code, _, err_text = cli(capsys, "gallery", "import", out, h)
+        one_line_error(code, err_text, "gallery", "is damaged", "nested more than 8 deep")
+        assert not (tmp_path / "new").exists() and files(h) == before
+        _, out = exported(tmp_path / f"again{depth}")
+
+
+def import_gallery_(*args, **kwargs):
+    from facemeta.gallery.portable import import_gallery
+
+    return import_gallery(*args, **kwargs)
+
+
+def test_a_repeated_chunk_is_refused_and_no_import_duplicates_a_row(tmp_path, capsys):
+    from facemeta.gallery import portable
+
+    g, out = exported(tmp_path)
+    body = out.read_bytes()[:-72]
+    magic, header, rest = body.split(b"\n", 2)
+    trailer_at = rest.rindex(b'{"end":true')
+    chunks = rest[:trailer_at]
+    rewrite(out, lambda b: b.replace(b'"embeddings":16', b'"embeddings":32').replace(chunks, chunks + chunks))
+    for target in (tmp_path / "new", make(tmp_path / "H", ["Ada"])):
+        before = files(target) if target.exists() else None
+        with pytest.raises(GalleryError, match="is repeated"):
+            import_gallery_(out, target)
+        assert (files(target) if target.exists() else None) == before
+    # rows copied into another chunk (not a byte-for-byte repeat): each row is still stored once
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(portable, "CHUNK_ROWS", 3)
+    try:
+        _, out = exported(tmp_path / "c", per=8)
+    finally:
+        monkey.undo()
+    body = out.read_bytes()[:-72]
+    first_line_end = body.index(b"\n", len(b"FACEMETA-GALLERY\n")) + 1
+    first = body.index(b"\n", first_line_end) + 1 + 3 * DIM * 4  # the first chunk, 3 rows
+    line = body[first_line_end:body.index(b"\n", first_line_end) + 1]
+    meta = json.loads(line)
+    # a new chunk: rows 0 and 1 of the first chunk again, with another row count
+    two = {k: (v[:2] if isinstance(v, list) else 2) for k, v in meta.items()}
+    extra = json.dumps(two, separators=(",", ":")).encode() + b"\n" + body[first - 3 * DIM * 4:first - DIM * 4]
+    rewrite(out, lambda b: (b[:first] + extra + b[first:]).replace(b'"embeddings":16', b'"embeddings":18'))
+    r = import_gallery_(out, tmp_path / "new2")
+    assert r["embeddings"] == 16 and r["skipped"] == 2, r
+    assert sorted(people_of(tmp_path / "new2")) == [("Colin Powell", 8), ("Tony Blair", 8)]

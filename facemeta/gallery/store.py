@@ -52,7 +52,7 @@ from facemeta.gallery.lock import WriterLock
 from facemeta.gallery.ranking import Match, check_scoring, rank_queries, to_matches
 from facemeta.gallery.records import Change, Identity, Record, Records, fault
 from facemeta.gallery.schema import check_sqlite_header, connect, create_database, db_errors
-from facemeta.gallery.validate import UNKNOWN, check_name, check_vectors, stored_threshold
+from facemeta.gallery.validate import UNKNOWN, check_name, check_unlike, check_vectors, stored_threshold
 
 LOCK_NAME = "writer.lock"
 def _kept_by(part: str, name: str, doc: str) -> property:
@@ -268,6 +268,7 @@ class Gallery:
                 domain = domains.get_domain(self, domain).name
                 x, _ = domains.prepare_enroll(self, domain, raw)
             names = [check_name(n) for n in names]
+            self._check_unlike(names)
             n = len(x)
             if len(names) != n:
                 raise GalleryError(f"{len(names)} names for {n} embeddings")
@@ -325,11 +326,25 @@ class Gallery:
             self._check_open(write=True)
             new = check_name(new)
             ident = self._records.identity_id(old)
+            self._check_unlike([new], exempt=self._records.names({ident}).get(ident))
             owner = self._records.owner_of(new)
             if owner is not None and owner != ident:
                 raise GalleryError(f"an identity named {new!r} already exists; remove it first or pick another name")
             with self._change() as tx:
                 tx.rename_identity(ident, new)
+
+    def _check_unlike(self, names: Sequence[str], exempt: str | None = None) -> None:
+        """Refuse new names (not stored exactly) that look like a stored one or each other (check_unlike)."""
+        if new := [n for n in dict.fromkeys(names) if self._records.owner_of(n) is None]:
+            with db_errors(self.path / DB_NAME):
+                check_unlike(new, [r[0] for r in self._conn.execute("SELECT name FROM identities")], exempt)
+
+    def check_new_name(self, name: str) -> str:
+        """A name to enroll, checked (check_name) and not a look-alike of another person's: before any photo."""
+        with self._mutex:
+            self._check_open()
+            self._check_unlike([name := check_name(name)])
+            return name
 
     def set_defaults(self, scoring: str | None = None, threshold: float | None = None,
                      clear_threshold: bool = False) -> None:

@@ -2,12 +2,17 @@
 
 Each returns the checked value or raises a one-line GalleryError. Names are stripped and
 NFC-normalised, and may not hold control, format (bidi overrides, zero-width), line or paragraph
-separator, surrogate, private-use or unassigned characters (:func:`check_name`).
+separator, surrogate, private-use or unassigned characters, Unicode default-ignorable code points
+(variation selectors, U+034F, Hangul fillers), blank "filler" characters (U+2800), more than a few
+combining marks on one letter, or nothing visible at all (:func:`check_name`). Two names that print
+alike are one person: :func:`name_key` folds a name (NFKC, case-folded, spaces collapsed) and
+:func:`check_unlike` refuses a new name whose key is that of another person, naming that person.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,66 @@ from facemeta.errors import FacemetaError, GalleryError
 
 UNKNOWN = "unknown"
 MAX_NAME = 256
+MAX_MARKS = 4  # combining marks stacked on one letter (Vietnamese needs 2, "Zalgo" text dozens)
 _BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_MARKS = frozenset({"Mn", "Mc", "Me"})
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, Unicode 15): drawn as nothing. Most are
+# format (Cf) characters, refused anyway; the others (U+034F, the Hangul fillers, the variation selectors,
+# U+180B-180F, U+FFF0-FFF8) are marks, letters or unassigned and would pass a category check.
+_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+              (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+              (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+              (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+# Blank characters that are neither ignorable nor spaces: drawn as an empty cell.
+_FILLERS = frozenset({0x2800, 0x3164, 0xFFA0, 0x115F, 0x1160, 0x2062, 0x1D159})
+
+
+def invisible(c: str) -> bool:
+    """True for a character drawn as nothing: a default-ignorable code point or a blank filler."""
+    o = ord(c)
+    return o in _FILLERS or any(lo <= o <= hi for lo, hi in _IGNORABLE)
+
+
+def shown_name(name: str, limit: int = 80) -> str:
+    """A name for a message: repr() of its first ``limit`` characters with invisible characters escaped too
+    (repr leaves U+034F, the Hangul fillers or U+2800 raw, so a message would hide them), the combining
+    marks a name starts with, and runs of more than MAX_MARKS marks."""
+    text = repr(name[:limit])
+    hide, run = [invisible(c) for c in text], []
+    for i, c in enumerate(text + "."):  # runs of marks that would sit on the quote or pile up: escaped
+        if unicodedata.category(c) in _MARKS:
+            run.append(i)
+            continue
+        if run and (run[0] == 1 or len(run) > MAX_MARKS):
+            for j in run:
+                hide[j] = True
+        run = []
+    return "".join(f"\\u{ord(c):04x}" if h else c for c, h in zip(text, hide, strict=True))
+
+
+def name_key(name: str) -> str:
+    """The form two names are compared in: NFKC (compatibility: full-width, ligatures, no-break spaces),
+    case-folded, invisible characters dropped and runs of spaces made one. Names with the same key print
+    alike (or differ only in case) and are taken for one person."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return " ".join("".join(c for c in folded if not invisible(c)).split())
+
+
+def check_unlike(new: Iterable[str], existing: Iterable[str], exempt: str | None = None) -> None:
+    """Refuse new names (stored form) when one folds (:func:`name_key`) to the key of an existing name other
+    than itself and ``exempt`` (a person being renamed), or of another new name given before it, with a
+    one-line GalleryError naming the person it resembles."""
+    keys: dict[str, str] = {}
+    for other in existing:
+        if other != exempt:
+            keys.setdefault(name_key(other), other)
+    for name in new:
+        key = name_key(name)
+        other = keys.setdefault(key, name)
+        if other != name:
+            raise GalleryError(f"identity name {shown_name(name)} looks like {shown_name(other)}, who is already "
+                               "in the gallery: names that differ only in case, width, spacing or invisible "
+                               "characters are one person (use that name, or one that reads differently)")
 
 
 def stored_threshold(value: str | None, db: Path) -> float | None:
@@ -40,20 +104,34 @@ def normal_name(name: str) -> str:
 
 def check_name(name: str) -> str:
     """The stored form of a new identity name (stripped, NFC-normalised), or a one-line GalleryError that
-    shows it escaped: empty, longer than MAX_NAME, the reserved "unknown", or holding a control, format
-    (bidi override, zero-width), line/paragraph separator, surrogate, private-use or unassigned character."""
+    shows it escaped: empty, longer than MAX_NAME, the reserved "unknown" (in any case or width), holding a
+    control, format (bidi override, zero-width), line/paragraph separator, surrogate, private-use,
+    unassigned, default-ignorable or filler character or more than MAX_MARKS stacked combining marks,
+    starting with a combining mark, or showing nothing."""
     name = normal_name(name)
     rule = f"1 to {MAX_NAME} printable characters"
     if not name:
         raise GalleryError(f"bad identity name {name!r}: {rule}")
+    marks = 0
     for c in name:
+        label = unicodedata.name(c, "")
+        what = f"U+{ord(c):04X}{f' {label}' if label else ''}"
         if unicodedata.category(c) in _BAD_NAME_CATEGORIES:
-            label = unicodedata.name(c, "")
-            raise GalleryError(f"bad identity name {name[:80]!r}: U+{ord(c):04X}{f' {label}' if label else ''} "
+            raise GalleryError(f"bad identity name {name[:80]!r}: {what} "
                                f"is a control, format or separator character; use {rule}")
+        if invisible(c):
+            raise GalleryError(f"bad identity name {shown_name(name)}: {what} is an invisible (default-ignorable "
+                               f"or filler) character; use {rule}")
+        marks = marks + 1 if unicodedata.category(c) in _MARKS else 0
+        if marks > MAX_MARKS:
+            raise GalleryError(f"bad identity name {shown_name(name)}: more than {MAX_MARKS} combining marks on one "
+                               f"letter; use {rule}")
+    if not name_key(name) or unicodedata.category(name[0]) in _MARKS:
+        raise GalleryError(f"bad identity name {shown_name(name)}: it starts with a combining mark or shows nothing; "
+                           f"use {rule}")
     if len(name) > MAX_NAME:
         raise GalleryError(f"bad identity name {name[:40]!r}... ({len(name)} characters): {rule}")
-    if name.lower() == UNKNOWN:
+    if name_key(name) == UNKNOWN:
         raise GalleryError(f"{UNKNOWN!r} is reserved for faces that match nobody")
     return name
 
