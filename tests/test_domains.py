@@ -1,0 +1,299 @@
+"""Named domains of a gallery (issue 25): statistics from unlabelled photos, stored with the gallery, applied to
+enroll, identify and verify exactly as domain_stats' formula says, re-normalising enrolled people without images.
+
+Real AR photos with the shipped model (weights/default.safetensors): scarf photos of people 051-054 make the
+"scarf" domain, neutral photos of people 055-058 the "neutral" one; people 001-002 are enrolled (neutral) and
+probed with their scarf photos. Every expected score is recomputed here by hand from raw embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facemeta.cli import main
+from facemeta.errors import FacemetaError, GalleryError
+
+pytestmark = pytest.mark.usefixtures("module_on_one_torch_thread")
+
+
+def ar(data_dir: Path, person: int, shot: int) -> Path:
+    return data_dir / "ar" / f"{person:03d}" / f"face_{person:03d}_{shot:02d}.png"
+
+
+def by_hand(raw: np.ndarray, photos: np.ndarray | None) -> np.ndarray:
+    """A vector normalised by the mean of its domain's photo vectors, written out: (v - mean) / |v - mean|."""
+    v = np.asarray(raw, np.float64)
+    if photos is not None:
+        v = v - np.asarray(photos, np.float64).mean(axis=0)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from facemeta.embedder import FaceEmbedder
+
+    return FaceEmbedder()
+
+
+@pytest.fixture(scope="module")
+def photos(data_dir) -> dict[str, list[Path]]:
+    return {"scarf": [ar(data_dir, p, 11) for p in (51, 52, 53, 54)],
+            "neutral": [ar(data_dir, p, 1) for p in (55, 56, 57, 58)],
+            "more_neutral": [ar(data_dir, p, 14) for p in (59, 60)],
+            "enrolled": [ar(data_dir, p, 1) for p in (1, 2)],
+            "probes": [ar(data_dir, p, 11) for p in (1, 2)]}
+
+
+@pytest.fixture(scope="module")
+def raw(embedder, photos) -> dict[str, np.ndarray]:
+    """Raw embeddings (as the model gives them) of every photo the tests use, computed once."""
+    return {k: np.stack([embedder.embed_file(p)[0] for p in v]) for k, v in photos.items()}
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, embedder, photos):
+    """A gallery with domains scarf and neutral and people p1, p2 enrolled under neutral (from copies of their
+    photos, deleted afterwards: nothing later may need them)."""
+    from facemeta.recognizer import FaceRecognizer
+
+    root = tmp_path_factory.mktemp("domains")
+    path = root / "g"
+    with FaceRecognizer(path, embedder=embedder) as fr:
+        r = fr.add_domain("scarf", photos["scarf"])
+        assert r.added == 4 and r.warning and "4 photo(s)" in r.warning
+        fr.add_domain("neutral", photos["neutral"])
+        for i, src in enumerate(photos["enrolled"], 1):
+            copy = root / f"copy{i}.png"
+            shutil.copy(src, copy)
+            fr.enroll(f"p{i}", [copy], domain="neutral")
+            copy.unlink()
+    return path
+
+
+def test_stats_and_scores_follow_the_formula(gallery, embedder, raw):
+    """The domain's mean is the mean of its photos' raw vectors; identify's and verify's scores are the cosines
+    of the by-hand normalised vectors (probe by its domain, enrolled by theirs)."""
+    from facemeta.recognizer import FaceRecognizer
+
+    with FaceRecognizer(gallery, embedder=embedder) as fr:
+        scarf = fr.domain("scarf")
+        assert scarf.photos == 4 and scarf.stats.kind == "mean" and scarf.stats.strength == 1.0
+        np.testing.assert_allclose(scarf.stats.mean, raw["scarf"].mean(axis=0), atol=1e-6)
+        faces = fr.identify(str(_probe(gallery)), top_k=2, domain="scarf")
+        got = {c["identity"]: c["score"] for c in faces[0]["candidates"]}
+        probe = by_hand(raw["probes"][0], raw["scarf"])
+        for i, name in enumerate(("p1", "p2")):
+            want = float(probe @ by_hand(raw["enrolled"][i], raw["neutral"]))
+            assert got[name] == pytest.approx(want, abs=2e-5)
+        plain = fr.identify(str(_probe(gallery)), top_k=2)  # no domain: the raw probe against the stored vectors
+        got_plain = {c["identity"]: c["score"] for c in plain[0]["candidates"]}
+        want_plain = float(by_hand(raw["probes"][0], None) @ by_hand(raw["enrolled"][0], raw["neutral"]))
+        assert got_plain["p1"] == pytest.approx(want_plain, abs=2e-5)
+        assert abs(got_plain["p1"] - got["p1"]) > 1e-3  # the domain changed the score
+
+        v = fr.verify(_photo(gallery, "enrolled", 0), _probe(gallery), domain_a="neutral", domain_b="scarf")
+        want = float(by_hand(raw["enrolled"][0], raw["neutral"]) @ by_hand(raw["probes"][0], raw["scarf"]))
+        assert v.score == pytest.approx(want, abs=2e-5)
+        assert v.threshold_far is None  # the model's threshold was not calibrated on normalised vectors
+        raw_v = fr.verify(_photo(gallery, "enrolled", 0), _probe(gallery))
+        assert raw_v.score == pytest.approx(float(raw["enrolled"][0] @ raw["probes"][0]), abs=2e-5)
+
+
+_PHOTOS: dict = {}
+
+
+def _probe(gallery: Path) -> Path:
+    return _PHOTOS["probes"][0]
+
+
+def _photo(gallery: Path, key: str, i: int) -> Path:
+    return _PHOTOS[key][i]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _photo_table(photos):
+    _PHOTOS.update(photos)
+
+
+def test_adding_photos_renormalises_enrolled_without_images(gallery, tmp_path, embedder, raw, photos):
+    """The enrolled photos were deleted; adding photos to their domain re-normalises their stored vectors (new
+    ids, raw kept) by the new mean, the index follows, and a photo counted already is skipped."""
+    from facemeta.gallery import Gallery
+    from facemeta.gallery.domains import raw_vectors
+    from facemeta.recognizer import FaceRecognizer
+
+    gallery = shutil.copytree(gallery, tmp_path / "g")
+    with Gallery.open(gallery) as g:
+        before = {r.identity: r.id for r in g.records()}
+    with FaceRecognizer(gallery, embedder=embedder) as fr:
+        r = fr.add_domain("neutral", photos["neutral"][:1] + photos["more_neutral"])
+        assert (r.added, r.already) == (2, 1) and r.domain.photos == 6 and r.domain.enrolled == 2
+    all_neutral = np.concatenate([raw["neutral"], raw["more_neutral"]])
+    with Gallery.open(gallery, mode="w") as g:
+        after = {r.identity: r.id for r in g.records()}
+        assert all(after[k] > before[k] for k in before)  # stored again under new ids
+        stored, names = raw_vectors(g, [after["p1"], after["p2"]])
+        np.testing.assert_array_equal(stored, raw["enrolled"].astype(np.float32))
+        assert names == ["neutral", "neutral"]
+        for i, name in enumerate(("p1", "p2")):
+            np.testing.assert_allclose(g.vectors(name)[0], by_hand(raw["enrolled"][i], all_neutral), atol=2e-6)
+        hits = g.search(by_hand(raw["enrolled"][0], all_neutral).astype(np.float32), k=1)
+        assert hits[0][0].name == "p1" and hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+        assert g.check()["index_matches_database"]
+
+
+GALLERY_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from facemeta.gallery import Gallery
+    from facemeta.gallery.domains import add_photos
+    g = Gallery.open(sys.argv[1], mode="w")
+    x = np.load(sys.argv[2])
+    add_photos(g, "neutral", x, fingerprint=g.fingerprint, sources=[None] * len(x), content_hashes=[None] * len(x))
+    g.close()
+""")
+
+
+def _state(path: Path) -> tuple:
+    with sqlite3.connect(path / "gallery.sqlite") as conn:
+        return (conn.execute("SELECT COUNT(*) FROM domain_photos").fetchone()[0],
+                conn.execute("SELECT stats FROM domains WHERE name='neutral'").fetchone()[0],
+                sorted(conn.execute("SELECT id, vector FROM embeddings").fetchall()))
+
+
+@pytest.mark.parametrize("point", ["before_commit", "after_commit"])
+def test_kill_during_domain_add_loses_nothing(gallery, tmp_path, raw, point):
+    """kill -9 inside `domain add`'s transaction leaves the gallery as it was; right after its commit, the whole
+    change is there and the index catches up on the next open."""
+    from facemeta.gallery import Gallery
+
+    g_path = tmp_path / "g"
+    shutil.copytree(gallery, g_path)
+    before = _state(g_path)
+    np.save(tmp_path / "x.npy", raw["probes"])
+    env = dict(os.environ, FACEMETA_GALLERY_FAULT=point)
+    proc = subprocess.run([sys.executable, "-c", GALLERY_SCRIPT, str(g_path), str(tmp_path / "x.npy")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    after = _state(g_path)
+    if point == "before_commit":
+        assert after == before
+    else:
+        assert after[0] == before[0] + 2 and after[1] != before[1] and after[2] != before[2]
+    with Gallery.open(g_path, mode="w") as g:
+        assert g.check()["index_matches_database"] and g.check()["database"] == "ok"
+        assert {p.name for p in g.identities()} == {"p1", "p2"}
+
+
+def test_cli_domain_commands(gallery, tmp_path, capsys, data_dir, embedder):
+    """list, export, verify --domains without a gallery (same score as with it), calibrate, identify --json and
+    remove through the command line."""
+    g = tmp_path / "g"
+    shutil.copytree(gallery, g)
+    assert main(["domain", "list", str(g), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {d["name"]: d["photos"] for d in listed["domains"]} == {"neutral": 4, "scarf": 4}
+    for name in ("neutral", "scarf"):
+        assert main(["domain", "export", str(g), name, str(tmp_path / f"{name}.json")]) == 0
+    capsys.readouterr()
+    a, b = _PHOTOS["enrolled"][0], _PHOTOS["probes"][0]
+    argv = ["verify", str(a), str(b), "--domain-a", "neutral", "--domain-b", "scarf", "--json"]
+    assert main(argv + ["--gallery", str(g)]) == 0
+    with_gallery = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--domains", str(tmp_path / "neutral.json"), "--domains", str(tmp_path / "scarf.json")]) == 0
+    without = json.loads(capsys.readouterr().out)
+    assert without["score"] == with_gallery["score"] and without["domain_b"] == "scarf"
+
+    distinct = tmp_path / "distinct"
+    distinct.mkdir()
+    for p in (61, 62, 63, 64, 65):
+        shutil.copy(ar(data_dir, p, 11), distinct / f"{p}.png")
+    assert main(["domain", "calibrate", str(g), "scarf", "--distinct", str(distinct), "--far", "0.1", "--json"]) == 0
+    cal = json.loads(capsys.readouterr().out)["domain"]
+    assert cal["calibration_pairs"] == 10 and cal["far"] == 0.1
+    assert main(["identify", str(g), str(b), "--domain", "scarf", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["threshold"] == cal["threshold"] and out["threshold_far"] == 0.1
+    assert out["threshold_source"].startswith("domain scarf")
+
+    assert main(["domain", "remove", str(g), "neutral"]) == 1  # people are enrolled under it
+    assert "2 enrolled embedding(s)" in capsys.readouterr().err
+    assert main(["domain", "remove", str(g), "scarf"]) == 0
+    assert main(["domain", "remove", str(g), "neutral", "--force", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["moved_to_default"] == 2
+    from facemeta.gallery import Gallery
+
+    with Gallery.open(g) as gal:  # back to their raw vectors
+        np.testing.assert_array_equal(gal.vectors("p1")[0], embedder.embed_file(a)[0])
+
+
+def test_another_models_domain_is_refused(gallery, tmp_path, embedder, raw):
+    from facemeta.gallery import Gallery
+    from facemeta.gallery.domains import add_photos, get_domain, write_domain_file
+    from facemeta.recognizer import load_domain_file
+
+    out = write_domain_file(Gallery.open(gallery), "scarf", tmp_path / "scarf.json")
+    body = json.loads(out.read_text())
+    assert load_domain_file(out, embedder).fingerprint == embedder.fingerprint
+    body["fingerprint"] = "another-model"
+    out.write_text(json.dumps(body))
+    with pytest.raises(GalleryError, match="another-model"):
+        load_domain_file(out, embedder)
+    g_path = tmp_path / "g"
+    shutil.copytree(gallery, g_path)
+    with Gallery.open(g_path, mode="w") as g:
+        with pytest.raises(GalleryError, match="model"):
+            add_photos(g, "scarf", raw["probes"], fingerprint="another-model", sources=[None, None],
+                       content_hashes=[None, None])
+    with sqlite3.connect(g_path / "gallery.sqlite") as conn:
+        conn.execute("UPDATE domains SET fingerprint='another-model' WHERE name='scarf'")
+    with Gallery.open(g_path) as g, pytest.raises(GalleryError, match="made with model another-model"):
+        get_domain(g, "scarf")
+
+
+def test_domain_names_are_checked(tmp_path, embedder, photos):
+    from facemeta.recognizer import FaceRecognizer
+
+    with FaceRecognizer(tmp_path / "g", embedder=embedder) as fr:
+        for bad in ("", "unknown", "door\u202e2", "x" * 300):
+            with pytest.raises(GalleryError, match="domain name|reserved"):
+                fr.add_domain(bad, photos["scarf"][:1])
+        assert not fr.exists()  # refused before anything was written
+        with pytest.raises(FacemetaError, match="domain"):
+            fr.enroll("p1", photos["enrolled"][:1], domain="nowhere")
+
+
+def test_cli_few_photos_warning_and_bad_images(tmp_path, capsys, data_dir):
+    """A folder with a file that is not an image and a photo without a face: both reported and skipped, the
+    rest counted, the gallery created, and a warning with the count."""
+    folder = tmp_path / "door"
+    folder.mkdir()
+    for p in (70, 71):
+        shutil.copy(ar(data_dir, p, 8), folder / f"{p}.png")
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    (folder / "black.png").write_bytes(_black_png())
+    code = main(["domain", "add", str(tmp_path / "g"), "door", "--folder", str(folder), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    out = json.loads(captured.out)
+    assert out["added"] == 2 and out["domain"]["photos"] == 2
+    assert {Path(p).name for p, _ in out["skipped"]} == {"broken.png", "black.png"}
+    assert "rests on 2 photo(s)" in captured.err and "broken.png" in captured.err
+    code = main(["domain", "add", str(tmp_path / "g"), "door", "--folder", str(folder)])
+    assert code == 0 and "0 photo(s) added, 2 already counted" in capsys.readouterr().out
+
+
+def _black_png() -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.zeros((120, 120), np.uint8))
+    return buf.tobytes()
