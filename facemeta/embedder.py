@@ -1,6 +1,9 @@
-"""FaceEmbedder: the one inference entry point (image file -> detected, aligned face -> unit vector).
+"""FaceEmbedder: the one inference entry point (image -> detected, aligned face -> unit vector).
 
-It loads a facemeta checkpoint (safetensors + JSON), detects faces with MTCNN, warps each onto the
+One route serves every caller (verify, identify, enroll, domains, the service, the ONNX check, the speed
+benchmark): :meth:`FaceEmbedder.faces_in_images` takes decoded images, finds their faces through
+facemeta.align.route (the routes, filters and subject policy of training alignment), warps each chosen face once
+and embeds the crops of a batch together; the methods that take file paths decode and call it. It loads a facemeta checkpoint (safetensors + JSON), detects faces with MTCNN, warps each onto the
 template at the size the model was trained on (``align_size`` in the checkpoint meta, 112 by
 default; ``align_chip`` says which template: DESIGN.md's, or dlib's chip for models from the prior), and
 embeds it exactly as training and evaluation do (resize to the model's input size, normalise, flip test-time
@@ -31,14 +34,20 @@ RUNTIMES = ("torch", "onnx")
 CHECK_FACES = 8  # real faces of the ONNX parity check at export
 
 
+def packaged_weights_dir() -> Path:
+    """Where an installed wheel or sdist carries the shipped model: facemeta/weights inside the package."""
+    return Path(__file__).resolve().parent / "weights"
+
+
 def default_model_path() -> Path:
-    """$FACEMETA_MODEL, else the project's model in weights/ (default.safetensors, or the only one there)."""
+    """$FACEMETA_MODEL, else the shipped model: the package's own copy (facemeta/weights, in a wheel) before the
+    repository's weights/ (default.safetensors, or the only model there)."""
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV]).expanduser()
+    for folder in (packaged_weights_dir(), WEIGHTS_DIR):
+        if (folder / "default.safetensors").is_file():
+            return folder / "default.safetensors"
     candidates = sorted(WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
-    preferred = WEIGHTS_DIR / "default.safetensors"
-    if preferred.is_file():
-        return preferred
     if len(candidates) == 1:
         return candidates[0]
     where = f"{WEIGHTS_DIR} holds {len(candidates)} models" if candidates else f"no model in {WEIGHTS_DIR}"
@@ -50,7 +59,8 @@ ALIGN_SIZES = (16, 1024)  # the aligned chip sides a checkpoint may ask for (as 
 
 def check_model_meta(meta: dict, where: str | os.PathLike) -> dict:
     """The inference settings of a checkpoint's meta, checked: ``align_size`` (an integer in 16..1024),
-    ``align_chip`` (a known template), ``threshold`` (a finite cosine in [-1, 1]) and ``threshold_far``
+    ``align_chip`` (a known template; ``align_template``, when recorded, must be this code's digest of it),
+    ``threshold`` (a finite cosine in [-1, 1]) and ``threshold_far``
     (in (0, 1]); absent ones take their defaults. A bad value is a one-line CheckpointError naming
     the file, before anything is allocated from it."""
     import math
@@ -66,6 +76,13 @@ def check_model_meta(meta: dict, where: str | os.PathLike) -> dict:
     chip = meta.get("align_chip", "arcface")
     if chip not in CHIPS:
         raise bad("align_chip", "one of " + ", ".join(CHIPS))
+    from facemeta.align.warp import template_digest
+
+    digest = meta.get("align_template")
+    if digest is not None and digest != template_digest(chip):
+        raise CheckpointError(f"{where}: the model was trained on faces aligned onto another {chip} template "
+                              f"(digest {digest}, this facemeta's is {template_digest(chip)}); use the facemeta "
+                              "version it was trained with, or train it again")
     out = {"align_size": size, "align_chip": chip}
     for key, low, high, want in (("threshold", -1.0, 1.0, "a finite cosine in [-1, 1] or null"),
                                  ("threshold_far", 0.0, 1.0, "a rate in (0, 1] or null")):
@@ -105,36 +122,36 @@ def onnx_cache_path(fingerprint: str) -> Path:
     return cache_root() / "onnx" / f"{fingerprint}.onnx"
 
 
+def synthetic_faces(align_size: int, count: int = CHECK_FACES, seed: int = 0) -> np.ndarray:
+    """Deterministic face-sized images for a numerical parity check when no photo is given: smooth random
+    fields (uint8 [N,S,S,3]). The graph computes the same operations whatever the pixels show."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(c, (align_size, align_size), interpolation=cv2.INTER_CUBIC) for c in coarse])
+
+
 def check_faces(align_size: int, chip: str, images: list[str | os.PathLike] | None = None,
                 count: int = CHECK_FACES) -> tuple[np.ndarray, str]:
     """Aligned faces for the ONNX parity check -> (uint8 [N,S,S,3], where they came from).
 
-    `images`: photos to use (one face each, the largest); default: `count` LFW photos spread over the shared
-    face data. Without that data (an installed facemeta elsewhere) random pixels stand in, and say so."""
-    from facemeta.align.detect import FaceDetector, select_faces
+    `images`: photos (one face each, the subject) aligned through facemeta's one route (facemeta.align.route);
+    without them, :func:`synthetic_faces` (the shared data is never read for this)."""
+    if images is None:
+        return synthetic_faces(align_size, count), f"{count} synthetic images (pass photos to check on real faces)"
+    from facemeta.align.detect import FaceDetector
+    from facemeta.align.route import find_faces
     from facemeta.align.warp import warp_face
     from facemeta.images import load_image
 
-    source = "images given"
-    if images is None:
-        from facemeta.data.sets import read_set
-        from facemeta.paths import DataNotFoundError
-
-        try:
-            rows = sorted(read_set("lfw"), key=lambda r: r.path)
-        except DataNotFoundError:
-            noise = np.random.default_rng(0).integers(0, 256, (count, align_size, align_size, 3), dtype=np.uint8)
-            return noise, "random pixels (no face data found; pass images to check on real faces)"
-        step = max(1, len(rows) // (3 * count))
-        images, source = [r.path for r in rows[::step]], "LFW"
-        images = images[:count + 4]  # a few spare photos where MTCNN misses a face
     loaded = [load_image(p) for p in images]
-    faces = [warp_face(image, select_faces(found, "largest")[0].landmarks, align_size, chip)
-             for image, found in zip(loaded, FaceDetector().detect_batch(loaded, min_face_fraction=0.25), strict=True)
-             if found][:count]
+    found = find_faces(loaded, FaceDetector())
+    faces = [warp_face(image, f.faces[0].landmarks, align_size, chip)
+             for image, f in zip(loaded, found, strict=True) if f is not None][:count]
     if not faces:
         raise NoFaceError("no face found in the images of the ONNX parity check")
-    return np.stack(faces), f"{len(faces)} {source} faces aligned by facemeta"
+    return np.stack(faces), f"{len(faces)} faces of the images given, aligned by facemeta"
 
 
 def export_checkpoint_onnx(model_path: str | os.PathLike | None, out: str | os.PathLike, opset: int | None = None,
@@ -161,7 +178,7 @@ def export_checkpoint_onnx(model_path: str | os.PathLike | None, out: str | os.P
 class Verification:
     """The answer of :meth:`FaceEmbedder.verify`: the cosine score, the threshold it was compared with (and
     the false-accept rate it was calibrated at; None for a threshold the caller gave), the decision, and
-    each photo's face (box, detector score, landmarks) as a dict."""
+    each photo's face (box, detector score, landmarks, and a ``warning`` when two faces competed) as a dict."""
 
     score: float
     threshold: float
@@ -174,26 +191,51 @@ class Verification:
         """'same' or 'different'."""
         return "same" if self.same else "different"
 
+    @property
+    def warnings(self) -> list[str]:
+        """The photos' warnings (two faces competing to be the subject), in order."""
+        return [f["warning"] for f in self.faces if f.get("warning")]
+
+
+@dataclass
+class EmbeddedFace:
+    """One face of an image on the one route: its unit vector, the detection (facemeta.align.detect.Face), the
+    aligned crop it was embedded from (uint8 RGB, reusable for pictures), and the image's warning (two faces
+    competing to be the subject; set on the chosen face only)."""
+
+    vector: np.ndarray
+    face: object
+    crop: np.ndarray
+    warning: str | None = None
+
+    def face_dict(self) -> dict:
+        """The detection as JSON-ready data (box, score, landmarks; ``warning`` when there is one)."""
+        out = self.face.to_dict()
+        if self.warning:
+            out["warning"] = self.warning
+        return out
+
 
 class FaceEmbedder:
     """Detect, align and embed faces with a trained facemeta model.
 
     model_path: a checkpoint (.safetensors with its .json); None uses :func:`default_model_path`.
-    device: torch device for the model and MTCNN. select: which face of a photo ``embed_file``
-    uses ('largest' or 'confident'). flip: flip test-time augmentation (as in evaluation).
+    device: torch device for the model and MTCNN. select: which face of a photo the one-face methods use
+    ('subject': size, centrality and confidence together, the default; 'largest'; 'confident').
+    flip: flip test-time augmentation (as in evaluation).
     runtime: 'torch', or 'onnx' to embed with ONNX Runtime on the CPU (``model`` is then None);
     onnx_path: the exported graph (its contract must name this checkpoint's fingerprint); None exports
-    the checkpoint into the cache on first use (:func:`onnx_cache_path`).
+    the checkpoint into the cache on first use (:func:`onnx_cache_path`), checked on the first faces embedded.
     """
 
-    def __init__(self, model_path: str | os.PathLike | None = None, device: str = "cpu", select: str = "largest",
+    def __init__(self, model_path: str | os.PathLike | None = None, device: str = "cpu", select: str = "subject",
                  flip: bool = True, runtime: str = "torch", onnx_path: str | os.PathLike | None = None):
         from facemeta.align.detect import POLICIES
         from facemeta.checks import check_device
-        from facemeta.models.checkpoint import load_checkpoint, read_checkpoint_info
+        from facemeta.models.checkpoint import read_checkpoint_info
 
         if select not in POLICIES or select == "all":
-            raise ValueError(f"select must be 'largest' or 'confident', not {select!r}")
+            raise ValueError(f"select must be one of {', '.join(p for p in POLICIES if p != 'all')}, not {select!r}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         if onnx_path is not None and runtime != "onnx":
@@ -203,11 +245,16 @@ class FaceEmbedder:
         self.runtime = runtime
         self._fingerprint: str | None = None
         self.onnx_model = None
+        self._onnx_pending = False
         if runtime == "torch":
+            from facemeta.models.checkpoint import load_checkpoint
+
             self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
             self.model.to(device).eval()
         else:  # the graph's contract must name these weights; thresholds come from the (recalibratable) sidecar
-            self.model, self.meta = None, dict(read_checkpoint_info(self.model_path).get("meta") or {})
+            info = read_checkpoint_info(self.model_path)
+            self.model, self.meta = None, dict(info.get("meta") or {})
+            self._config = info.get("config") or {}
         self.device = device
         self.select = select
         self.flip = flip
@@ -218,11 +265,12 @@ class FaceEmbedder:
         self._threshold_far = settings["threshold_far"]
         self._detector = None
         if runtime == "onnx":
-            self.onnx_model = self._onnx_model(onnx_path)
+            self._onnx_model(onnx_path)
 
-    def _onnx_model(self, onnx_path: str | os.PathLike | None):
-        """The ONNX Runtime model of this checkpoint: `onnx_path`, or the cached export (built when missing or
-        unusable). Its contract must name this checkpoint and the chip the faces are aligned onto."""
+    def _onnx_model(self, onnx_path: str | os.PathLike | None, faces: np.ndarray | None = None) -> None:
+        """Load the ONNX Runtime model of this checkpoint: `onnx_path`, or the cached export. A missing or unusable
+        cache is exported again on the first faces embedded (`faces`: the parity check runs on them). Its
+        contract must name this checkpoint and the chip the faces are aligned onto."""
         from facemeta.models.onnx_export import OnnxEmbeddingModel, require_onnxruntime
 
         require_onnxruntime()
@@ -233,23 +281,32 @@ class FaceEmbedder:
             try:
                 model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint)
             except CheckpointError:  # missing, stale or damaged: it is only a cache
-                export_checkpoint_onnx(self.model_path, cached)
+                if faces is None:
+                    self._onnx_pending = True
+                    return
+                _export_with_faces(self.model_path, cached, faces)
                 model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint)
         c = model.contract
         if (c.get("align_size"), c.get("align_chip")) != (self.align_size, self.align_chip):
             raise CheckpointError(f"{model.path.name} expects faces aligned at {c.get('align_size')} px onto the "
                                   f"{c.get('align_chip')} chip, the checkpoint at {self.align_size} px onto "
                                   f"{self.align_chip}; export it again")
-        return model
+        self.onnx_model, self._onnx_pending = model, False
 
     # -- properties
     @property
     def detector(self):
-        """The MTCNN detector, built on first use (so embedding aligned faces does not load it)."""
+        """The MTCNN detector, built on first use (so embedding aligned faces does not load it); with the onnx
+        runtime its three networks run on ONNX Runtime too (no torch: facemeta.align.mtcnn_onnx)."""
         if self._detector is None:
-            from facemeta.align.detect import FaceDetector
+            if self.runtime == "onnx":
+                from facemeta.align.mtcnn_onnx import OnnxFaceDetector
 
-            self._detector = FaceDetector(device=self.device)
+                self._detector = OnnxFaceDetector()
+            else:
+                from facemeta.align.detect import FaceDetector
+
+                self._detector = FaceDetector(device=self.device)
         return self._detector
 
     @property
@@ -274,31 +331,51 @@ class FaceEmbedder:
         """Length of the embedding vectors."""
         if self.onnx_model is not None:
             return self.onnx_model.embedding_size
+        if self.model is None:
+            return int(self._config["embedding_size"])
         return int(self.model.config.embedding_size)
 
     # -- embedding
     def embed_aligned(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E] (torch or ONNX Runtime)."""
+        if self._onnx_pending:
+            self._onnx_model(None, np.asarray(faces))
         if self.onnx_model is not None:
             return self.onnx_model.embed(faces, flip=self.flip)
         from facemeta.models.backbone import embed
 
         return embed(self.model, faces, flip=self.flip)
 
-    def _faces(self, image: np.ndarray, found: list | None = None):
-        """Faces in an image: MTCNN directly (or `found`, what a batched MTCNN pass saw), then the alignment
-        pipeline's fallback routes."""
-        from facemeta.align.detect import Face
-        from facemeta.align.pipeline import align_image
+    def faces_in_images(self, images: Sequence[np.ndarray], every: bool = False, select: str | None = None
+                        ) -> list[list[EmbeddedFace]]:
+        """The one route: decoded RGB images -> their faces, embedded. For each image, the faces found by
+        facemeta.align.route (training alignment's routes and filters); `every=False`: the face the policy
+        chooses (`select`, default this embedder's), alone; `every=True`: every face, most confident first.
+        Each chosen face is warped once and the crops of all images are embedded together. An image without
+        a face gets []."""
+        from facemeta.align.route import find_faces
+        from facemeta.align.warp import warp_face
 
-        faces = self.detector.detect(image) if found is None else found
-        if faces:
-            return faces
-        res = align_image(image, self.detector, size=self.align_size, select=self.select, chip=self.align_chip)
-        if res.face is None or res.landmarks is None or res.box is None:
-            return []
-        return [Face(np.asarray(res.box, dtype=np.float32), float(res.score or 0.0),
-                     np.asarray(res.landmarks, dtype=np.float32))]
+        policy = "all" if every else (select or self.select)
+        found = find_faces(list(images), self.detector, policy) if len(images) else []
+        picked = [[] if f is None else (f.faces if every else f.faces[:1]) for f in found]
+        crops = [warp_face(image, face.landmarks, self.align_size, self.align_chip)
+                 for image, faces in zip(images, picked, strict=True) for face in faces]
+        vectors = iter(self.embed_aligned(np.stack(crops)) if crops else [])
+        out: list[list[EmbeddedFace]] = []
+        crop_iter = iter(crops)
+        for f, faces in zip(found, picked, strict=True):
+            warning = None if f is None or every else f.warning
+            out.append([EmbeddedFace(next(vectors), face, next(crop_iter), warning if k == 0 else None)
+                        for k, face in enumerate(faces)])
+        return out
+
+    def face_in_image(self, image: np.ndarray, where: str = "the image") -> EmbeddedFace:
+        """The one face of a decoded image the policy chooses, embedded; NoFaceError naming `where` if none."""
+        faces = self.faces_in_images([image])[0]
+        if not faces:
+            raise NoFaceError(f"no face found in {where}{self.detector.miss_note(image)}")
+        return faces[0]
 
     def _load(self, path: str | os.PathLike) -> np.ndarray:
         from facemeta.images import load_image
@@ -316,6 +393,19 @@ class FaceEmbedder:
                 errors[i] = exc
         return images, errors
 
+    def files_faces(self, paths: Sequence[str | os.PathLike], every: bool = False, batch_size: int = 16
+                    ) -> Iterator[tuple[str | os.PathLike, list[EmbeddedFace] | FacemetaError]]:
+        """:meth:`faces_in_images` over image files, in batches of `batch_size`: yields (path, its faces) in
+        order, or (path, the FacemetaError of a file that could not be read); the model and MTCNN load once."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            images, errors = self._load_all(chunk)
+            faces = dict(zip(images, self.faces_in_images([images[i] for i in images], every), strict=True))
+            for i, path in enumerate(chunk):
+                yield path, errors[i] if i in errors else faces[i]
+
     def embed_all(self, path: str | os.PathLike) -> list[tuple[np.ndarray, object]]:
         """Every face of an image file -> [(unit vector (E,), Face)], most confident first (may be empty);
         an unreadable file raises its ImageReadError."""
@@ -326,74 +416,68 @@ class FaceEmbedder:
 
     def embed_all_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 16
                         ) -> Iterator[tuple[str | os.PathLike, list[tuple[np.ndarray, object]] | FacemetaError]]:
-        """Every face of each image file, in batches of `batch_size` images: decode, one MTCNN pass over the
-        batch (images of equal size share a call), the fallback routes for images without a face, warp, embed
-        every face of the batch together. Yields (path, [(unit vector, Face)] most confident first) in order,
-        or (path, the FacemetaError of a file that could not be read); the model and MTCNN load once."""
-        from facemeta.align.detect import select_faces
-        from facemeta.align.warp import warp_face
+        """Every face of each image file (the one route, `every=True`): yields (path, [(unit vector, Face)] most
+        confident first) in order, or (path, the FacemetaError of a file that could not be read)."""
+        for path, faces in self.files_faces(paths, every=True, batch_size=batch_size):
+            yield path, faces if isinstance(faces, FacemetaError) else [(f.vector, f.face) for f in faces]
 
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
-            images, errors = self._load_all(chunk)
-            found = self.detector.detect_batch([images[i] for i in images]) if images else []
-            faces = {i: select_faces(self._faces(images[i], f), "all") for i, f in zip(images, found, strict=True)}
-            crops = [warp_face(images[i], f.landmarks, self.align_size, self.align_chip)
-                     for i in faces for f in faces[i]]
-            vectors = iter(self.embed_aligned(np.stack(crops)) if crops else [])
-            for i, path in enumerate(chunk):
-                yield path, errors[i] if i in errors else [(next(vectors), f) for f in faces[i]]
+    def face_in_file(self, path: str | os.PathLike) -> EmbeddedFace:
+        """The one face of an image file the policy chooses, embedded; NoFaceError if none."""
+        return self.face_in_image(self._load(path), str(path))
 
     def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, object]:
         """One face of an image file (by the select policy) -> (unit vector (E,), Face); NoFaceError if none."""
-        from facemeta.align.detect import select_faces
-        from facemeta.align.warp import warp_face
-
-        image = self._load(path)
-        faces = self._faces(image)
-        if not faces:
-            raise NoFaceError(f"no face found in {path}{self.detector.miss_note(image)}")
-        face = select_faces(faces, self.select)[0]
-        crop = warp_face(image, face.landmarks, self.align_size, self.align_chip)
-        return self.embed_aligned(crop[None])[0], face
+        found = self.face_in_file(path)
+        return found.vector, found.face
 
     def embed_files(self, paths: list[str | os.PathLike], batch_size: int = 16) -> list[np.ndarray | None]:
-        """One face per image file (the select policy), in batches: decode, MTCNN on the whole batch with the
-        alignment pipeline's fallback routes, warp, embed together. -> a unit vector per path, or None where
-        the file is unreadable or holds no face (the per-file reason is what :meth:`embed_file` raises)."""
-        from facemeta.align.pipeline import align_batch
-
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        out: list[np.ndarray | None] = [None] * len(paths)
-        for start in range(0, len(paths), batch_size):
-            images, _ = self._load_all(paths[start:start + batch_size])
-            loaded = [(start + i, image) for i, image in images.items()]
-            results = align_batch([img for _, img in loaded], self.detector, self.align_size, select=self.select,
-                                  crop_fallback=False, chip=self.align_chip)
-            found = [(i, r.face) for (i, _), r in zip(loaded, results, strict=True) if r.face is not None]
-            if found:
-                vectors = self.embed_aligned(np.stack([f for _, f in found]))
-                for (i, _), v in zip(found, vectors, strict=True):
-                    out[i] = v
-        return out
+        """One face per image file (the select policy), in batches -> a unit vector per path, or None where the
+        file is unreadable or holds no face (the per-file reason is what :meth:`embed_file` raises)."""
+        return [None if isinstance(faces, FacemetaError) or not faces else faces[0].vector
+                for _, faces in self.files_faces(paths, batch_size=batch_size)]
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         """Cosine similarity of two embeddings (unit vectors: their dot product)."""
         return float(np.dot(np.asarray(a, np.float32), np.asarray(b, np.float32)))
+
+    def decide(self, a: EmbeddedFace, b: EmbeddedFace, threshold: float | None = None) -> Verification:
+        """Compare two embedded faces -> :class:`Verification`, against `threshold` (a checked cosine: see
+        :meth:`verify`) or the model's own."""
+        thr = self.threshold if threshold is None else float(threshold)
+        if thr is None:
+            raise CheckpointError(f"{self.model_path} has no calibrated threshold; pass --threshold")
+        score = self.similarity(a.vector, b.vector)
+        return Verification(score, thr, None if threshold is not None else self.threshold_far, bool(score >= thr),
+                            [a.face_dict(), b.face_dict()])
+
+    def verify_images(self, image_a: np.ndarray, image_b: np.ndarray, threshold: float | None = None,
+                      names: tuple[str, str] = ("the first image", "the second image")) -> Verification:
+        """Compare the faces of two decoded images (one each, by the select policy) -> :class:`Verification`.
+        `threshold` is checked here, before any face is looked for (the one place a verify checks it)."""
+        from facemeta.checks import check_threshold
+
+        threshold = check_threshold(threshold)
+        return self.decide(self.face_in_image(image_a, names[0]), self.face_in_image(image_b, names[1]), threshold)
 
     def verify(self, path_a: str | os.PathLike, path_b: str | os.PathLike,
                threshold: float | None = None) -> Verification:
         """Compare the faces of two image files (one each, by the select policy) -> :class:`Verification`."""
         from facemeta.checks import check_threshold
 
-        thr = self.threshold if threshold is None else check_threshold(threshold)
-        ea, fa = self.embed_file(path_a)
-        eb, fb = self.embed_file(path_b)
-        if thr is None:
-            raise CheckpointError(f"{self.model_path} has no calibrated threshold; pass --threshold")
-        score = self.similarity(ea, eb)
-        return Verification(score, thr, None if threshold is not None else self.threshold_far, bool(score >= thr),
-                            [fa.to_dict(), fb.to_dict()])
+        threshold = check_threshold(threshold)
+        return self.decide(self.face_in_file(path_a), self.face_in_file(path_b), threshold)
+
+
+def _export_with_faces(model_path: Path, out: Path, faces: np.ndarray) -> None:
+    """Export a checkpoint to `out` for ``runtime="onnx"``, its parity checked on `faces` (the first faces the
+    embedder aligned, with their mirror images), never on the shared data."""
+    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.models.onnx_export import DEFAULT_OPSET, build_contract, export_onnx
+
+    model, meta = load_checkpoint(model_path)
+    settings = check_model_meta(meta, model_path.with_suffix(".json"))
+    contract = build_contract(model.config, settings, file_fingerprint(model_path), DEFAULT_OPSET, True,
+                              checkpoint=model_path.name)
+    check = np.concatenate([faces, faces[:, :, ::-1]])[:2 * CHECK_FACES]
+    contract["parity"] = {"source": f"{len(check)} faces of the first photos embedded, and their mirror images"}
+    export_onnx(model, out, contract, np.ascontiguousarray(check), opset=DEFAULT_OPSET)

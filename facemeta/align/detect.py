@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-POLICIES = ("largest", "confident", "all")
+from facemeta.registry import Registry
+
+# The subject policy (select_faces): a face's score is its size (square root of the box area, as a share of the
+# image's short side) times a centrality weight exp(-(d / SUBJECT_CENTRE_SCALE)^2), d the distance of the box
+# centre from the image centre as a share of the short side, times its detector probability. Two faces whose
+# scores are within SUBJECT_COMPETE of each other compete: the choice is reported as a warning.
+SUBJECT_CENTRE_SCALE = 0.35
+SUBJECT_COMPETE = 0.8
 
 
 @dataclass
@@ -42,17 +49,47 @@ class Face:
                 "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks]}
 
 
-def select_faces(faces: Sequence[Face], policy: str = "largest") -> list[Face]:
-    """Pick faces by policy: 'largest' box, most 'confident' score, or 'all' (most confident first)."""
-    if policy not in POLICIES:
-        raise ValueError(f"face selection policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+def subject_score(face: Face, width: int, height: int) -> float:
+    """How likely a face is the subject of a photo: its size (share of the short side) weighted by how central
+    it is and by the detector's probability (see SUBJECT_CENTRE_SCALE)."""
+    short = float(max(1, min(width, height)))
+    x1, y1, x2, y2 = (float(v) for v in face.box[:4])
+    d = np.hypot((x1 + x2) / 2 - width / 2, (y1 + y2) / 2 - height / 2) / short
+    return float(np.sqrt(face.area) / short * np.exp(-((d / SUBJECT_CENTRE_SCALE) ** 2)) * face.score)
+
+
+def competing_note(faces: Sequence[Face], width: int, height: int) -> str | None:
+    """A warning when the subject of a photo is not clear: the runner-up's subject score is within
+    SUBJECT_COMPETE of the chosen face's; None otherwise (one face, or a clear subject)."""
+    if len(faces) < 2:
+        return None
+    scores = sorted((subject_score(f, width, height) for f in faces), reverse=True)
+    if scores[0] <= 0 or scores[1] < SUBJECT_COMPETE * scores[0]:
+        return None
+    return (f"{len(faces)} faces compete to be the subject (runner-up scores {scores[1] / scores[0]:.2f} of the "
+            "chosen one); crop the photo to one face to be sure")
+
+
+# Face-selection policies: name -> function(faces (non-empty), image height, width) -> the chosen faces.
+FACE_POLICIES: Registry = Registry("face selection policy", error=ValueError)
+FACE_POLICIES.register("subject", lambda faces, h, w: [max(faces, key=lambda f: subject_score(f, w, h))])
+FACE_POLICIES.register("largest", lambda faces, h, w: [max(faces, key=lambda f: f.area)])
+FACE_POLICIES.register("confident", lambda faces, h, w: [max(faces, key=lambda f: f.score)])
+FACE_POLICIES.register("all", lambda faces, h, w: sorted(faces, key=lambda f: -f.score))
+POLICIES = FACE_POLICIES.names()
+
+
+def select_faces(faces: Sequence[Face], policy: str = "subject", shape: tuple[int, ...] | None = None) -> list[Face]:
+    """Pick faces by policy (FACE_POLICIES): the photo's 'subject' (size, centrality and confidence together:
+    needs the image `shape`; see subject_score), the 'largest' box, the most 'confident' score, or 'all' (most
+    confident first)."""
+    choose = FACE_POLICIES.get(policy)
     if not faces:
         return []
-    if policy == "largest":
-        return [max(faces, key=lambda f: f.area)]
-    if policy == "confident":
-        return [max(faces, key=lambda f: f.score)]
-    return sorted(faces, key=lambda f: -f.score)
+    if policy == "subject" and shape is None:
+        raise ValueError("the subject policy needs the image's shape")
+    height, width = (int(shape[0]), int(shape[1])) if shape is not None else (0, 0)
+    return choose(list(faces), height, width)
 
 
 class FaceDetector:

@@ -1,6 +1,7 @@
 """Folder/manifest -> aligned faces: detection with ordered fallbacks, worker processes, resumable.
 
-Routes, tried for each image until one yields landmarks (recorded as ``route``; their order and the
+Detection goes through facemeta.align.route, the one route every caller shares (the product's verify,
+enroll and identify too). Routes, tried for each image until one yields landmarks (recorded as ``route``; their order and the
 smallest face each looks for depend on the selection policy: ``attempts``). On every route a detection
 is refused when its box leaves the canvas the detector saw (box_inside) or its landmarks fall outside
 the image (landmarks_inside): on a tight crop MTCNN otherwise returns a box larger than the frame with
@@ -37,32 +38,29 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facemeta.align.detect import Face, FaceDetector, select_faces
-from facemeta.align.warp import alignment_matrix, template, template_crop, transform_points, warp_face
+from facemeta.align.detect import FaceDetector
+from facemeta.align.route import (  # noqa: F401 - box_inside, landmarks_inside, pad_image: this module's API too
+    PRE_CROPPED_MIN_FACE,
+    SELECT,
+    FoundFaces,
+    box_inside,
+    find_faces,
+    fit_error,
+    landmarks_inside,
+    pad_image,
+)
+from facemeta.align.warp import template, template_crop, template_digest, warp_face
 from facemeta.data.manifest import ManifestRow, format_landmarks, parse_landmarks, write_manifest
 from facemeta.errors import FacemetaError, ImageReadError
 from facemeta.images import load_image
 
 ROUTES = ("direct", "padded", "equalised", "relaxed", "template-crop")
-SELECT = ("largest", "confident", "single")
-PAD_FRACTION = 0.5
-CLAHE_CLIP, CLAHE_TILES = 3.0, 8
-RELAXED_THRESHOLDS = (0.4, 0.5, 0.5)
-COARSE_MIN_FACE = 0.25  # first direct pass (policy 'largest'): faces of at least this share of the short side
-FALLBACK_MIN_FACE, RELAXED_MIN_FACE = 0.2, 0.15  # smallest face these routes look for, share of the canvas
-# (route, pad fraction, CLAHE, relaxed thresholds, smallest face: share of the canvas's short side), tried in
-# order on the images still without a face (attempts()); the last pads less, for other pyramid scales.
-FULL_DIRECT = ("direct", 0.0, False, False, 0.0)
-FALLBACKS = (("padded", PAD_FRACTION, False, False, FALLBACK_MIN_FACE),
-             ("equalised", PAD_FRACTION, True, False, FALLBACK_MIN_FACE),
-             ("relaxed", PAD_FRACTION, True, True, RELAXED_MIN_FACE),
-             ("relaxed", PAD_FRACTION / 2, False, True, RELAXED_MIN_FACE))
-BOX_TOLERANCE = 0.1  # a detection box may leave the canvas by at most this fraction of its size
-PRE_CROPPED_MIN_FACE = 0.4  # in a pre-cropped image the face box spans at least this much of the short side
-MAX_FIT_ERROR = 8.0  # mean landmark distance to the 112-px template after the fit, in pixels
 SCALE_TOLERANCE = 0.25  # pre-cropped sets: eye distance within 25% of the identity's median
 JOURNAL = ".align-journal.jsonl"
-PIPELINE_VERSION = 5  # bump when routes, filters or the detector change (5: align.cascade); caches then re-align
+# Bump when routes, filters, the selection policy or the detector change; caches then re-align (5: align.cascade;
+# 6: the 'subject' policy by default, template digest recorded: a version-5 record of an image with at most one
+# face after the filters is kept, since the policy cannot change it; see _check_config).
+PIPELINE_VERSION = 6
 CONFIG = ".align-config.json"
 LOCK = ".align.lock"
 
@@ -72,7 +70,8 @@ class AlignResult:
     """Outcome for one image: the aligned face (or None), the route taken, detector score, landmarks
     (in the source image's pixels; None for a template crop), an error reason when it failed, the
     number of faces the detector saw, the mean distance (112-px scale) of the fitted landmarks
-    to the template, and the chosen face's detection box (source pixels; None for a template crop)."""
+    to the template, the chosen face's detection box (source pixels; None for a template crop), and a
+    warning when two faces competed to be the subject."""
 
     face: np.ndarray | None
     route: str
@@ -82,115 +81,45 @@ class AlignResult:
     faces: int = 0
     fit_error: float | None = None
     box: np.ndarray | None = None
-
-
-def fit_error(landmarks: np.ndarray) -> float:
-    """Mean distance, in 112-px template pixels, between fitted landmarks and the template."""
-    matrix = alignment_matrix(landmarks, 112)
-    return float(np.linalg.norm(transform_points(landmarks, matrix) - template(112), axis=1).mean())
-
-
-def box_inside(box: np.ndarray, width: int, height: int, tolerance: float = BOX_TOLERANCE) -> bool:
-    """True when a detection box stays in the canvas MTCNN saw, up to `tolerance` of the box size
-    on each side. A box reaching far past the frame means the detector saw only part of a face
-    (a tight crop) and extrapolated its box and points, which then come out too large."""
-    x1, y1, x2, y2 = (float(v) for v in box[:4])
-    tx, ty = tolerance * (x2 - x1), tolerance * (y2 - y1)
-    return x1 >= -tx and y1 >= -ty and x2 <= width - 1 + tx and y2 <= height - 1 + ty
-
-
-def landmarks_inside(landmarks: np.ndarray, width: int, height: int, margin: float = 2.0) -> bool:
-    """True when all five points lie in the image (within `margin` px). On a face cropped tighter
-    than MTCNN expects, a detection can cover the whole frame with points extrapolated beyond it:
-    those points are guesses, so such a detection is refused and the padded route takes over."""
-    pts = np.asarray(landmarks)
-    return bool((pts[:, 0] >= -margin).all() and (pts[:, 0] <= width - 1 + margin).all()
-                and (pts[:, 1] >= -margin).all() and (pts[:, 1] <= height - 1 + margin).all())
-
-
-def pad_image(image: np.ndarray, fraction: float = PAD_FRACTION) -> tuple[np.ndarray, int, int]:
-    """The image on a black canvas larger by `fraction` of its size on every side -> (canvas, dx, dy)."""
-    h, w = image.shape[:2]
-    py, px = int(h * fraction), int(w * fraction)
-    return cv2.copyMakeBorder(image, py, py, px, px, cv2.BORDER_CONSTANT, value=(0, 0, 0)), px, py
-
-
-def _equalise(image: np.ndarray) -> np.ndarray:
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    eq = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(grey)
-    return np.repeat(eq[:, :, None], 3, axis=2)
-
-
-def attempts(select: str) -> tuple[tuple, ...]:
-    """The detector passes for a selection policy, in order. 'largest' starts with a coarse direct pass
-    (faces of COARSE_MIN_FACE of the short side and up) and puts the full-range direct pass after the padded
-    and equalised routes, which look only for faces filling their canvas (the tight crops and dark faces
-    they are for): the costly full pyramid then runs only where those fail. End to end on 200 Extended Yale B
-    files this took facemeta from 17.3 to 39.7 images/s, 185 faces found instead of 182 (PIPELINE_VERSION 4;
-    benchmarks/results/pipeline_speed.md and its history). 'confident' and 'single' must see every face."""
-    if select == "largest":
-        return (("direct", 0.0, False, False, COARSE_MIN_FACE), *FALLBACKS[:2], FULL_DIRECT, *FALLBACKS[2:])
-    return (FULL_DIRECT, *FALLBACKS)
+    warning: str | None = None
 
 
 def align_batch(images: Sequence[np.ndarray], detector: FaceDetector, size: int = 112,
-                pre_cropped: bool = False, select: str = "largest",
+                pre_cropped: bool = False, select: str = "subject",
                 layouts: Sequence[np.ndarray | None] | None = None,
                 crop_fallback: bool | None = None, chip: str = "arcface") -> list[AlignResult]:
-    """Align several RGB images at once: each fallback route runs as one batched detector call
-    over the images still without a face. `layouts` (per image, fractions of w/h) feed the
-    template crop of pre-cropped images; None uses the default layout. `crop_fallback=False`
-    leaves pre-cropped images without a face as failures (the folder job crops them later, with
-    layouts learnt from the rest of the set). `chip` picks the template (facemeta.align.warp.CHIPS)."""
+    """Align several RGB images at once through facemeta.align.route (each route one batched detector call
+    over the images still without a face), warping the face the policy chose. `layouts` (per image, fractions
+    of w/h) feed the template crop of pre-cropped images; None uses the default layout. `crop_fallback=False`
+    leaves pre-cropped images without a face as failures (the folder job crops them later, with layouts learnt
+    from the rest of the set). `chip` picks the template (facemeta.align.warp.CHIPS)."""
     if crop_fallback is None:
         crop_fallback = pre_cropped
     if select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
-    results: list[AlignResult | None] = [None] * len(images)
-    todo = list(range(len(images)))
-    for route, pad, equalise, relaxed, min_face in attempts(select):
-        if not todo:
-            break
-        inputs, offsets = [], []
-        for i in todo:
-            canvas, px, py = pad_image(images[i], pad) if pad else (images[i], 0, 0)
-            inputs.append(_equalise(canvas) if equalise else canvas)
-            offsets.append((px, py))
-        found = detector.detect_batch(inputs, RELAXED_THRESHOLDS if relaxed else None, min_face_fraction=min_face)
-        still = []
-        for i, faces, canvas, (px, py) in zip(todo, found, inputs, offsets, strict=True):
-            h, w = images[i].shape[:2]
-            faces = [f for f in faces if box_inside(f.box, canvas.shape[1], canvas.shape[0])]
-            faces = [f for f in (f.shifted(-px, -py) for f in faces) if landmarks_inside(f.landmarks, w, h)]
-            if pre_cropped:
-                faces = [f for f in faces if f.box[2] - f.box[0] >= PRE_CROPPED_MIN_FACE * min(w, h)]
-            if route == "relaxed":
-                faces = [f for f in faces if fit_error(f.landmarks) <= MAX_FIT_ERROR]
-            if not faces:
-                still.append(i)
-                continue
-            results[i] = _from_faces(images[i], faces, route, size, select, chip)
-        todo = still
-    for i in todo:
-        if crop_fallback:
+    results: list[AlignResult] = []
+    for i, (image, found) in enumerate(zip(images, find_faces(images, detector, select, pre_cropped), strict=True)):
+        if found is not None:
+            results.append(_from_faces(image, found, size, select, chip))
+        elif crop_fallback:
             layout = layouts[i] if layouts is not None else None
-            results[i] = AlignResult(template_crop(images[i], size, layout, chip), "template-crop", None, None, None)
+            results.append(AlignResult(template_crop(image, size, layout, chip), "template-crop", None, None, None))
         else:
-            results[i] = AlignResult(None, "none", None, None, "no face")
-    return results  # type: ignore[return-value]
+            results.append(AlignResult(None, "none", None, None, "no face"))
+    return results
 
 
-def _from_faces(image: np.ndarray, faces: list[Face], route: str, size: int, select: str,
-                chip: str = "arcface") -> AlignResult:
+def _from_faces(image: np.ndarray, found: FoundFaces, size: int, select: str, chip: str = "arcface") -> AlignResult:
+    faces = found.faces
     if select == "single" and len(faces) > 1:
-        return AlignResult(None, route, None, None, f"several faces ({len(faces)})", faces=len(faces))
-    face = select_faces(faces, "confident" if select == "confident" else "largest")[0]
-    return AlignResult(warp_face(image, face.landmarks, size, chip), route, face.score, face.landmarks, None,
-                       faces=len(faces), fit_error=fit_error(face.landmarks), box=face.box)
+        return AlignResult(None, found.route, None, None, f"several faces ({len(faces)})", faces=len(faces))
+    face = faces[0]
+    return AlignResult(warp_face(image, face.landmarks, size, chip), found.route, face.score, face.landmarks, None,
+                       faces=len(faces), fit_error=fit_error(face.landmarks), box=face.box, warning=found.warning)
 
 
 def align_image(image: np.ndarray, detector: FaceDetector, size: int = 112, pre_cropped: bool = False,
-                select: str = "largest", layout: np.ndarray | None = None, chip: str = "arcface") -> AlignResult:
+                select: str = "subject", layout: np.ndarray | None = None, chip: str = "arcface") -> AlignResult:
     """Align one RGB image through the fallback routes (see the module docstring)."""
     return align_batch([image], detector, size, pre_cropped, select, [layout], chip=chip)[0]
 
@@ -323,7 +252,7 @@ def _inconsistent(rec: dict, layout: np.ndarray, tolerance: float = SCALE_TOLERA
 
 
 def align_rows(rows: Sequence[ManifestRow], dst_dir: str | os.PathLike, size: int = 112, workers: int = 2,
-               pre_cropped: bool = False, progress: bool = True, select: str = "largest",
+               pre_cropped: bool = False, progress: bool = True, select: str = "subject",
                chunk_size: int = 32, retry_failures: bool = False,
                detector_kwargs: dict | None = None,
                stats: dict | None = None, chip: str = "arcface") -> tuple[list[ManifestRow], list[dict]]:
@@ -429,8 +358,11 @@ def _folder_lock(dst: Path):
 
 def _check_config(dst: Path, size: int, chip: str = "arcface") -> None:
     """Refuse a destination aligned at another size or onto another chip; start afresh when the pipeline
-    version changed (the previous journal is kept as .align-journal.jsonl.v<old>)."""
+    version or the template changed (the previous journal is kept as .align-journal.jsonl.v<old>). From version
+    5 to 6 (the subject policy) the records of images with at most one face after the filters are carried over:
+    no policy can choose differently there."""
     cfg_path = dst / CONFIG
+    digest = template_digest(chip)
     if cfg_path.is_file():
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -442,13 +374,30 @@ def _check_config(dst: Path, size: int, chip: str = "arcface") -> None:
         if cfg.get("chip", "arcface") != chip:
             raise FacemetaError(f"{dst} holds faces aligned onto the {cfg.get('chip')} chip, not {chip}: "
                                 "use another destination folder")
-        if cfg.get("version") == PIPELINE_VERSION:
+        # caches written before digests were recorded (version 5 and older) used today's templates
+        same_template = cfg.get("template", digest) == digest
+        if cfg.get("version") == PIPELINE_VERSION and same_template:
             return
         journal = dst / JOURNAL
         if journal.is_file():
-            os.replace(journal, dst / f"{JOURNAL}.v{cfg.get('version', 1)}")
-    record = {"size": size, "version": PIPELINE_VERSION, **({"chip": chip} if chip != "arcface" else {})}
+            old = dst / f"{JOURNAL}.v{cfg.get('version', 1)}"
+            os.replace(journal, old)
+            if cfg.get("version") == 5 and same_template:
+                _carry_single_faces(old, journal)
+    record = {"size": size, "version": PIPELINE_VERSION, "template": digest,
+              **({"chip": chip} if chip != "arcface" else {})}
     cfg_path.write_text(json.dumps(record) + "\n")
+
+
+def _carry_single_faces(old: Path, new: Path) -> None:
+    """Copy the version-5 journal records that version 6 would repeat: images aligned from one face (or by the
+    template crop) and images without a face (the routes and filters are unchanged)."""
+    kept = [rec for rec in _read_journal(old).values()
+            if not rec.get("ok") and rec.get("reason") in ("no face", "unreadable")
+            or rec.get("ok") and (rec.get("route") == "template-crop" or int(rec.get("faces", 2)) <= 1)]
+    with open(new, "w", encoding="utf-8") as fh:
+        for rec in kept:
+            fh.write(json.dumps(rec) + "\n")
 
 
 def _write_failures(failures: list[dict], path: Path) -> None:

@@ -57,6 +57,14 @@ def template(size: int = 112, chip: str = "arcface") -> np.ndarray:
     raise ValueError(f"chip must be one of {', '.join(CHIPS)}, not {chip!r}")
 
 
+def template_digest(chip: str = "arcface") -> str:
+    """First 12 hex digits of the sha256 of a chip's template (at 112 px, float32 bytes): recorded in the
+    aligned-face caches and in checkpoints, so that faces or models made with another template are noticed."""
+    import hashlib
+
+    return hashlib.sha256(template(112, chip).astype("<f4").tobytes()).hexdigest()[:12]
+
+
 def estimate_similarity(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping src to dst.
 

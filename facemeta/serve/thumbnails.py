@@ -28,11 +28,16 @@ QUALITY = 85
 def aligned_jpeg(image: np.ndarray, landmarks: np.ndarray, size: int, chip: str, side: int = SIDE) -> bytes:
     """The face at ``landmarks`` of an RGB image, warped as the model sees it (``size``, ``chip``) and
     resized to ``side`` pixels, as JPEG bytes."""
-    from PIL import Image
 
     from facemeta.align.warp import warp_face
 
-    crop = warp_face(image, np.asarray(landmarks, np.float32), size, chip)
+    return crop_jpeg(warp_face(image, np.asarray(landmarks, np.float32), size, chip), side)
+
+
+def crop_jpeg(crop: np.ndarray, side: int = SIDE) -> bytes:
+    """An aligned face crop (uint8 RGB, as the model saw it) resized to ``side`` pixels, as JPEG bytes."""
+    from PIL import Image
+
     im = Image.fromarray(np.ascontiguousarray(crop))
     if im.size != (side, side):
         im = im.resize((side, side), Image.Resampling.LANCZOS)

@@ -230,8 +230,10 @@ class Trainer:
                            "data": self.data.summary(), "batch_size": parts.sampler.batch_size * self.world_size,
                            "classes": parts.classes})
         batch_size = parts.sampler.batch_size * self.world_size
+        from facemeta.align.warp import template_digest
+
         meta = {"method": cfg.method if cfg.steps else "zero-shot", "align_size": cfg.data.align_size,
-                "align_chip": cfg.data.align_chip,
+                "align_chip": cfg.data.align_chip, "align_template": template_digest(cfg.data.align_chip),
                 "training": {"sources": [s.__dict__ for s in cfg.data.sources], "targets": list(cfg.data.targets),
                              "steps": cfg.steps, "seed": cfg.seed, "batch_size": batch_size,
                              "images_seen": cfg.steps * batch_size, "classes": parts.classes,
