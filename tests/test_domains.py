@@ -238,8 +238,9 @@ def test_cli_domain_commands(gallery, tmp_path, capsys, data_dir, embedder):
 
 def test_another_models_domain_is_refused(gallery, tmp_path, embedder, raw):
     from facemeta.gallery import Gallery
-    from facemeta.gallery.domains import add_photos, get_domain, write_domain_file
-    from facemeta.recognizer import load_domain_file
+    from facemeta.gallery.domain_files import write_domain_file
+    from facemeta.gallery.domains import add_photos, get_domain
+    from facemeta.recognizer_domains import load_domain_file
 
     out = write_domain_file(Gallery.open(gallery), "scarf", tmp_path / "scarf.json")
     body = json.loads(out.read_text())

@@ -189,7 +189,7 @@ def run_remove(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Exit 0 after writing the statistics file."""
     from facemeta.gallery import Gallery
-    from facemeta.gallery.domains import write_domain_file
+    from facemeta.gallery.domain_files import write_domain_file
 
     with Gallery.open(args.gallery, load_index=False) as g:
         out = write_domain_file(g, args.name, args.out)

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 result = fr.verify(args.a, args.b, threshold=args.threshold, domain_a=args.domain_a,
                                    domain_b=args.domain_b)
     elif args.domains:
-        from facemeta.recognizer import load_domain_file, verify_across
+        from facemeta.recognizer_domains import load_domain_file, verify_across
 
         files = {d.name: d for d in (load_domain_file(f, embedder) for f in args.domains)}
 

@@ -21,17 +21,14 @@ any point leaves the database and the index consistent. No image is read. Functi
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from facemeta.atomic import atomic_write
 from facemeta.errors import GalleryError
 from facemeta.gallery.domain_stats import DomainStats, estimate, normalise
 from facemeta.gallery.records import fault
@@ -41,8 +38,6 @@ from facemeta.gallery.validate import check_name, normal_name
 DEFAULT_DOMAIN = None  # a photo without a domain: compared as the model embeds it (no normalisation)
 DEFAULT_DESCRIPTION = "default (no normalisation: vectors compared as the model gives them)"
 FEW_PHOTOS = 10  # below this many photos a domain's estimate is rough (the benchmark's 10-photo point)
-FILE_FORMAT = "facemeta-domain"
-FILE_VERSION = 1
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -122,7 +117,8 @@ def stability(vectors: np.ndarray) -> float | None:
 # ------------------------------------------------------------------ reading
 
 
-def _tables(conn: sqlite3.Connection) -> bool:
+def has_tables(conn: sqlite3.Connection) -> bool:
+    """Whether the database holds the domain tables (a gallery that never named a domain does not)."""
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='domains'").fetchone() is not None
 
 
@@ -154,7 +150,7 @@ def list_domains(gallery) -> list[Domain]:
     """Every domain of a gallery, sorted by name (empty for a gallery that never named one)."""
     records = gallery._records
     with gallery._mutex, db_errors(records.db), records.snapshot():
-        if not _tables(records.conn):
+        if not has_tables(records.conn):
             return []
         rows = records.conn.execute(f"SELECT {_COLUMNS} FROM domains ORDER BY name").fetchall()
         return [_domain(records.conn, r) for r in rows]
@@ -166,11 +162,11 @@ def get_domain(gallery, name: str) -> Domain:
     records = gallery._records
     with gallery._mutex, db_errors(records.db), records.snapshot():
         row = None
-        if _tables(records.conn):
+        if has_tables(records.conn):
             row = records.conn.execute(f"SELECT {_COLUMNS} FROM domains WHERE name=?", (key,)).fetchone()
         if row is None:
             names = [r[0] for r in records.conn.execute("SELECT name FROM domains ORDER BY name")] \
-                if _tables(records.conn) else []
+                if has_tables(records.conn) else []
             known = ", ".join(names[:10]) if names else "none yet; add one with `facemeta domain add`"
             raise GalleryError(f"no domain named {key[:80]!r} in gallery {gallery.path} (domains: {known})")
         domain = _domain(records.conn, row)
@@ -189,7 +185,7 @@ def photo_hashes(gallery, name: str) -> set[str]:
     """Content hashes of the photos already counted into a domain (empty for a new domain)."""
     records = gallery._records
     with gallery._mutex, db_errors(records.db):
-        if not _tables(records.conn):
+        if not has_tables(records.conn):
             return set()
         rows = records.conn.execute("SELECT content_hash FROM domain_photos WHERE domain=? AND content_hash "
                                     "IS NOT NULL", (normal_name(name),))
@@ -228,11 +224,34 @@ def ensure_tables(tx) -> None:
             tx.execute(statement)
 
 
-def prepare_enroll(gallery, domain: str | None, vectors: np.ndarray) -> tuple[np.ndarray, DomainStats | None]:
-    """Vectors to store for an enroll under ``domain`` (normalised by its statistics; as given for the
-    default domain) and the statistics used."""
-    stats = domain_stats(gallery, domain)
-    return normalise(vectors, stats), stats
+def enroll(gallery, name: str, vectors: np.ndarray, *, fingerprint: str, domain: str,
+           sources: list[str | None], scores: list[float | None], content_hashes: list[str | None]) -> list[int]:
+    """Gallery.enroll for photos of a named domain: the raw vectors are kept with the domain's name and the
+    index gets them normalised by its statistics, in one transaction. Returns the new embedding ids."""
+    from facemeta.gallery.validate import check_vectors
+
+    with gallery._mutex:
+        gallery._check_open(write=True)
+        raw = check_vectors(vectors, gallery.dim, gallery.fingerprint, fingerprint)
+        d = get_domain(gallery, domain)
+        x = normalise(raw, d.stats)
+        name = check_name(name)
+        if hasattr(gallery, "_check_unlike"):
+            gallery._check_unlike([name])
+        if not len(sources) == len(scores) == len(content_hashes) == len(x):
+            raise GalleryError("sources, scores and content hashes must have one entry per embedding")
+        now = time.time()
+        ids: list[int] = []
+        with gallery._change() as tx:
+            ident = tx.identity(name, now)
+            for i, (src, score, digest) in enumerate(zip(sources, scores, content_hashes, strict=True)):
+                ids.append(tx.add_embedding(ident, x[i].tobytes(), source=src, score=score, fingerprint=fingerprint,
+                                            created=now, content_hash=digest))
+                tag_embedding(tx, ids[-1], d.name, raw[i])
+        fault("after_commit")
+        gallery._index.add(x, np.array(ids, np.int64), np.full(len(ids), ident, np.int64))
+        gallery._index.after_change()
+        return ids
 
 
 def tag_embedding(tx, eid: int, domain: str, raw: np.ndarray) -> None:
@@ -350,7 +369,7 @@ def remove_domain(gallery, name: str, force: bool = False) -> int:
 def _known(gallery, name: str) -> bool:
     records = gallery._records
     with db_errors(records.db):
-        return _tables(records.conn) and records.conn.execute(
+        return has_tables(records.conn) and records.conn.execute(
             "SELECT 1 FROM domains WHERE name=?", (name,)).fetchone() is not None
 
 
@@ -382,106 +401,3 @@ def set_calibration(gallery, name: str, threshold: float, far: float, pairs: int
                          (float(threshold), float(far), int(pairs), name))
             conn.execute("COMMIT")
     return get_domain(gallery, name)
-
-
-# ------------------------------------------------------------------ statistics files and export/import
-
-
-@dataclass(frozen=True)
-class DomainFile:
-    """A domain's statistics without a gallery (``facemeta domain export``): name, model fingerprint and
-    dimension, statistics, photos behind them, calibrated threshold and FAR (None when not calibrated)."""
-
-    name: str
-    fingerprint: str
-    dim: int
-    stats: DomainStats
-    photos: int
-    threshold: float | None = None
-    far: float | None = None
-
-
-def write_domain_file(gallery, name: str, out: str | Path) -> Path:
-    """Write a domain's statistics as a small JSON file (atomically)."""
-    d = get_domain(gallery, name)
-    body = {"format": FILE_FORMAT, "version": FILE_VERSION, "name": d.name, "fingerprint": d.fingerprint,
-            "dim": gallery.dim, "photos": d.photos, "threshold": d.threshold, "far": d.far,
-            "stats": d.stats.to_dict()}
-    out = Path(out)
-    with atomic_write(out, "w") as fh:
-        fh.write(json.dumps(body) + "\n")
-    return out
-
-
-def read_domain_file(path: str | Path, fingerprint: str | None = None) -> DomainFile:
-    """Read a domain statistics file; GalleryError when it is not one, or (``fingerprint`` given) it was
-    made with another model."""
-    path = Path(path)
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(body, dict) or body.get("format") != FILE_FORMAT:
-            raise ValueError("not a facemeta domain statistics file")
-        if int(body.get("version", 0)) > FILE_VERSION:
-            raise ValueError(f"version {body.get('version')} is newer than this facemeta understands")
-        stats = DomainStats.from_dict(body["stats"])
-        out = DomainFile(check_domain_name(body["name"]), str(body["fingerprint"]), int(body["dim"]), stats,
-                         int(body.get("photos", stats.count)), body.get("threshold"), body.get("far"))
-    except OSError as exc:
-        raise GalleryError(f"cannot read domain file {path}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise GalleryError(f"{path} is not a usable domain statistics file: {exc}") from None
-    if len(stats.mean) != out.dim:
-        raise GalleryError(f"{path}: statistics of length {len(stats.mean)} for {out.dim}-d embeddings")
-    if fingerprint is not None and out.fingerprint != fingerprint:
-        raise GalleryError(f"domain {out.name!r} in {path} was made with model {out.fingerprint}, "
-                           f"not {fingerprint}: export it from a gallery of this model")
-    return out
-
-
-def export_domains(gallery) -> list[dict]:
-    """Every domain with its photos, JSON-ready (for a gallery export file); vectors as base64 float32."""
-    records = gallery._records
-    out = []
-    with gallery._mutex, db_errors(records.db), records.snapshot():
-        if not _tables(records.conn):
-            return []
-        for row in records.conn.execute("SELECT name, fingerprint, stats, threshold, far, calibration_pairs, "
-                                        "created, updated FROM domains ORDER BY name").fetchall():
-            photos = records.conn.execute("SELECT content_hash, source, vector, created FROM domain_photos "
-                                          "WHERE domain=? ORDER BY id", (row[0],)).fetchall()
-            out.append({"name": row[0], "fingerprint": row[1], "stats": json.loads(row[2]), "threshold": row[3],
-                        "far": row[4], "calibration_pairs": row[5], "created": row[6], "updated": row[7],
-                        "photos": [{"content_hash": h, "source": s, "created": c,
-                                    "vector": base64.b64encode(v).decode("ascii")} for h, s, v, c in photos]})
-    return out
-
-
-def import_domains(gallery, domains: list[dict], fingerprint: str) -> None:
-    """Store exported domains (``export_domains``) in a gallery, statistics and photos exactly as exported,
-    in one transaction; a domain the gallery already has is refused (one-line GalleryError)."""
-    if not domains:
-        return
-    with gallery._mutex:
-        gallery._check_open(write=True)
-        with gallery._change() as tx:
-            ensure_tables(tx)
-            for d in domains:
-                try:
-                    name = check_domain_name(d["name"])
-                    DomainStats.from_dict(d["stats"])
-                    vecs = [base64.b64decode(p["vector"], validate=True) for p in d["photos"]]
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise GalleryError(f"a domain of the export is malformed: {exc}") from None
-                if d["fingerprint"] != fingerprint or any(len(v) != 4 * gallery.dim for v in vecs):
-                    raise GalleryError(f"domain {name!r} was made with another model or dimension")
-                if tx.execute("SELECT 1 FROM domains WHERE name=?", (name,)).fetchone():
-                    raise GalleryError(f"the gallery already has a domain named {name!r}")
-                tx.execute("INSERT INTO domains(name, fingerprint, stats, threshold, far, calibration_pairs, created, "
-                           "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (name, gallery.fingerprint, json.dumps(d["stats"]), d.get("threshold"), d.get("far"),
-                            d.get("calibration_pairs"), float(d.get("created") or time.time()),
-                            float(d.get("updated") or time.time())))
-                for p, v in zip(d["photos"], vecs, strict=True):
-                    tx.execute("INSERT INTO domain_photos(domain, content_hash, source, vector, created) "
-                               "VALUES (?, ?, ?, ?, ?)", (name, p.get("content_hash"), p.get("source"), v,
-                                                          float(p.get("created") or time.time())))

@@ -44,7 +44,6 @@ import numpy as np
 
 from facemeta.checks import check_threshold
 from facemeta.errors import GalleryError
-from facemeta.gallery import domains
 from facemeta.gallery.backends import DB_NAME, backend_meta, empty_folder, open_backend
 from facemeta.gallery.faiss_index import IndexSpec
 from facemeta.gallery.files import check_plain_files
@@ -241,32 +240,26 @@ class Gallery:
 
     def enroll(self, name: str, vectors: np.ndarray, *, fingerprint: str, sources: Sequence[str | None] | None = None,
                scores: Sequence[float | None] | None = None,
-               content_hashes: Sequence[str | None] | None = None, domain: str | None = None) -> list[int]:
+               content_hashes: Sequence[str | None] | None = None) -> list[int]:
         """Add one or more embeddings of one identity (created if new) in one transaction;
-        returns the new embedding ids. ``domain``: see :meth:`enroll_many`."""
+        returns the new embedding ids."""
         x = np.asarray(vectors, dtype=np.float32) if not isinstance(vectors, np.ndarray) else vectors
         n = 1 if x.ndim == 1 else len(x)
         return self.enroll_many([name] * n, vectors, fingerprint=fingerprint, sources=sources, scores=scores,
-                                content_hashes=content_hashes, domain=domain)
+                                content_hashes=content_hashes)
 
     def enroll_many(self, names: Sequence[str], vectors: np.ndarray, *, fingerprint: str,
                     sources: Sequence[str | None] | None = None,
                     scores: Sequence[float | None] | None = None,
-                    content_hashes: Sequence[str | None] | None = None, domain: str | None = None) -> list[int]:
+                    content_hashes: Sequence[str | None] | None = None) -> list[int]:
         """Add embeddings of several identities (``names[i]`` owns ``vectors[i]``) in one transaction:
         after a crash either all of them are in the gallery or none. ``content_hashes`` (e.g. sha256 of
-        each source file) lets a later enroll skip what is already there. ``domain``: a named domain of the
-        gallery (domains.py) the photos come from: their raw vectors are kept and the index gets them
-        normalised by its statistics (None: the default domain, stored as given). Returns the new embedding ids."""
+        each source file) lets a later enroll skip what is already there. Returns the new embedding ids."""
         with self._mutex:
             self._check_open(write=True)
             if fingerprint is None:
                 raise GalleryError("enroll needs the fingerprint of the model that made the embeddings")
             x = check_vectors(vectors, self.dim, self.fingerprint, fingerprint)
-            raw = x
-            if domain is not None:
-                domain = domains.get_domain(self, domain).name
-                x, _ = domains.prepare_enroll(self, domain, raw)
             names = [check_name(n) for n in names]
             self._check_unlike(names)
             n = len(x)
@@ -291,8 +284,6 @@ class Gallery:
                     new_ids.append(tx.add_embedding(ident, vec.tobytes(), source=src, score=score,
                                                     fingerprint=fingerprint, created=now, content_hash=digest))
                     new_idents.append(ident)
-                    if domain is not None:
-                        domains.tag_embedding(tx, new_ids[-1], domain, raw[len(new_ids) - 1])
             fault("after_commit")
             self._index.add(x, np.array(new_ids, np.int64), np.array(new_idents, np.int64))
             self._index.after_change()
