@@ -180,7 +180,7 @@ class FaceRecognizer(DomainVerbs):
         name = check_name(name)  # a bad name is refused before any image is read
         domain = self._domain_name(domain)  # so is an unknown domain
         if self.exists():
-            name = self.gallery(write=True).check_new_name(name)  # so is a look-alike of another person
+            self.gallery(write=True).check_unlike([name])  # so is a look-alike of another person
         paths = image_files([images] if isinstance(images, str | os.PathLike) else images)
         if not paths:
             raise GalleryError(f"no images given for {name!r}")
@@ -252,7 +252,7 @@ class FaceRecognizer(DomainVerbs):
                 try:
                     name = check_name(folder)
                     if self.exists():
-                        self.gallery(write=True).check_new_name(name)  # a look-alike of someone enrolled
+                        self.gallery(write=True).check_unlike([name])  # a look-alike of someone enrolled
                 except GalleryError as exc:
                     result.skipped.append((str(Path(root) / folder), str(exc)))
                     if bar:

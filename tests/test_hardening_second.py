@@ -322,3 +322,81 @@ def test_a_repeated_chunk_is_refused_and_no_import_duplicates_a_row(tmp_path, ca
     r = import_gallery_(out, tmp_path / "new2")
     assert r["embeddings"] == 16 and r["skipped"] == 2, r
     assert sorted(people_of(tmp_path / "new2")) == [("Colin Powell", 8), ("Tony Blair", 8)]
+
+
+# ------------------------------------------------------------------ 3, 4: outputs on a gallery's files or a device
+
+
+def test_an_export_never_lands_on_the_gallery_it_reads(tmp_path, capsys):
+    g = make(tmp_path / "g1", ["Tony Blair", "Colin Powell"])
+    before, held = state(g), files(g)
+    outside = tmp_path / "link.fmg"
+    outside.symlink_to(g / "gallery.sqlite")
+    for out in [g / "gallery.sqlite", g / "index.faiss", g / "writer.lock", g / "gallery.sqlite-wal",
+                g / "milvus.db", outside]:
+        code, out_text, err = cli(capsys, "gallery", "export", g, out)
+        one_line_error(code, err, "gallery", "file of the gallery", "write outside the gallery folder")
+        assert out_text == "" and files(g) == held and state(g) == before
+    assert outside.is_symlink()
+    # a new file beside the gallery's own is fine, and so is overwriting an earlier export
+    for _ in range(2):
+        code, out_text, err = cli(capsys, "gallery", "export", g, g / "backup.fmg")
+        assert code == 0 and "exported 2 people" in out_text, err
+    assert state(g) == before
+
+
+def special_files(folder: Path) -> dict[str, tuple[Path, int]]:
+    """A FIFO, a Unix socket and a folder (and a character device when this user may make one):
+    {what: (path, st_mode kind)}. The socket stays bound while the test runs."""
+    import socket
+
+    folder.mkdir()
+    out = {}
+    os.mkfifo(folder / "fifo")
+    out["FIFO"] = folder / "fifo"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock"))
+    special_files.keep = sock  # kept open (and bound) until the next call
+    out["socket"] = folder / "sock"
+    (folder / "dir").mkdir()
+    out["folder"] = folder / "dir"
+    try:
+        os.mknod(folder / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # what /dev/full is
+        out["character device"] = folder / "full"
+    except (PermissionError, OSError):
+        pass
+    return {k: (p, stat.S_IFMT(os.lstat(p).st_mode)) for k, p in out.items()}
+
+
+def test_an_export_onto_a_device_fifo_socket_or_folder_is_refused_and_keeps_its_type(tmp_path, capsys):
+    from facemeta.atomic import OutputPathError, atomic_write
+
+    g = make(tmp_path / "g1", ["Tony Blair"])
+    specials = special_files(tmp_path / "special")
+    for what, (path, kind) in specials.items():
+        code, out_text, err = cli(capsys, "gallery", "export", g, path)
+        line = one_line_error(code, err, "gallery", f"cannot write {path}")
+        assert ("folder" in line) if what == "folder" else ("facemeta writes only regular files" in line), line
+        assert stat.S_IFMT(os.lstat(path).st_mode) == kind, what
+        with pytest.raises(OutputPathError, match="regular files|folder"), atomic_write(path) as fh:
+            fh.write("x")
+        assert stat.S_IFMT(os.lstat(path).st_mode) == kind, what
+    assert not [p for p in (tmp_path / "special").iterdir() if p.name.endswith(".tmp")]
+    if os.path.exists("/dev/full") and os.geteuid() == 0:  # the issue's probe, refused before any rename
+        with pytest.raises(OutputPathError, match="character device"):
+            with atomic_write("/dev/full") as fh:
+                fh.write("x")
+        assert stat.S_ISCHR(os.lstat("/dev/full").st_mode)
+
+
+def test_a_writer_never_overwrites_the_file_it_reads(tmp_path):
+    from facemeta.atomic import OutputPathError, atomic_write
+
+    src = tmp_path / "in.txt"
+    src.write_text("keep")
+    (tmp_path / "hard").hardlink_to(src)
+    for out in (src, tmp_path / "hard"):
+        with pytest.raises(OutputPathError, match="which this command reads"):
+            with atomic_write(out, reading=[src]) as fh:
+                fh.write("lost")
+    assert src.read_text() == "keep"

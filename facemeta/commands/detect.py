@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,6 +59,7 @@ def _save_annotated(image, faces, path: str) -> None:
     """Draw boxes, scores and landmarks on a BGR copy and write it (error if the format is unknown)."""
     import cv2
 
+    from facemeta.atomic import check_output
     from facemeta.errors import FacemetaError
 
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -71,7 +71,7 @@ def _save_annotated(image, faces, path: str) -> None:
                     0.4 * thick, (0, 255, 0), thick)
         for x, y in f.landmarks:
             cv2.circle(out, (round(float(x)), round(float(y))), thick + 1, (0, 0, 255), -1)
-    target = Path(path)
+    target = check_output(path)  # never a device, FIFO or a gallery's file
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         ok = cv2.imwrite(str(target), out)

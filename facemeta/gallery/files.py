@@ -2,7 +2,8 @@
 
 The lock (lock.py) and the index are opened without following symbolic links and must be regular
 files; the SQLite files are checked the same way before SQLite opens them (it would follow a link);
-the index is replaced by rename, which replaces a link rather than writing through it.
+the index is replaced by rename, which replaces a link rather than writing through it. No output facemeta
+writes may land on a gallery's own files (:func:`not_a_gallery_file`, registered with facemeta.atomic).
 """
 
 from __future__ import annotations
@@ -12,7 +13,25 @@ import os
 import stat
 from pathlib import Path
 
+from facemeta.atomic import add_output_guard
 from facemeta.errors import GalleryError
+
+# A gallery folder is one holding this file; these names in it (and their -wal, -shm, -journal or repair
+# copies) belong to the gallery.
+_MARK = "gallery.sqlite"
+_OWN = ("gallery.sqlite", "index.faiss", "writer.lock", "milvus.db")
+
+
+def not_a_gallery_file(path: Path) -> str | None:
+    """Why an output may not be written at ``path`` (resolved): a file of a gallery folder, e.g. an export over
+    the gallery it reads (its own writes pass guarded=False); None for any other path."""
+    if path.name.startswith(_OWN) and os.path.lexists(path.parent / _MARK):
+        return (f"it is a file of the gallery in {path.parent} ({path.name}); writing it would damage the "
+                "gallery: write outside the gallery folder")
+    return None
+
+
+add_output_guard(not_a_gallery_file)
 
 
 def open_regular(path: Path):

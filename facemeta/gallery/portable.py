@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facemeta.atomic import atomic_write
+from facemeta.atomic import DiskFullError, OutputPathError, atomic_write, check_output
 from facemeta.errors import GalleryError
 from facemeta.gallery.export_format import (
     COLUMNS,
@@ -103,9 +103,10 @@ def export_gallery(gallery: Gallery, out: str | os.PathLike, progress: Progress 
     """Write every person and embedding of ``gallery`` into the file ``out``, atomically (a crash leaves
     no half file under that name; an existing file is replaced whole). Returns a summary: people,
     embeddings, bytes, sha256. A gallery changed by a writer meanwhile raises GalleryError."""
-    out = Path(out)
-    if out.is_dir():
-        raise GalleryError(f"{out} is a folder; give the export a file name")
+    try:  # a regular file or a new name, not a file of a gallery: checked before anything is read
+        out = check_output(out)
+    except OutputPathError as exc:
+        raise GalleryError(str(exc)) from None
     people = [p for p in gallery.identities() if p.count > 0]
     total = sum(p.count for p in people)
     header = {"format": FORMAT, "version": VERSION, "dim": int(gallery.dim), "fingerprint": gallery.fingerprint,
@@ -129,6 +130,8 @@ def export_gallery(gallery: Gallery, out: str | os.PathLike, progress: Progress 
             sha = writer.sha.hexdigest()
             fh.write(TAIL_PREFIX + sha.encode() + b"\n")
             size = fh.tell()
+    except DiskFullError:
+        raise
     except OSError as exc:
         raise GalleryError(f"cannot write {out}: {exc.strerror or exc}") from None
     return {"path": str(out), "people": len(people), "embeddings": chunks.done, "bytes": size, "sha256": sha,

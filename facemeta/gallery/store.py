@@ -261,7 +261,7 @@ class Gallery:
                 raise GalleryError("enroll needs the fingerprint of the model that made the embeddings")
             x = check_vectors(vectors, self.dim, self.fingerprint, fingerprint)
             names = [check_name(n) for n in names]
-            self._check_unlike(names)
+            self.check_unlike(names)
             n = len(x)
             if len(names) != n:
                 raise GalleryError(f"{len(names)} names for {n} embeddings")
@@ -317,25 +317,18 @@ class Gallery:
             self._check_open(write=True)
             new = check_name(new)
             ident = self._records.identity_id(old)
-            self._check_unlike([new], exempt=self._records.names({ident}).get(ident))
+            self.check_unlike([new], exempt=self._records.names({ident}).get(ident))
             owner = self._records.owner_of(new)
             if owner is not None and owner != ident:
                 raise GalleryError(f"an identity named {new!r} already exists; remove it first or pick another name")
             with self._change() as tx:
                 tx.rename_identity(ident, new)
 
-    def _check_unlike(self, names: Sequence[str], exempt: str | None = None) -> None:
-        """Refuse new names (not stored exactly) that look like a stored one or each other (check_unlike)."""
-        if new := [n for n in dict.fromkeys(names) if self._records.owner_of(n) is None]:
-            with db_errors(self.path / DB_NAME):
+    def check_unlike(self, names: Sequence[str], exempt: str | None = None) -> None:
+        """Refuse checked names not stored exactly that look like a stored one or each other (check_unlike)."""
+        with self._mutex, db_errors(self.path / DB_NAME):
+            if new := [n for n in dict.fromkeys(names) if self._records.owner_of(n) is None]:
                 check_unlike(new, [r[0] for r in self._conn.execute("SELECT name FROM identities")], exempt)
-
-    def check_new_name(self, name: str) -> str:
-        """A name to enroll, checked (check_name) and not a look-alike of another person's: before any photo."""
-        with self._mutex:
-            self._check_open()
-            self._check_unlike([name := check_name(name)])
-            return name
 
     def set_defaults(self, scoring: str | None = None, threshold: float | None = None,
                      clear_threshold: bool = False) -> None:
