@@ -26,16 +26,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from facemeta.errors import CheckpointError, ConfigError, one_line
-from facemeta.models import dlib_resnet  # registers dlib_resnet29 with timm
+from facemeta.models import dlib_resnet, sface  # register dlib_resnet29 and sface with timm
 
 HEADS = ("insightface", "linear")
 
 
 def default_normalisation(backbone: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """(mean, std) a backbone expects when none is given: dlib's for the prior's architecture, 0.5 otherwise."""
+    """(mean, std) a backbone expects when none is given: dlib's for the prior's architecture, SFace's for
+    ``sface``, 0.5 otherwise."""
     if backbone == dlib_resnet.PRIOR_NAME:
         return dlib_resnet.PRIOR_MEAN, dlib_resnet.PRIOR_STD
+    if backbone == sface.SFACE_NAME:
+        return sface.SFACE_MEAN, sface.SFACE_STD
     return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def installed_weights(backbone: str, cache: str | os.PathLike | None = None) -> Path | None:
+    """The local weights ``pretrained: true`` means for `backbone` (converted into the cache on first use): dlib's
+    encoder for ``dlib_resnet29``, SFace for ``sface``; None for any other backbone (facemeta never downloads)."""
+    if backbone == dlib_resnet.PRIOR_NAME:
+        return dlib_resnet.prior_weights_path(cache)
+    if backbone == sface.SFACE_NAME:
+        return sface.prior_weights_path(cache)
+    return None
 
 
 @dataclass
@@ -143,7 +156,8 @@ class FaceEmbeddingModel(nn.Module):
     linear without bias. `pretrained_path` loads backbone weights from a local file (.safetensors, or a torch
     file read with ``weights_only=True``); a classifier in that file is ignored, any other missing or
     mismatched key is a CheckpointError. With the ``linear`` head, an ``fc.weight`` of the head's shape in
-    that file (the prior's 128-d projection) is loaded into the head too.
+    that file (the prior's 128-d projection) is loaded into the head too; with the ``insightface`` head, a
+    complete head under ``head.`` in that file (SFace's, :mod:`facemeta.models.sface`) is, when its shapes fit.
     """
 
     def __init__(self, config: ModelConfig | None = None, pretrained_path: str | os.PathLike | None = None):
@@ -169,6 +183,16 @@ class FaceEmbeddingModel(nn.Module):
                     and tuple(projection.shape) == tuple(self.fc.weight.shape):
                 with torch.no_grad():
                     self.fc.weight.copy_(projection)
+            self._load_prior_head(state)
+
+    def _load_prior_head(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the head from a prior file's ``head.*`` keys when it holds all of this head's, shapes equal."""
+        if self.config.head != "insightface":
+            return
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        head = {k: state.get(sface.HEAD_PREFIX + k) for k in own}
+        if all(v is not None and tuple(v.shape) == tuple(own[k].shape) for k, v in head.items()):
+            self.load_state_dict(head, strict=False)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone output as an NCHW map (tokens become C x N x 1)."""

@@ -29,17 +29,19 @@ def model_config(cfg: TrainConfig):
 
 def pretrained_file(cfg: TrainConfig) -> str | None:
     """The weights a run starts from: model.pretrained_path, or with model.pretrained the backbone's installed
-    weights (the prior for dlib_resnet29, converted into the cache on first use); None for random weights."""
-    from facemeta.models import dlib_resnet
+    weights (the prior for dlib_resnet29, SFace for sface, converted into the cache on first use); None for random
+    weights."""
+    from facemeta.models.backbone import installed_weights
 
     if cfg.model.pretrained_path:
         return cfg.model.pretrained_path
     if not cfg.model.pretrained:
         return None
-    if cfg.model.backbone != dlib_resnet.PRIOR_NAME:
+    path = installed_weights(cfg.model.backbone, cfg.data.cache)
+    if path is None:
         raise ConfigError(f"model.pretrained: no installed weights for '{cfg.model.backbone}' (facemeta never "
-                          f"downloads); use backbone {dlib_resnet.PRIOR_NAME} or give model.pretrained_path")
-    return str(dlib_resnet.prior_weights_path(cfg.data.cache))
+                          "downloads); use backbone dlib_resnet29 or sface, or give model.pretrained_path")
+    return str(path)
 
 
 def freeze(model: nn.Module, prefixes: list[str]) -> int:
