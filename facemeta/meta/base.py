@@ -24,7 +24,17 @@ __all__ = ["LossFn", "MetaLearner"]
 
 
 class MetaLearner(nn.Module):
-    """Base of MAML, Reptile and MLDG: holds the model and runs it at any params."""
+    """Base of MAML, Reptile and MLDG: holds the model and runs it at any params.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> wrapped = MetaLearner(nn.Linear(3, 1))
+    >>> zeros = {n: torch.zeros_like(p) for n, p in wrapped.model.named_parameters()}
+    >>> wrapped(torch.ones(2, 3), params=zeros).tolist()  # the model at other parameters; its own are untouched
+    [[0.0], [0.0]]
+    >>> torch.equal(wrapped(torch.ones(2, 3)), wrapped.model(torch.ones(2, 3)))
+    True
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

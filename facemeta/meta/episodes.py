@@ -27,6 +27,13 @@ class Episode:
 
     Support and query are ordered class by class (label 0 first); ``classes[j]`` is the dataset
     label behind episode label j.
+
+    >>> labels = ["ann", "ann", "bob", "bob", "cy", "cy"]
+    >>> ep = EpisodeSampler(labels, n_way=2, k_shot=1, n_query=1, seed=0).episode(0)
+    >>> ep.support_labels, ep.query_labels
+    ((0, 1), (0, 1))
+    >>> all(labels[i] == ep.classes[y] for i, y in zip(ep.support + ep.query, ep.support_labels + ep.query_labels))
+    True
     """
 
     classes: tuple[Hashable, ...]
@@ -40,6 +47,15 @@ class EpisodeSampler:
     """Reproducible N-way K-shot episodes over ``labels`` (one label per dataset item).
 
     Iterating yields ``num_episodes`` episodes; ``episode(i)`` gives any one directly.
+
+    >>> sampler = EpisodeSampler([0, 0, 0, 1, 1, 1, 2, 2, 2], n_way=3, k_shot=2, n_query=1, num_episodes=5, seed=7)
+    >>> ep = sampler.episode(3)
+    >>> len(ep.support), len(ep.query), sorted(ep.classes)
+    (6, 3, [0, 1, 2])
+    >>> ep == EpisodeSampler([0, 0, 0, 1, 1, 1, 2, 2, 2], 3, 2, 1, 5, seed=7).episode(3)  # a function of (seed, i)
+    True
+    >>> len(list(sampler))
+    5
     """
 
     def __init__(

@@ -40,6 +40,26 @@ class MAML(MetaLearner):
     ``adapt(loss_fn)`` runs the inner loop and returns adapted params; ``forward(x, params=...)``
     runs the model at any params; ``meta_backward(tasks)`` does a whole outer gradient for a
     batch of tasks (the caller then steps any torch optimiser built on ``self.parameters()``).
+
+    Fit y = slope·x, one slope per task:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from facemeta.meta import functional_forward
+    >>> model = nn.Linear(1, 1)
+    >>> x = torch.linspace(-1, 1, 8).unsqueeze(1)
+    >>> def mse(slope):
+    ...     return lambda params: ((functional_forward(model, params, x) - slope * x) ** 2).mean()
+    >>> maml = MAML(model, inner_steps=3, inner_lr=0.1, first_order=True)
+    >>> adapted, losses = maml.adapt(mse(2.0), return_losses=True)
+    >>> losses[-1] < losses[0]  # the inner loop fits the task
+    True
+    >>> opt = torch.optim.SGD(maml.parameters(), lr=0.1)
+    >>> opt.zero_grad()
+    >>> logs = maml.meta_backward([(mse(2.0), mse(2.0)), (mse(-1.0), mse(-1.0))])  # (support, query) per task
+    >>> sorted(logs), model.weight.grad.shape
+    (['query_loss', 'support_loss'], torch.Size([1, 1]))
+    >>> opt.step()
     """
 
     def __init__(

@@ -45,7 +45,17 @@ __all__ = ["MetaStepResult", "meta_train_test_step", "MLDG"]
 
 @dataclass
 class MetaStepResult:
-    """Losses of one meta-train/meta-test step (floats, for logging)."""
+    """Losses of one meta-train/meta-test step (floats, for logging).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(2, 1)
+    >>> x = torch.ones(4, 2)
+    >>> res = meta_train_test_step(model, lambda p: (x @ p["weight"].T + p["bias"]).pow(2).mean(),
+    ...                            lambda p: (x @ p["weight"].T + p["bias"] - 1).pow(2).mean(), alpha=0.1)
+    >>> isinstance(res, MetaStepResult), abs(res.total - (0.5 * res.loss_train + 0.5 * res.loss_test)) < 1e-9
+    (True, True)
+    """
 
     loss_train: float
     loss_test: float
@@ -101,7 +111,20 @@ def meta_train_test_step(
 
 class MLDG(MetaLearner):
     """The MLDG step with its settings bound, in the shape of facemeta.meta.base:
-    ``MLDG(model, alpha, gamma, first_order).meta_backward([(loss_train, loss_test)])``."""
+    ``MLDG(model, alpha, gamma, first_order).meta_backward([(loss_train, loss_test)])``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from facemeta.meta import functional_forward
+    >>> model = nn.Linear(1, 1)
+    >>> x = torch.linspace(-1, 1, 8).unsqueeze(1)
+    >>> def mse(slope):  # a domain: points on a line of this slope
+    ...     return lambda params: ((functional_forward(model, params, x) - slope * x) ** 2).mean()
+    >>> mldg = MLDG(model, alpha=0.1, gamma=0.5, first_order=True)
+    >>> logs = mldg.meta_backward([(mse(2.0), mse(1.5))])  # (meta-train, meta-test) domains
+    >>> sorted(logs), model.weight.grad is not None
+    (['loss_test', 'loss_train', 'total'], True)
+    """
 
     def __init__(self, model: nn.Module, alpha: float, gamma: float = 0.5, first_order: bool = False) -> None:
         super().__init__(model)

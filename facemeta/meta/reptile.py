@@ -31,6 +31,19 @@ class Reptile(MetaLearner):
 
     ``inner_optimizer`` builds the inner optimiser from a list of tensors (default
     ``SGD(lr=inner_lr)``); ``epsilon`` is the outer step size of ``step``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from facemeta.meta import functional_forward
+    >>> model = nn.Linear(1, 1)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> x = torch.linspace(-1, 1, 8).unsqueeze(1)
+    >>> def mse(slope):
+    ...     return lambda params: ((functional_forward(model, params, x) - slope * x) ** 2).mean()
+    >>> reptile = Reptile(model, inner_steps=5, inner_lr=0.1, epsilon=0.5)
+    >>> logs = reptile.step([mse(2.0), mse(3.0)])  # θ moves half way to the tasks' mean adapted weights
+    >>> 0.0 < model.weight.item() < 2.0, sorted(logs)
+    (True, ['inner_loss'])
     """
 
     def __init__(
