@@ -124,6 +124,19 @@ class DomainVerbs:
         thr, pairs = domains.impostor_threshold(normalise(np.stack(vecs), stats), far)
         return domains.set_calibration(self.gallery(write=True), name, thr, far, pairs), skipped
 
+    def across(self, found: list, domains: tuple, threshold: float | None = None):
+        """Two embedded faces (facemeta.embedder.EmbeddedFace) normalised by their domains' statistics (None: the
+        default domain), and :meth:`threshold_for` theirs -> (faces, threshold, its FAR or None, its source)."""
+        import dataclasses
+
+        from facemeta.gallery.domain_stats import normalise
+
+        out = [f if d is None else dataclasses.replace(f, vector=normalise(f.vector, self.domain(d).stats))
+               for f, d in zip(found, domains, strict=True)]
+        thr, far, source = self.threshold_for(domains[1] if domains[1] is not None else domains[0], threshold,
+                                              other=domains[0])
+        return out, thr, far, source
+
     def threshold_for(self, domain: str | None = None, given: float | None = None,
                       other: str | None = None) -> tuple[float, float | None, str]:
         """The threshold a comparison with a photo of ``domain`` uses -> (threshold, its false-accept rate or None

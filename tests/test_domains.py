@@ -298,3 +298,48 @@ def _black_png() -> bytes:
 
     ok, buf = cv2.imencode(".png", np.zeros((120, 120), np.uint8))
     return buf.tobytes()
+
+
+def test_http_domains(gallery, tmp_path, embedder, raw):
+    """GET/POST/DELETE /api/domains, and the domain fields of identify, verify and enroll, with the same scores as
+    the Python API's formula."""
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from facemeta.serve.app import create_app
+    from facemeta.serve.service import FaceService
+
+    g = shutil.copytree(gallery, tmp_path / "g")
+    service = FaceService(g, embedder=embedder, slots=1)
+    client = TestClient(create_app(service))
+    listed = client.get("/api/domains").json()
+    assert {d["name"] for d in listed["domains"]} == {"neutral", "scarf"} and "default" in listed
+
+    def files(*paths):
+        return [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+    r = client.post("/api/domains", data={"name": "sunglasses"}, files=files(*_PHOTOS["more_neutral"]))
+    assert r.status_code == 201 and r.json()["added"] == 2 and "2 photo(s)" in r.json()["warning"]
+    assert client.post("/api/domains", data={"name": "unknown"}, files=files(_PHOTOS["probes"][0])).status_code == 422
+
+    probe = _PHOTOS["probes"][0]
+    r = client.post("/api/identify", data={"domain": "scarf", "top_k": "2"},
+                    files={"image": (probe.name, probe.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = float(by_hand(raw["probes"][0], raw["scarf"]) @ by_hand(raw["enrolled"][0], raw["neutral"]))
+    got = {c["identity"]: c["score"] for c in body["faces"][0]["candidates"]}
+    assert got["p1"] == pytest.approx(want, abs=2e-5) and body["domain"] == "scarf" and "threshold_source" in body
+
+    a = _PHOTOS["enrolled"][0]
+    r = client.post("/api/verify", data={"domain_a": "neutral", "domain_b": "scarf"},
+                    files={"a": (a.name, a.read_bytes(), "image/png"), "b": (probe.name, probe.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert r.json()["score"] == pytest.approx(want, abs=2e-5) and r.json()["threshold_far"] is None
+
+    r = client.post("/api/enroll", data={"name": "p3", "domain": "scarf"}, files=files(probe))
+    assert r.status_code == 201, r.text
+    assert client.delete("/api/domains/scarf").status_code == 409  # p3 is enrolled under it
+    assert client.delete("/api/domains", params={"name": "sunglasses"}).json()["removed"] == "sunglasses"
+    assert client.delete("/api/domains/nowhere").status_code == 404
+    service.close()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facemeta.errors import FacemetaError, one_line
+from facemeta.serve.domain_routes import add_domain_routes
 from facemeta.serve.guard import Guard
 from facemeta.serve.service import MAX_TOP_K, ApiError, FaceService, status_for
 from facemeta.version import __version__
@@ -86,19 +87,24 @@ def create_app(service: FaceService, api_key: str | None = None, max_upload_byte
     def verify(a: Annotated[UploadFile, File(description="first photo")],
                b: Annotated[UploadFile, File(description="second photo")],
                threshold: Annotated[float | None, Form(description="decision threshold (default: the model's)")] = None,
+               domain_a: Annotated[str | None, Form(description="the domain photo a comes from")] = None,
+               domain_b: Annotated[str | None, Form(description="the domain photo b comes from")] = None,
                ) -> dict:
         """Same person in two photos? score, threshold (and FAR), decision, and the two aligned faces."""
-        return service.verify((a.filename, a.file), (b.filename, b.file), threshold=threshold)
+        return service.verify((a.filename, a.file), (b.filename, b.file), threshold=threshold,
+                              domain_a=domain_a or None, domain_b=domain_b or None)
 
     @app.post("/api/identify", tags=["faces"], dependencies=key_doc)
     def identify(image: Annotated[UploadFile, File(description="a photo")],
                  top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K, description="candidates per face")] = 3,
                  threshold: Annotated[float | None, Form(description="open-set threshold (default: the gallery's)")] = None,
                  preview: Annotated[bool, Form(description="also return the image as a JPEG (max 640 px)")] = False,
+                 domain: Annotated[str | None, Form(description="the domain the photo comes from")] = None,
                  ) -> dict:
         """Every face in a photo: box (in the image's pixels), name or "unknown", score, candidates; the
         threshold and its FAR; the image's size (and a preview JPEG if asked)."""
-        return service.identify((image.filename, image.file), top_k=top_k, threshold=threshold, preview=preview)
+        return service.identify((image.filename, image.file), top_k=top_k, threshold=threshold, preview=preview,
+                                domain=domain or None)
 
     @app.get("/api/people", tags=["gallery"], dependencies=key_doc)
     def people() -> dict:
@@ -113,6 +119,7 @@ def create_app(service: FaceService, api_key: str | None = None, max_upload_byte
                         headers={"cache-control": "private, max-age=60"})
 
     _add_write_routes(app, service, key_doc)
+    add_domain_routes(app, service, key_doc)
 
     # ------------------------------------------------------------------ the page
     @app.get("/", include_in_schema=False)
@@ -153,10 +160,11 @@ def _add_write_routes(app: FastAPI, service: FaceService, key_doc: list) -> None
     @app.post("/api/enroll", tags=["gallery"], dependencies=key_doc, status_code=201)
     def enroll(response: Response, name: Annotated[str, Form(description="the person's name")],
                images: Annotated[list[UploadFile], File(description="one or more photos of that person")],
-               force: Annotated[bool, Form(description="add photos even if already enrolled")] = False) -> dict:
+               force: Annotated[bool, Form(description="add photos even if already enrolled")] = False,
+               domain: Annotated[str | None, Form(description="the domain the photos come from")] = None) -> dict:
         """Add a person's photos (one face each): 201 when something was added, 200 when every photo was
         already enrolled; unusable photos are listed in `skipped` with the reason."""
-        out = service.enroll(name, [(f.filename, f.file) for f in images], force=force)
+        out = service.enroll(name, [(f.filename, f.file) for f in images], force=force, domain=domain or None)
         if not out["added"]:
             response.status_code = 200
         return out

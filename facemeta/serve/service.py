@@ -207,21 +207,33 @@ class FaceService:
 
     # ------------------------------------------------------------------ reads
     def verify(self, a: tuple[str | None, BinaryIO], b: tuple[str | None, BinaryIO],
-               threshold: float | None = None) -> dict:
-        """Same person in two photos? score, threshold (and its FAR), decision, and both aligned faces."""
+               threshold: float | None = None, domain_a: str | None = None, domain_b: str | None = None) -> dict:
+        """Same person in two photos? score, threshold (and its FAR), decision, and both aligned faces.
+        ``domain_a``/``domain_b``: the gallery's domains the photos come from (each face normalised by its own)."""
         from facemeta.checks import check_threshold
 
         threshold = check_threshold(threshold)
         with self.uploads([a, b]) as paths, self.inference():
-            res = self.embedder.verify(paths[0], paths[1], threshold=threshold)
+            used = {}
+            if domain_a is not None or domain_b is not None:  # each face normalised by its domain's statistics
+                from facemeta.embedder import Verification
+
+                ea, eb = (self.embedder.face_in_file(p) for p in paths)
+                (na, nb), threshold, far, source = self.reader.across([ea, eb], (domain_a, domain_b), threshold)
+                score = self.embedder.similarity(na.vector, nb.vector)
+                res = Verification(score, threshold, far, bool(score >= threshold), [ea.face_dict(), eb.face_dict()])
+                used = {"threshold_source": source, "domain_a": domain_a, "domain_b": domain_b}
+            else:
+                res = self.embedder.verify(paths[0], paths[1], threshold=threshold)
             faces = [{"file": p.name, "box": f["box"], "detector_score": f["score"], "landmarks": f["landmarks"],
                       "aligned": data_url(self._face_jpeg(p, f["landmarks"]))}
                      for p, f in zip(paths, res.faces, strict=True)]
         return {"score": round(float(res.score), 6), "threshold": round(float(res.threshold), 6),
-                "threshold_far": res.threshold_far, "decision": res.decision, "same": res.same, "faces": faces}
+                "threshold_far": res.threshold_far, "decision": res.decision, "same": res.same, "faces": faces,
+                **used}
 
     def identify(self, image: tuple[str | None, BinaryIO], top_k: int = 3, threshold: float | None = None,
-                 preview: bool = False) -> dict:
+                 preview: bool = False, domain: str | None = None) -> dict:
         """Every face of a photo: box, identity or "unknown", score, top-k candidates; the threshold used; the
         image's size (boxes are in its pixels) and, with ``preview``, the image as a JPEG of at most 640 px."""
         from facemeta.checks import check_threshold
@@ -234,15 +246,18 @@ class FaceService:
         if g is None:
             raise ApiError(409, "no one is enrolled yet: enroll someone first")
         with self.uploads([image]) as paths, self.inference():
-            faces = self.reader.identify(paths[0], top_k=top_k, threshold=threshold)
+            faces = self.reader.identify(paths[0], top_k=top_k, threshold=threshold, domain=domain)
             if not faces:
                 raise NoFaceError(f"no face found in {paths[0].name}")
             pixels = load_image(paths[0])
         used = threshold if threshold is not None else g.threshold
+        far, source = self._threshold_far(used), "given" if threshold is not None else "gallery"
+        if domain is not None:
+            used, far, source = self.reader.threshold_for(domain, threshold)
         h, w = pixels.shape[:2]
         shown = {"width": w, "height": h, "preview": data_url(preview_jpeg(pixels)) if preview else None}
-        return {"file": paths[0].name, "threshold": used, "threshold_far": self._threshold_far(used),
-                "image": shown, "faces": faces}
+        return {"file": paths[0].name, "threshold": used, "threshold_far": far, "threshold_source": source,
+                "domain": domain, "image": shown, "faces": faces}
 
     def people(self) -> dict:
         """Every enrolled person: name, id, photos, enrolled time, thumbnail URL."""
@@ -298,7 +313,8 @@ class FaceService:
                            "uptime_s": round(time.time() - self.started, 1)}}
 
     # ------------------------------------------------------------------ writes
-    def enroll(self, name: str, images: Sequence[tuple[str | None, BinaryIO]], force: bool = False) -> dict:
+    def enroll(self, name: str, images: Sequence[tuple[str | None, BinaryIO]], force: bool = False,
+               domain: str | None = None) -> dict:
         """Add a person's photos (one face each); photos already enrolled for them are skipped unless
         ``force``. -> name, added, skipped [{file, reason}], already, the person's photo count. The aligned
         face of the first photo of someone new becomes their thumbnail."""
@@ -316,7 +332,8 @@ class FaceService:
             fr = self._writer()
             try:
                 with self.inference():
-                    result = fr.enroll(name, paths, force=force, sources=[f"upload:{p.name}" for p in paths])
+                    result = fr.enroll(name, paths, force=force, sources=[f"upload:{p.name}" for p in paths],
+                                       domain=domain)
                 ident = next((i for i in fr.gallery(write=True).identities() if i.name == name), None)
                 if ident is not None and result.used and not self.thumbnails.has(ident.id):
                     first, face = result.used[0]  # the face enroll used: no second detection

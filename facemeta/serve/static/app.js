@@ -90,6 +90,8 @@ async function verify() {
   const form = new FormData();
   form.append("a", $("verify-a").files[0]);
   form.append("b", $("verify-b").files[0]);
+  addDomain(form, "domain_a", "verify-domain-a");
+  addDomain(form, "domain_b", "verify-domain-b");
   $("verify-result").hidden = true;
   const r = await busy($("verify-btn"), $("verify-error"), () => api("/api/verify", { method: "POST", body: form }));
   if (!r) return;
@@ -114,6 +116,7 @@ async function identify() {
   form.append("image", file);
   form.append("top_k", "3");
   form.append("preview", "true"); // the server's decoded image: any format it reads, boxes in its pixels
+  addDomain(form, "domain", "identify-domain");
   $("identify-result").hidden = true;
   const r = await busy($("identify-btn"), $("identify-error"), () => api("/api/identify", { method: "POST", body: form }));
   if (!r) return;
@@ -161,6 +164,7 @@ async function enroll() {
   const name = $("enroll-name").value.trim();
   const form = new FormData();
   form.append("name", name);
+  addDomain(form, "domain", "enroll-domain");
   $("enroll-result").hidden = true;
   for (const f of $("enroll-files").files) form.append("images", f);
   const r = await busy($("enroll-btn"), $("enroll-error"), () => api("/api/enroll", { method: "POST", body: form }));
@@ -274,6 +278,7 @@ async function loadInfo() {
       + `${r.gallery.people} people, ${r.gallery.embeddings} photos` + (mode ? ` · ${mode}` : "");
     if (r.server.read_only) {
       $("enroll").hidden = true;
+      $("domain-add").hidden = true;
       document.body.classList.add("read-only");
     }
     $("key-form").hidden = true;
