@@ -40,6 +40,7 @@ from facemeta.objectives.cdt import cross_domain_triplet_loss, pair_covariances
 from facemeta.objectives.mfr import CosineSoftmaxHead, domain_alignment_loss, hard_pair_attention_loss
 from facemeta.objectives.triplet import triplet_loss
 from facemeta.registry import Registry
+from facemeta.train.adapt_episodes import adapt_maml_fo_grad, adapt_reptile_grad
 
 
 @dataclass
@@ -424,6 +425,11 @@ def reptile_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) ->
         if p.grad is not None:
             p.grad.mul_(scale)
     return {"loss": out["inner_loss"]}
+
+
+# Meta-training for `facemeta adapt` (issue 26): episodes that simulate it, facemeta.train.adapt_episodes.
+register_method("adapt-maml-fo")(adapt_maml_fo_grad)
+register_method("adapt-reptile")(adapt_reptile_grad)
 
 
 @dataclass
