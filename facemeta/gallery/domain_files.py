@@ -72,7 +72,8 @@ def read_domain_file(path: str | Path, fingerprint: str | None = None) -> Domain
 
 
 def export_domains(gallery) -> list[dict]:
-    """Every domain with its photos, JSON-ready (for a gallery export file); vectors as base64 float32."""
+    """Every domain with its photos and the enrolled embeddings that use it (identity, stored vector, raw vector),
+    JSON-ready for a gallery export file's trailer; vectors as base64 of their float32 bytes."""
     records = gallery._records
     out = []
     with gallery._mutex, db_errors(records.db), records.snapshot():
@@ -82,16 +83,48 @@ def export_domains(gallery) -> list[dict]:
                                         "created, updated FROM domains ORDER BY name").fetchall():
             photos = records.conn.execute("SELECT content_hash, source, vector, created FROM domain_photos "
                                           "WHERE domain=? ORDER BY id", (row[0],)).fetchall()
+            enrolled = records.conn.execute("SELECT i.name, e.vector, e.raw FROM embeddings e JOIN identities i ON "
+                                            "i.id = e.identity_id WHERE e.domain=? ORDER BY e.id", (row[0],)).fetchall()
             out.append({"name": row[0], "fingerprint": row[1], "stats": json.loads(row[2]), "threshold": row[3],
                         "far": row[4], "calibration_pairs": row[5], "created": row[6], "updated": row[7],
-                        "photos": [{"content_hash": h, "source": s, "created": c,
-                                    "vector": base64.b64encode(v).decode("ascii")} for h, s, v, c in photos]})
+                        "photos": [{"content_hash": h, "source": s, "created": c, "vector": _b64(v)}
+                                   for h, s, v, c in photos],
+                        "enrolled": [[n, _b64(v), _b64(r)] for n, v, r in enrolled]})
     return out
 
 
-def import_domains(gallery, domains: list[dict], fingerprint: str) -> None:
-    """Store exported domains (``export_domains``) in a gallery, statistics and photos exactly as exported,
-    in one transaction; a domain the gallery already has is refused (one-line GalleryError)."""
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode("ascii")
+
+
+def check_exported(domains: object, dim: int, fingerprint: str) -> list[dict]:
+    """The domains of an export file's trailer, checked (names, statistics, vector sizes, the model), each with
+    its decoded vectors; a one-line GalleryError (ValueError inside) for anything malformed."""
+    if not isinstance(domains, list):
+        raise GalleryError("the export's domains are not a list")
+    out = []
+    try:
+        for d in domains:
+            stats = DomainStats.from_dict(d["stats"])
+            photos = [base64.b64decode(p["vector"], validate=True) for p in d["photos"]]
+            enrolled = [(str(n), base64.b64decode(v, validate=True), base64.b64decode(r, validate=True))
+                        for n, v, r in d.get("enrolled", [])]
+            if len(stats.mean) != dim or any(len(b) != 4 * dim for b in photos + [x for e in enrolled for x in e[1:]]):
+                raise ValueError(f"domain {d['name']!r} holds vectors of another dimension than {dim}")
+            if d["fingerprint"] != fingerprint:
+                raise ValueError(f"domain {d['name']!r} was made with model {d['fingerprint']}, not {fingerprint}")
+            out.append({**d, "name": check_domain_name(d["name"]), "photo_blobs": photos, "enrolled": enrolled})
+    except GalleryError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GalleryError(f"the export's domains are malformed: {exc}") from None
+    return out
+
+
+def import_domains(gallery, domains: list[dict]) -> None:
+    """Store an export's domains (``check_exported``) in a gallery exactly as exported, statistics and photos, and
+    give the imported rows of each enrolled embedding their domain and raw vector back, in one transaction; a
+    domain the gallery already has is refused (one-line GalleryError) before anything is written."""
     if not domains:
         return
     with gallery._mutex:
@@ -99,22 +132,34 @@ def import_domains(gallery, domains: list[dict], fingerprint: str) -> None:
         with gallery._change() as tx:
             ensure_tables(tx)
             for d in domains:
-                try:
-                    name = check_domain_name(d["name"])
-                    DomainStats.from_dict(d["stats"])
-                    vecs = [base64.b64decode(p["vector"], validate=True) for p in d["photos"]]
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise GalleryError(f"a domain of the export is malformed: {exc}") from None
-                if d["fingerprint"] != fingerprint or any(len(v) != 4 * gallery.dim for v in vecs):
-                    raise GalleryError(f"domain {name!r} was made with another model or dimension")
+                name = d["name"]
                 if tx.execute("SELECT 1 FROM domains WHERE name=?", (name,)).fetchone():
-                    raise GalleryError(f"the gallery already has a domain named {name!r}")
+                    raise GalleryError(f"the gallery already has a domain named {name!r}: import into a new "
+                                       "gallery, or remove that domain first")
+                now = time.time()
                 tx.execute("INSERT INTO domains(name, fingerprint, stats, threshold, far, calibration_pairs, created, "
                            "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (name, gallery.fingerprint, json.dumps(d["stats"]), d.get("threshold"), d.get("far"),
-                            d.get("calibration_pairs"), float(d.get("created") or time.time()),
-                            float(d.get("updated") or time.time())))
-                for p, v in zip(d["photos"], vecs, strict=True):
+                            d.get("calibration_pairs"), float(d.get("created") or now), float(d.get("updated") or now)))
+                for p, v in zip(d["photos"], d["photo_blobs"], strict=True):
                     tx.execute("INSERT INTO domain_photos(domain, content_hash, source, vector, created) "
                                "VALUES (?, ?, ?, ?, ?)", (name, p.get("content_hash"), p.get("source"), v,
-                                                          float(p.get("created") or time.time())))
+                                                          float(p.get("created") or now)))
+                for person, vector, raw in d["enrolled"]:
+                    tx.execute("UPDATE embeddings SET domain=?, raw=? WHERE id = (SELECT e.id FROM embeddings e JOIN "
+                               "identities i ON i.id = e.identity_id WHERE i.name=? AND e.vector=? AND e.domain IS "
+                               "NULL ORDER BY e.id LIMIT 1)", (name, raw, person, vector))
+
+
+def check_target(gallery, domains: list[dict]) -> None:
+    """Before an import writes a row: its domains must be of the gallery's model and new to it."""
+    from facemeta.gallery.domains import list_domains
+
+    present = {d.name for d in list_domains(gallery)}
+    for d in domains:
+        if d["fingerprint"] != gallery.fingerprint:
+            raise GalleryError(f"domain {d['name']!r} of the export was made with model {d['fingerprint']}, not "
+                               f"the gallery's {gallery.fingerprint}")
+        if d["name"] in present:
+            raise GalleryError(f"the gallery already has a domain named {d['name']!r}: import into a new gallery, "
+                               "or remove that domain first")

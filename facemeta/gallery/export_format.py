@@ -18,6 +18,7 @@ from typing import IO
 import numpy as np
 
 from facemeta.errors import GalleryError
+from facemeta.gallery.domain_files import check_exported
 from facemeta.gallery.validate import check_name, check_unlike, check_vectors
 
 MAGIC = b"FACEMETA-GALLERY\n"
@@ -248,7 +249,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict, Iterator[Chunk]]:
         header = _check_header(header, path)
         fh.seek(0)
         _read_header(fh, path)
-        models, people = set(), set()
+        models, people, domains = set(), set(), []
         for chunk in _scan(fh, path, header, st.st_size):
             if isinstance(chunk, Chunk):
                 models.update(chunk.fingerprints)
@@ -259,11 +260,16 @@ def read_export(path: str | os.PathLike) -> tuple[dict, Iterator[Chunk]]:
                     raise _damaged(path, str(exc)) from None
             elif chunk.get("people") != len(people) or len(people) != header["people"]:
                 raise _damaged(path, f"{len(people)} people where it says {header['people']}")
+            else:  # the trailer: named domains, if any (domain_files.py)
+                try:
+                    domains = check_exported(chunk.get("domains", []), header["dim"], header["fingerprint"])
+                except GalleryError as exc:
+                    raise _damaged(path, str(exc)) from None
         try:
             check_unlike(sorted(people), ())
         except GalleryError as exc:
             raise _damaged(path, str(exc)) from None
-    header = {**header, "row_fingerprints": sorted(models), "sha256": sha, "names": sorted(people)}
+    header = {**header, "row_fingerprints": sorted(models), "sha256": sha, "names": sorted(people), "domains": domains}
     return header, _chunks(path, header, st)
 
 

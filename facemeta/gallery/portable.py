@@ -12,7 +12,8 @@ File format, version 1 (JSON lines are UTF-8 and end in ``\\n``)::
       {"rows": n, "names": [...], "sources": [...], "scores": [...], "content_hashes": [...],
        "created": [...], "fingerprints": [...]}   one line: the n rows' metadata, column by column
       n * dim * 4 bytes                     the n vectors exactly as the gallery stores them (float32, little-endian)
-    {"end": true, "people": P, "embeddings": N}   trailer line
+    {"end": true, "people": P, "embeddings": N}   trailer line (with "domains": [...] when the gallery has
+                                           named domains: statistics, photos, enrolled rows; domain_files.py)
     SHA256 <64 hex digits>                  sha256 of every byte before this line
 
 Reading (facemeta.gallery.export_format) checks everything (magic, version, the checksum, then every line, count and name) before a
@@ -35,6 +36,7 @@ import numpy as np
 
 from facemeta.atomic import DiskFullError, OutputPathError, atomic_write, check_output
 from facemeta.errors import GalleryError
+from facemeta.gallery.domain_files import check_target, export_domains, import_domains
 from facemeta.gallery.export_format import (
     COLUMNS,
     FORMAT,
@@ -126,7 +128,9 @@ def export_gallery(gallery: Gallery, out: str | os.PathLike, progress: Progress 
                                        "when no enroll is running")
                 chunks.add(records, vectors)
             chunks.flush()
-            writer.write(_line({"end": True, "people": len(people), "embeddings": chunks.done}))
+            domains = export_domains(gallery)  # named domains (domain_files.py) ride in the trailer
+            writer.write(_line({"end": True, "people": len(people), "embeddings": chunks.done,
+                                **({"domains": domains} if domains else {})}))
             sha = writer.sha.hexdigest()
             fh.write(TAIL_PREFIX + sha.encode() + b"\n")
             size = fh.tell()
@@ -279,8 +283,10 @@ def _import(path: Path, target: Path, header: dict, chunks, override: bool, expe
                 check_unlike(sorted(set(header["names"]) - set(present)), present)
             except GalleryError as exc:
                 raise GalleryError(f"cannot import {path} into {target}: {exc}") from None
+            check_target(gallery, header["domains"])
             result = _write_rows(gallery, chunks, gallery.fingerprint, _Dedup(gallery), header["embeddings"],
                                  progress, batch_rows)
+            import_domains(gallery, header["domains"])
             total = len(gallery)
         return {"gallery": str(target), "new": False, "fingerprint": gallery.fingerprint, "total": total,
                 **result}
@@ -290,8 +296,10 @@ def _import(path: Path, target: Path, header: dict, chunks, override: bool, expe
     try:
         gallery = _create(target, header, fingerprint, create_kwargs)
         with gallery:
+            check_target(gallery, header["domains"])
             result = _write_rows(gallery, chunks, fingerprint, _Dedup(None), header["embeddings"], progress,
                                  batch_rows)
+            import_domains(gallery, header["domains"])
             total = len(gallery)
     except BaseException:
         if os.path.lexists(target / DB_NAME):  # ours: the folder was missing or empty
