@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 on success; 1 with a one-line error (no gallery, unknown name, damaged files, locked).
     list and info read the database only, so they work when the index file is damaged."""
     from facemeta.gallery import Gallery
+    from facemeta.gallery.domains import list_domains
 
     if args.action in ("export", "import"):
         return gallery_transfer.run(args)
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "info":
         with Gallery.open(args.gallery, load_index=False) as g:
             info = g.info()
+            info["domains"] = [d.to_dict() for d in list_domains(g)]
             if args.check:
                 info["check"] = g.check()
                 info["index_status"] = g.index_status()
@@ -63,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(info))
         else:
             info["created"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created"]))
+            info["domains"] = "; ".join(f"{d['name']}: {d['photos']} photos, " + (
+                f"threshold {d['threshold']:.4f} at FAR {d['far']:g}" if d["threshold"] is not None
+                else "threshold not calibrated (the gallery's is used)") for d in info["domains"]) or "none"
             for k, v in info.items():
                 print(f"{k}: {v}")
         if args.check and (info["check"]["database"] != "ok" or not info["check"]["index_matches_database"]):
