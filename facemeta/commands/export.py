@@ -22,8 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "OUT.json, written beside OUT.onnx, is the contract that says all of this: input name and\n"
                     "shape, image size, mean/std, the aligned chip (align_size, align_chip), embedding size,\n"
                     "threshold and threshold_far, the checkpoint's fingerprint, opset and facemeta version.\n\n"
-                    f"Before writing, ONNX Runtime is checked against torch on real faces (LFW photos of the\n"
-                    f"shared data aligned by facemeta, or --check-images): below cosine {PARITY_MIN_COSINE} the\n"
+                    f"Before writing, ONNX Runtime is checked against torch on the faces of --check-images\n"
+                    f"(aligned by facemeta), or on synthetic images: below cosine {PARITY_MIN_COSINE} the\n"
                     "export is refused and nothing is written. `facemeta verify --runtime onnx --onnx OUT.onnx`\n"
                     "uses the result.")
     p.add_argument("model", metavar="MODEL", nargs="?",
@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}, default {DEFAULT_OPSET})")
     p.add_argument("--check-images", nargs="+", metavar="IMAGE",
-                   help="photos for the parity check (one face each; default: LFW photos of the shared data)")
+                   help="photos for the parity check (one face each; default: synthetic images, a numerical check "
+                        "of the same graph)")
     p.add_argument("--json", action="store_true", help="print the contract as one JSON object")
     p.set_defaults(func=run)
 
