@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [(what, why) for what, why in result.skipped if not why.startswith(ALREADY_ENROLLED)]
     for what, why in failed:
         print(f"skipped {shown(what)}: {shown(why)}", file=sys.stderr)
+    for what, why in result.warnings:  # enrolled, but two faces competed to be the photo's subject
+        print(f"warning: {shown(what)}: {shown(why)}", file=sys.stderr)
     if result.already:
         print(f"skipped {result.already} image(s) already enrolled for the same person (--force adds them again)",
               file=sys.stderr)
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"gallery": args.gallery, "added": result.added, "skipped": result.skipped,
                           "already_enrolled": result.already, "domain": args.domain,
+                          "warnings": [{"image": what, "warning": why} for what, why in result.warnings],
                           "identities": info["identities"], "embeddings": info["embeddings"]}))
     elif not result.total:
         print(f"nothing new to enroll into {args.gallery}: {result.already} image(s) already enrolled "
