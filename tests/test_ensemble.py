@@ -1,0 +1,85 @@
+"""Ensembles (facemeta.models.ensemble): dlib's prior and SFace as one model, each member on its own chip of the
+same landmarks; one checkpoint (one fingerprint, one threshold) that round-trips through safetensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facemeta.errors import CheckpointError
+
+pytest.importorskip("onnx", reason="SFace's converter reads its file with the onnx package (the prior extra)")
+
+
+@pytest.fixture(scope="module")
+def members():
+    """dlib's prior (dlib chip, 150 px) and SFace (ArcFace chip, 112 px), zero-shot."""
+    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
+
+    models = []
+    for backbone, size, head in (("dlib_resnet29", 150, "linear"), ("sface", 112, "insightface")):
+        mean, std = default_normalisation(backbone)
+        config = ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean, std=std)
+        models.append(build_model(config, pretrained_path=installed_weights(backbone)).eval())
+    return models
+
+
+@pytest.fixture(scope="module")
+def chips(aligned_sample):
+    """4 LFW faces on both chips, warped from the same detected landmarks: (dlib 150 px, ArcFace 112 px)."""
+    from facemeta.align.warp import warp_face
+    from facemeta.data.manifest import parse_landmarks
+    from facemeta.images import load_image
+
+    rows = [r for r in aligned_sample("lfw", 40)[1] if r.extra.get("landmarks")][:4]
+    dlib, arc = [], []
+    for r in rows:
+        image, points = load_image(r.extra["source"]), np.array(parse_landmarks(r.extra["landmarks"]), np.float32)
+        dlib.append(warp_face(image, points, 150, chip="dlib"))
+        arc.append(warp_face(image, points, 112, chip="arcface"))
+    return np.stack(dlib), np.stack(arc)
+
+
+def test_ensemble_is_the_mean_of_its_members(members, chips):
+    from facemeta.models.backbone import embed
+    from facemeta.models.ensemble import ensemble_of
+
+    model = ensemble_of(members, [("dlib", 150), ("arcface", 112)])
+    assert model.chips == [("dlib", 150), ("arcface", 112)] and model.embedding_size == 256
+    vectors = model.embed(list(chips), flip=False)
+    assert vectors.shape == (4, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    a, b = (embed(m, c, flip=False) for m, c in zip(members, chips, strict=True))
+    assert np.allclose(vectors @ vectors.T, (a @ a.T + b @ b.T) / 2, atol=1e-5)
+    weighted = ensemble_of(members, [("dlib", 150), ("arcface", 112)], weights=[3.0, 1.0]).embed(list(chips), flip=False)
+    assert np.allclose(weighted @ weighted.T, (3 * a @ a.T + b @ b.T) / 4, atol=1e-5)
+    with pytest.raises(ValueError, match="one per chip"):
+        model.embed([chips[0]], flip=False)
+    with pytest.raises(ValueError, match="chip"):
+        ensemble_of(members, [("dlib", 150), ("insightface", 112)])
+
+
+def test_ensemble_checkpoint_round_trip(members, chips, tmp_path):
+    from facemeta.embedder import file_fingerprint
+    from facemeta.models.checkpoint import load_checkpoint, save_checkpoint
+    from facemeta.models.ensemble import EnsembleModel, ensemble_of, load_model, save_ensemble
+
+    model = ensemble_of(members, [("dlib", 150), ("arcface", 112)])
+    path = save_ensemble(model, tmp_path / "ens.safetensors", meta={"threshold": 0.5, "threshold_far": 1e-3})
+    loaded, meta = load_model(path)
+    assert isinstance(loaded, EnsembleModel) and meta["threshold"] == 0.5
+    assert loaded.chips == model.chips
+    assert np.array_equal(loaded.embed(list(chips), flip=False), model.embed(list(chips), flip=False))
+    assert len(file_fingerprint(path)) == 16  # one file: one fingerprint for galleries
+    # a loader of single models refuses it in one line; load_model loads single models as before
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    single = save_checkpoint(members[1], tmp_path / "single.safetensors", meta={"align_size": 112})
+    assert type(load_model(single)[0]) is type(members[1])
+    # a damaged file is refused in one line
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "broken.json").write_text((tmp_path / "ens.json").read_text())
+    with pytest.raises(CheckpointError) as info:
+        load_model(broken)
+    assert "\n" not in str(info.value)
