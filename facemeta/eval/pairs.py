@@ -6,18 +6,14 @@ Scores of many pairs are computed from the Gram matrix when it fits in memory (2
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from facemeta.data.manifest import ManifestRow
-
-# Extra columns that may hold the raw image a row was aligned from (alignment keeps extras).
-SOURCE_KEYS = ("source", "source_path", "src", "src_path", "original", "orig_path", "raw_path")
+from facemeta.data.matching import SOURCE_KEYS, RowLookup  # noqa: F401  (SOURCE_KEYS: re-exported)
 
 
 def all_pairs(identities: Sequence[str] | np.ndarray, max_pairs: int = 50_000_000
@@ -66,52 +62,14 @@ class PairMatch:
     missing: list[tuple[str, str]]
 
 
-def _norm(path: str | os.PathLike) -> str:
-    return os.path.normcase(os.path.abspath(os.path.normpath(str(path))))
-
-
-def _row_index(rows: Sequence[ManifestRow]) -> tuple[dict[str, int], dict[str, int]]:
-    """Lookups path -> row and unique file stem -> row (stems shared by rows are left out)."""
-    by_path: dict[str, int] = {}
-    by_stem: dict[str, int] = {}
-    ambiguous: set[str] = set()
-    for i, row in enumerate(rows):
-        paths = [row.path] + [row.extra[k] for k in SOURCE_KEYS if row.extra.get(k)]
-        for p in paths:
-            by_path.setdefault(_norm(p), i)
-            by_path.setdefault(str(p), i)
-            stem = f"{row.identity}/{Path(p).stem}"
-            if stem in by_stem and by_stem[stem] != i:
-                ambiguous.add(stem)
-            by_stem.setdefault(stem, i)
-            bare = Path(p).stem
-            if bare in by_stem and by_stem[bare] != i:
-                ambiguous.add(bare)
-            by_stem.setdefault(bare, i)
-    for key in ambiguous:
-        by_stem.pop(key, None)
-    return by_path, by_stem
-
-
 def match_pairs(rows: Sequence[ManifestRow], pairs: Sequence) -> PairMatch:
     """Map pairs (objects with a, b, same, fold; e.g. facemeta.data.sets.Pair) onto row indices.
 
-    A pair path matches a row's path, a source-path extra (the raw image an aligned row came from),
-    or, failing that, a file stem that only one row has (aligned copies keep the raw image's stem,
-    e.g. Aaron_Peirsol_0001). Pairs with an image absent from the rows (failed alignment) are listed
+    A pair path matches a row by facemeta.data.matching's rule (its path, a source-path extra, or a file stem
+    that only one row has; the same rule chooses the images a pair list needs before alignment). Pairs with an image absent from the rows (failed alignment) are listed
     in `missing`, not silently scored.
     """
-    by_path, by_stem = _row_index(rows)
-
-    def find(p: str) -> int | None:
-        for key in (str(p), _norm(p)):
-            if key in by_path:
-                return by_path[key]
-        path = Path(p)
-        for key in (f"{path.parent.name}/{path.stem}", path.stem):
-            if key in by_stem:
-                return by_stem[key]
-        return None
+    find = RowLookup(rows).find  # the one rule (facemeta.data.matching)
 
     ia, ib, same, fold, missing = [], [], [], [], []
     for pair in pairs:

@@ -1,15 +1,16 @@
 """What an evaluation scores: the aligned rows of a shared set (with its pairs protocol, or all pairs), of a
-folder of images, or of a manifest, aligned through the cache (only the images the protocol needs)."""
+folder of images, or of a manifest, aligned through the cache (only the images the protocol needs; shared sets
+through facemeta.align.cache.prepare_set, the one data preparation)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from facemeta.align.cache import aligned_dir
+from facemeta.align.cache import RowSelection, aligned_dir, prepare_set, select_rows
 from facemeta.align.pipeline import align_rows
-from facemeta.data.manifest import first_per_identity, read_manifest
-from facemeta.data.sets import PAIR_SETS, PRE_CROPPED_SETS, SET_NAMES
+from facemeta.data.manifest import read_manifest
+from facemeta.data.sets import PAIR_SETS, SET_NAMES
 from facemeta.errors import ConfigError
 
 
@@ -20,35 +21,31 @@ def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds
 
     Only the images a protocol needs are aligned (LFW pairs.txt folds name about 7.7k of its 13k images).
     """
+    limit = RowSelection(limit_per_identity=limit_per_identity)
     if set_name in SET_NAMES:
-        from facemeta.data.sets import read_pairs, read_set
+        from facemeta.data.sets import read_pairs
 
         use_pairs = set_name in PAIR_SETS and protocol != "all"
         if protocol == "pairs" and set_name not in PAIR_SETS:
             raise ConfigError(f"--protocol pairs: set '{set_name}' has no pair list (use all)")
-        raw = read_set(set_name, data)
         pairs = None
         if use_pairs:
             pairs = read_pairs(set_name, data)
             if folds:
                 pairs = [p for p in pairs if p.fold in folds]
-            wanted = {str(Path(p.a)) for p in pairs} | {str(Path(p.b)) for p in pairs}
-            raw = [r for r in raw if str(Path(r.path)) in wanted]
-        else:
-            raw = first_per_identity(raw, limit_per_identity)
-        rows, _failures = align_rows(raw, aligned_dir(set_name, align_size, chip, cache), size=align_size,
-                                     pre_cropped=set_name in PRE_CROPPED_SETS, progress=progress, chip=chip)
+        rows, _failures = prepare_set(set_name, align_size, chip, RowSelection(pairs=pairs) if use_pairs else limit,
+                                      data, cache, progress=progress)
         label = set_name + (" pairs.txt" if use_pairs else " all pairs")
         if use_pairs and folds:
             label += f" folds {','.join(str(f) for f in sorted(folds))}"
         return rows, pairs, label
     path = Path(set_name).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
-        return first_per_identity(read_manifest(path), limit_per_identity), None, f"{path.name} all pairs"
+        return select_rows(read_manifest(path), limit), None, f"{path.name} all pairs"
     if path.is_dir():
         from facemeta.data.folder import image_folder
 
-        raw = first_per_identity(image_folder(path), limit_per_identity)
+        raw = select_rows(image_folder(path), limit)
         if not raw:
             raise ConfigError(f"--set {set_name}: no images in this folder")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from facemeta.data.manifest import first_per_identity
+from facemeta.align.cache import RowSelection, prepare_set
 from facemeta.experiments.presets import BenchPreset, grid, run_config, run_dir
 from facemeta.experiments.summary import write_summary
 from facemeta.train.data import prepare_data
@@ -43,7 +43,6 @@ def _lfw_pairs(k: int | None, root: str | None = None) -> list:
 
 def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dict[str, Any]:
     """Metrics of one trained model on its unseen target (and MFR2's pairs) and LFW folds 6-10."""
-    from facemeta.align.cache import aligned_set
     from facemeta.data.sets import read_pairs
     from facemeta.eval.benchmark import evaluate_rows
     from facemeta.models.checkpoint import load_checkpoint
@@ -51,8 +50,8 @@ def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dic
     model, _ = load_checkpoint(model_path)
     size, chip, root, cache = cfg.data.align_size, cfg.data.align_chip, cfg.data.root, cfg.data.cache
     out: dict[str, Any] = {}
-    rows = first_per_identity(aligned_set(target, size, data=root, cache=cache, chip=chip),
-                              preset.target_limit_per_identity)
+    rows, _ = prepare_set(target, size, chip, RowSelection(limit_per_identity=preset.target_limit_per_identity), root,
+                          cache, cfg.data.align_workers)
     out[target] = evaluate_rows(model, rows, flip=preset.flip)
     if target == "mfr2":
         out["mfr2-pairs"] = evaluate_rows(model, rows, pairs=read_pairs("mfr2", root), flip=preset.flip)
@@ -65,15 +64,8 @@ def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dic
 def _lfw_eval_rows(k: int | None, root: str | None, cache: str | None, size: int, workers: int,
                    chip: str = "arcface") -> tuple[list, list]:
     """LFW folds 6-10 pairs and their aligned rows, aligned (cached) once per process, not once per run."""
-    from facemeta.align.cache import aligned_dir
-    from facemeta.align.pipeline import align_rows
-    from facemeta.data.sets import read_set
-
     pairs = _lfw_pairs(k, root)
-    wanted = {Path(p).stem for pr in pairs for p in (pr.a, pr.b)}
-    raw = [r for r in read_set("lfw", root) if Path(r.path).stem in wanted]
-    rows, _ = align_rows(raw, aligned_dir("lfw", size, chip, cache), size=size, workers=workers,
-                         progress=False, chip=chip)
+    rows, _ = prepare_set("lfw", size, chip, RowSelection(pairs=pairs), root, cache, workers)
     return pairs, rows
 
 

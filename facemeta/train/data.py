@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from facemeta.align.cache import RowSelection, group_by_identity, prepare_set
 from facemeta.data.manifest import ManifestRow
 from facemeta.errors import ConfigError
 from facemeta.train.config import SourceSpec, TrainConfig
@@ -39,31 +40,11 @@ class SourceData:
         return out
 
 
-def group_by_identity(rows: list[ManifestRow]) -> dict[str, list[ManifestRow]]:
-    """Rows by identity, in their original order."""
-    groups: dict[str, list[ManifestRow]] = defaultdict(list)
-    for r in rows:
-        groups[r.identity].append(r)
-    return groups
-
-
-def select_source_rows(spec: SourceSpec, root: str | None = None) -> list[ManifestRow]:
-    """The raw (unaligned) rows a source spec asks for: people folds, min images, size caps."""
-    from facemeta.data.sets import read_set
-
-    rows = read_set(spec.set, root)
-    if spec.people_folds:
-        folds = {str(f) for f in spec.people_folds}
-        rows = [r for r in rows if r.extra.get("people_fold") in folds]
-    groups = group_by_identity(rows)
-    names = sorted(n for n, g in groups.items() if len(g) >= spec.min_images)
-    if spec.max_identities is not None:
-        names = names[:spec.max_identities]
-    out: list[ManifestRow] = []
-    for n in names:
-        g = groups[n]
-        out.extend(g[:spec.limit_per_identity] if spec.limit_per_identity else g)
-    return out
+def source_selection(spec: SourceSpec) -> RowSelection:
+    """The rows of its set a source spec asks for: people folds, min images, size caps."""
+    return RowSelection(people_folds=tuple(spec.people_folds) if spec.people_folds else None,
+                        min_images=spec.min_images, max_identities=spec.max_identities,
+                        limit_per_identity=spec.limit_per_identity)
 
 
 def heldout_identities(names: list[str], fraction: float, minimum: int, keep: int) -> set[str]:
@@ -79,16 +60,12 @@ def heldout_identities(names: list[str], fraction: float, minimum: int, keep: in
 def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
     """Align (cached) the source domains' selected images and split identities train / held-out.
 
-    Images are aligned into facemeta.align.pipeline.aligned_dir (shared with aligned_set);
+    Images are read, selected and aligned by facemeta.align.cache.prepare_set (the one data preparation);
     identities with fewer than `min_images` aligned images are dropped. Identity names are made
     set-qualified (``lfw/Name``) so classes of different sets never merge; a styled domain of a set
     (``lfw+mask``, facemeta.data.styles) shares its set's classes, holds out nobody itself, and
     trains nobody held out of that set.
     """
-    from facemeta.align.cache import aligned_dir
-    from facemeta.align.pipeline import align_rows
-    from facemeta.data.sets import PRE_CROPPED_SETS
-
     train: list[ManifestRow] = []
     heldout: list[ManifestRow] = []
     failures: dict[str, int] = {}
@@ -96,11 +73,8 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> SourceData:
     held_of_set: dict[str, set[str]] = defaultdict(set)  # people held out of each set, over all its specs
     # natural domains first: a styled domain's people are those of its set minus everyone held out of that set
     for spec in sorted(cfg.data.sources, key=lambda s: s.style is not None):
-        raw = select_source_rows(spec, cfg.data.root)
-        dst = aligned_dir(spec.set, cfg.data.align_size, cfg.data.align_chip, cfg.data.cache)
-        aligned, failed = align_rows(raw, dst, size=cfg.data.align_size, workers=cfg.data.align_workers,
-                                     pre_cropped=spec.set in PRE_CROPPED_SETS, progress=progress,
-                                     chip=cfg.data.align_chip)
+        aligned, failed = prepare_set(spec.set, cfg.data.align_size, cfg.data.align_chip, source_selection(spec),
+                                      cfg.data.root, cfg.data.cache, cfg.data.align_workers, progress)
         failures[spec.domain] = len(failed)
         groups = {n: g for n, g in group_by_identity(aligned).items() if len(g) >= spec.min_images}
         held = heldout_identities(sorted(groups), cfg.eval.heldout_fraction, cfg.eval.min_heldout, keep)

@@ -25,10 +25,8 @@ TEACHER_CHIP, TEACHER_SIZE = "dlib", 150
 def teacher_embeddings(rows: list[ManifestRow], cache: str | os.PathLike | None = None, workers: int = 2,
                        progress: bool = False) -> np.ndarray:
     """The prior's unit embedding [N, 128] of each row's source face (NaN rows where no dlib chip was made)."""
-    from facemeta.align.cache import aligned_dir
-    from facemeta.align.pipeline import align_rows
+    from facemeta.align.cache import align_set_rows
     from facemeta.atomic import atomic_write
-    from facemeta.data.sets import PRE_CROPPED_SETS
     from facemeta.data.styles import source_set
     from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE, prior_weights_path
     from facemeta.paths import cache_root
@@ -46,9 +44,7 @@ def teacher_embeddings(rows: list[ManifestRow], cache: str | os.PathLike | None 
         by_set[source_set(r.domain)].append(ManifestRow(src, r.identity, r.domain, {}))
     chip_of: dict[str, str] = {}
     for name, raw in by_set.items():
-        aligned, _failed = align_rows(raw, aligned_dir(name, TEACHER_SIZE, TEACHER_CHIP, cache), size=TEACHER_SIZE,
-                                      workers=workers, pre_cropped=name in PRE_CROPPED_SETS, progress=progress,
-                                      chip=TEACHER_CHIP)
+        aligned, _failed = align_set_rows(name, raw, TEACHER_SIZE, TEACHER_CHIP, cache, workers, progress)
         chip_of.update({a.extra["source"]: a.path for a in aligned})
     vectors = np.full((len(rows), PRIOR_EMBEDDING_SIZE), np.nan, dtype=np.float32)
     have = [i for i, s in enumerate(sources) if s in chip_of]
