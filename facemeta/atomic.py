@@ -32,8 +32,12 @@ class DiskFullError(FacemetaError, OSError):
     def __init__(self, path: str | os.PathLike) -> None:
         FacemetaError.__init__(self, f"disk full: {path} was not written (the file system has no space left; "
                                      "free some and run the command again)")
+        self.message = self.args[0]
         self.errno = errno.ENOSPC
         self.strerror = "No space left on device"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # Guards: each takes a resolved output path and returns why it must not be written (None: no objection).

@@ -8,6 +8,7 @@ parser) and ``run(args) -> int``. Heavy imports (torch, MTCNN) happen inside ``r
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import sys
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FacemetaError as exc:
         print(f"facemeta {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a full or read-only disk: one line, not a traceback
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        what = "disk full" if exc.errno != errno.EROFS else "read-only file system"
+        print(f"facemeta {args.command}: error: {what}: {exc.filename or exc.strerror}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"facemeta {args.command}: interrupted", file=sys.stderr)

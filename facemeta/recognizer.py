@@ -261,8 +261,11 @@ class FaceRecognizer(DomainVerbs):
                 try:
                     r = self.enroll(name, files, on_image=(lambda _p: bar.update(1)) if bar else None, force=force,
                                     domain=domain)
-                except GalleryError:
-                    raise  # the gallery itself (locked, another model, damaged): no point going on
+                except GalleryError as exc:  # the gallery itself (locked, damaged, a full disk): no point going on
+                    if not result.added:
+                        raise
+                    raise GalleryError(f"{exc}; enrolled and committed before it: {len(result.added)} people, "
+                                       f"{result.total} photos (a rerun skips them)") from None
                 except FacemetaError as exc:  # no usable face, or another problem of this person's photos
                     result.skipped.append((folder, one_line(exc, limit=1000)))
                     continue

@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +399,131 @@ def test_a_writer_never_overwrites_the_file_it_reads(tmp_path):
             with atomic_write(out, reading=[src]) as fh:
                 fh.write("lost")
     assert src.read_text() == "keep"
+
+
+# ------------------------------------------------------------------ 7, 8: read-only galleries, full disks
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 300 KB tmpfs mounted at tmp_path/mnt (root only; skipped where mounting is not permitted)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()[:120]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def remount(mnt: Path, how: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{how}", str(mnt)], check=True)
+
+
+def test_a_read_only_gallery_is_read_and_a_write_says_read_only(small_mount, data_dir, model, capsys):
+    orl = data_dir / "orl"
+    g = small_mount / "G"
+    for s in ("s1", "s2"):
+        code, _, err = cli(capsys, "enroll", g, s, orl / s / "1.pgm", "--model", model)
+        assert code == 0, err
+    before, held = state(g), files(g)
+    remount(small_mount, "ro")
+    code, out, err = cli(capsys, "gallery", "list", g)
+    assert code == 0 and "s1" in out and "s2" in out, err
+    code, out, err = cli(capsys, "gallery", "info", g, "--check", "--json")
+    assert code == 0 and json.loads(out)["check"]["database"] == "ok", err
+    code, out, err = cli(capsys, "identify", g, orl / "s2" / "2.pgm", "--model", model, "--json")
+    assert code == 0, err
+    code, out, err = cli(capsys, "gallery", "export", g, small_mount.parent / "g.fmg")
+    assert code == 0, err
+    for argv in (["enroll", g, "s3", orl / "s3" / "1.pgm", "--model", model], ["gallery", "rename", g, "s1", "x"],
+                 ["gallery", "remove", g, "s1"], ["gallery", "repair", g]):
+        code, _, err = cli(capsys, *argv)
+        one_line_error(code, err, argv[0], "read-only")
+    assert files(g) == held
+    remount(small_mount, "rw")
+    assert state(g) == before
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` up, then give back ``leave`` bytes; returns the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while fh.write(b"\0" * 4096):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def test_a_full_disk_is_told_as_disk_full_with_what_was_committed(small_mount, data_dir, model, capsys):
+    orl = data_dir / "orl"
+    g = small_mount / "G"
+    code, _, err = cli(capsys, "enroll", g, "s1", orl / "s1" / "1.pgm", "--model", model)
+    assert code == 0, err
+    before = state(g)
+    folder = small_mount.parent / "people"
+    for i in range(2, 12):
+        (folder / f"s{i}").mkdir(parents=True)
+        for n in (1, 2, 3):
+            shutil.copy(orl / f"s{i}" / f"{n}.pgm", folder / f"s{i}" / f"{n}.pgm")
+    filler = fill(small_mount)
+    code, out, err = cli(capsys, "enroll", g, "--folder", folder, "--model", model, "--no-progress")
+    line = one_line_error(code, err.split("facemeta: warning:")[0], "enroll", "disk full", "not committed")
+    filler.unlink()
+    assert state(g) == before and "committed before it" not in line  # nothing fitted: no one was added
+    # some room: a few people fit, the rest do not, and the message counts those committed
+    filler = fill(small_mount, leave=24 << 10)
+    code, out, err = cli(capsys, "enroll", g, "--folder", folder, "--model", model, "--no-progress")
+    lines = [x for x in err.strip().splitlines() if not x.startswith("facemeta: warning:")]
+    assert code == 1 and len(lines) == 1 and "disk full" in lines[0] and "Traceback" not in err, err
+    filler.unlink()
+    after = state(g)
+    added = [p for p in after[0] if p not in before[0]]
+    if added:
+        assert f"committed before it: {len(added)} people, {3 * len(added)} photos" in lines[0], (lines, added)
+    code, out, err = cli(capsys, "gallery", "info", g, "--check", "--json")
+    check = json.loads(out)["check"]
+    assert code == 0 and check["database"] == "ok" and check["index_matches_database"], (out, err)
+
+
+def test_an_injected_enospc_leaves_every_file_and_says_so(tmp_path, monkeypatch, capsys, caplog):
+    import sqlite3
+
+    from facemeta import atomic
+    from facemeta.gallery import records
+
+    g = make(tmp_path / "G", ["Tony Blair"])
+    before = state(g)
+    (tmp_path / "old.fmg").write_bytes(b"an earlier export")
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    code, out, err = cli(capsys, "gallery", "export", g, tmp_path / "old.fmg")
+    one_line_error(code, err, "gallery", "disk full", "old.fmg was not written")
+    assert (tmp_path / "old.fmg").read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G", "old.fmg"]
+    # the index cannot be saved at close: a warning, the change is committed, the next open catches up
+    with Gallery.open(g, mode="w") as w:
+        w.enroll("Colin Powell", unit(1, 9), fingerprint=FP)
+    assert "disk full" in caplog.text and "committed" in caplog.text
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    assert state(g)[0] == sorted([*before[0], ("Colin Powell", 1)])
+    # SQLite's own full disk inside a change: one line, nothing of the change committed
+    def sqlite_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(records.Change, "add_embedding", sqlite_full)
+    with Gallery.open(g, mode="w") as w, pytest.raises(GalleryError, match="disk full.*not committed") as err:
+        w.enroll("Ada", unit(1, 10), fingerprint=FP)
+    assert "\n" not in str(err.value)
+    assert state(g)[0] == sorted([*before[0], ("Colin Powell", 1)])

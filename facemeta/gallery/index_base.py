@@ -13,13 +13,17 @@ is brought up to date by id when it lags, and can always be rebuilt from the dat
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
+from facemeta.atomic import DiskFullError
 from facemeta.gallery.faiss_index import IndexSpec
 from facemeta.gallery.ranking import IdMap
 from facemeta.gallery.records import Records
+
+log = logging.getLogger("facemeta.gallery")
 
 MEAN_CACHE_LIMIT = 10_000  # identities whose vectors are kept for mean scoring before the cache is dropped
 
@@ -87,7 +91,11 @@ class IndexBase:
         self.dirty = True
         self.drop_caches()
         if time.monotonic() - self.last_save >= self.save_interval:
-            self.save()
+            try:
+                self.save()
+            except DiskFullError as exc:  # the change is committed; the index is a cache, saved at close
+                self.last_save = time.monotonic()
+                log.warning("facemeta: warning: %s; the change is committed in the gallery database", exc)
 
     def save(self) -> None:  # pragma: no cover - every backend defines it
         """Make the backend's state durable (the FAISS file; a Milvus flush)."""
@@ -99,4 +107,8 @@ class IndexBase:
     def close(self) -> None:
         """Save what changed (writer)."""
         if self.writable and self.dirty:
-            self.save()
+            try:
+                self.save()
+            except DiskFullError as exc:  # the database has every change: the next open catches the index up
+                log.warning("facemeta: warning: %s; every change is committed in the gallery database, and the "
+                            "next open brings the index up to date", exc)

@@ -31,6 +31,9 @@ def open_lock_file(path: Path) -> int:
         if exc.errno == errno.ELOOP:
             raise GalleryError(f"the gallery lock {path} is a symbolic link; refusing to follow it "
                                "(a gallery's files must be plain files inside its folder: remove the link)") from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise GalleryError(f"gallery {path.parent} is read-only (a read-only folder or mount): this command "
+                               "changes it; list, info, identify, verify and export only read it") from None
         raise GalleryError(f"cannot open the gallery lock {path}: {exc.strerror}") from None
     st = os.fstat(fd)
     problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)

@@ -196,7 +196,8 @@ class Records:
                     self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    self.conn.execute("ROLLBACK")
                 raise
         return True
 
@@ -258,7 +259,8 @@ class Records:
                                   (self.generation, hex_digest(digest)))
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    self.conn.execute("ROLLBACK")
                 raise
         self.digest = digest
 
@@ -283,7 +285,8 @@ class Records:
                 fault("before_commit")
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    self.conn.execute("ROLLBACK")
                 raise
         self.generation, self.digest = gen, digest
 

@@ -71,9 +71,25 @@ def db_errors(path: Path) -> Iterator[None]:
         text = str(exc)
         if "locked" in text or "busy" in text:
             raise GalleryError(f"gallery database {path} is busy: {text}") from None
+        if "disk is full" in text or ("disk I/O error" in text and _full(path)):
+            raise GalleryError(f"disk full: gallery database {path} has no space left; the change in flight was "
+                               "not committed (every change before it is)") from None
+        if "readonly" in text or "read-only" in text:
+            raise GalleryError(f"gallery database {path} is read-only (a read-only file, folder or mount): "
+                               "this command changes it") from None
         raise GalleryError(f"gallery database {path} is unreadable or corrupt: {text}") from None
     except sqlite3.DatabaseError as exc:
         raise GalleryError(f"gallery database {path} is corrupt: {exc}") from None
+
+
+def _full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has no block left for this user (SQLite reports a full disk
+    while writing its WAL as an I/O error)."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail == 0
 
 
 def check_sqlite_header(db: Path) -> None:
@@ -127,6 +143,22 @@ def connect(db: Path, writable: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
     else:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(f"file:{db}?{_reader_mode(db)}", uri=True, isolation_level=None,
+                               check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+def _reader_mode(db: Path) -> str:
+    """How a reader opens the database: ``mode=ro``, or, where the folder cannot be written (a read-only
+    mount or folder: SQLite could not create the WAL's shared-memory file), ``immutable=1``, which is safe
+    there because no one can change the file; a read-only folder holding an unfinished WAL is refused."""
+    if os.access(db.parent, os.W_OK):
+        return "mode=ro"
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    if wal.exists() and wal.stat().st_size > 0 and shm.exists():
+        return "mode=ro"  # SQLite (3.22 and later) reads a WAL beside its shared-memory file without writing
+    if wal.exists() and wal.stat().st_size > 0:
+        raise GalleryError(f"gallery {db.parent} is read-only and its last changes are still in {wal.name}: "
+                           "open it once where it can be written (e.g. `facemeta gallery info`) to fold them in")
+    return "mode=ro&immutable=1"
