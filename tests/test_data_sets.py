@@ -131,7 +131,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
     (tmp_path / "yaleb").mkdir()
     with pytest.raises(SetNotFoundError, match="holds no images"):
         read_set("yaleb", tmp_path)
-    assert set(SETS) == {"lfw", "yaleb", "mfr2", "orl"}
+    assert set(SETS) == {"lfw", "yaleb", "mfr2", "orl", "ar", "thermal"}
 
 
 def _mini_lfw(src: Path, dst: Path) -> Path:

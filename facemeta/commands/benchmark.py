@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+
+# Benchmarks run by name instead of a preset: name -> module with add_options(group) and run(args).
+NAMED = {"cross-domain": "facemeta.commands.bench_cross_domain"}
 
 
 def _list(text: str) -> list[str]:
@@ -21,8 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "results.md (mean ± std, best in bold), results.json and ROC PNGs per target to "
                     "benchmarks/results/<preset>/. Resumable: finished runs are skipped. Presets: "
                     f"facemeta/configs/bench/ ({names}) or a YAML file. Method `teacher`: the "
-                    "starting weights themselves, zero-shot (run once per target).")
-    p.add_argument("preset", metavar="PRESET", help=f"benchmark preset name ({names}) or YAML file")
+                    "starting weights themselves, zero-shot (run once per target). Named benchmarks with options "
+                    "of their own: " + "; ".join(importlib.import_module(m).DESCRIPTION for m in NAMED.values()))
+    p.add_argument("preset", metavar="PRESET",
+                   help=f"benchmark preset name ({names}) or YAML file, or a named benchmark ({', '.join(NAMED)})")
     p.add_argument("--methods", type=_list, help="comma list, e.g. erm,mfr (default: the preset's)")
     p.add_argument("--targets", type=_list, help="comma list of yaleb,orl,mfr2 (default: the preset's)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _list(s)], help="comma list of seeds")
@@ -33,11 +39,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--summary-only", action="store_true",
                    help="train nothing: write the tables from the runs finished so far (to commit a long run's "
                         "cells as they finish)")
+    for name, module in NAMED.items():
+        importlib.import_module(module).add_options(p.add_argument_group(f"{name} options"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the grid (skipping finished runs) and write the summary files."""
+    """A named benchmark (NAMED), or the preset's grid (skipping finished runs) and its summary files."""
+    if args.preset in NAMED:
+        return importlib.import_module(NAMED[args.preset]).run(args)
     from pathlib import Path
 
     from facemeta.errors import ConfigError

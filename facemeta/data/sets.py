@@ -21,6 +21,7 @@ from facemeta.data.folder import is_image_name
 from facemeta.data.manifest import ManifestRow
 from facemeta.errors import FacemetaError
 from facemeta.paths import DataNotFoundError, data_root
+from facemeta.registry import Registry
 
 
 class SetNotFoundError(DataNotFoundError, FacemetaError):
@@ -41,8 +42,12 @@ class Pair:
     fold: int
 
 
+# The shared sets: name -> reader of its folder (registered on each reader below, in the order the sets are listed).
+SETS: Registry[Callable[..., list[ManifestRow]]] = Registry("set", error=FacemetaError)
+
 # A file or folder inside a set's folder that tells the set apart (to accept the set folder itself as root).
-_MARKERS = {"lfw": "images", "yaleb": "yaleB01", "mfr2": "mfr2_labels.txt", "orl": "s1"}
+_MARKERS = {"lfw": "images", "yaleb": "yaleB01", "mfr2": "mfr2_labels.txt", "orl": "s1", "ar": "001",
+            "thermal": "subsets.txt"}
 
 
 def set_folder(name: str, root: str | os.PathLike | None = None) -> Path:
@@ -135,6 +140,7 @@ def read_people(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     return people
 
 
+@SETS.register("lfw")
 def _read_lfw(folder: Path) -> list[ManifestRow]:
     images = folder / "images"
     if not images.is_dir():
@@ -160,6 +166,7 @@ YALEB_NAME = re.compile(r"^(?P<subject>yaleB\d+)_P(?P<pose>\d+)A(?P<az>[+-]\d+)E
 YALEB_AMBIENT = re.compile(r"^(?P<subject>yaleB\d+)_P(?P<pose>\d+)_Ambient\.(png|pgm)$", re.IGNORECASE)
 
 
+@SETS.register("yaleb")
 def _read_yaleb(folder: Path, include_ambient: bool = True) -> list[ManifestRow]:
     rows = []
     for subject in _subdirs(folder):
@@ -196,6 +203,7 @@ def mfr2_image_path(folder: Path, name: str, number: int) -> str:
     return str(folder / name / f"{name}_{number:04d}.png")
 
 
+@SETS.register("mfr2")
 def _read_mfr2(folder: Path) -> list[ManifestRow]:
     labels_file = folder / "mfr2_labels.txt"
     masks: dict[tuple[str, int], str] = {}
@@ -223,6 +231,7 @@ def _read_mfr2(folder: Path) -> list[ManifestRow]:
 ORL_NAME = re.compile(r"^(?P<num>\d+)\.pgm$", re.IGNORECASE)
 
 
+@SETS.register("orl")
 def _read_orl(folder: Path) -> list[ManifestRow]:
     rows = []
     for subject in _subdirs(folder):
@@ -237,15 +246,82 @@ def _read_orl(folder: Path) -> list[ManifestRow]:
     return rows
 
 
-SETS: dict[str, Callable[..., list[ManifestRow]]] = {
-    "lfw": _read_lfw, "yaleb": _read_yaleb, "mfr2": _read_mfr2, "orl": _read_orl}
+# ------------------------------------------------------------------------------------------------- AR
+
+AR_NAME = re.compile(r"^face_(?P<subject>\d+)_(?P<num>\d{2})\.png$", re.IGNORECASE)
+# AR's 13 conditions per session, in its own order (../shared/data/README.md): image yy of session 1 is
+# condition yy, of session 2 condition yy - 13. Each condition also has a group (the benchmark's probe domains).
+AR_CONDITIONS = ("neutral", "smile", "anger", "scream", "left light", "right light", "both lights", "sunglasses",
+                 "sunglasses + left light", "sunglasses + right light", "scarf", "scarf + left light",
+                 "scarf + right light")
+AR_GROUPS = ("neutral", "expression", "expression", "expression", "light", "light", "light", "sunglasses",
+             "sunglasses", "sunglasses", "scarf", "scarf", "scarf")
+
+
+def ar_condition(number: int) -> tuple[int, str, str]:
+    """AR image number 1..26 -> (session 1 or 2, condition, group)."""
+    if not 1 <= number <= 26:
+        raise DataFormatError(f"AR image numbers run from 01 to 26, not {number:02d}")
+    k = (number - 1) % 13
+    return (1 if number <= 13 else 2), AR_CONDITIONS[k], AR_GROUPS[k]
+
+
+@SETS.register("ar")
+def _read_ar(folder: Path) -> list[ManifestRow]:
+    rows = []
+    for subject in _subdirs(folder):
+        for fname in _files(subject.path):
+            m = AR_NAME.match(fname)
+            if not m or m["subject"] != subject.name or not 1 <= int(m["num"]) <= 26:
+                continue  # not an AR image of this subject
+            num = int(m["num"])
+            session, condition, group = ar_condition(num)
+            rows.append(ManifestRow(os.path.join(subject.path, fname), subject.name, "ar",
+                                    {"image_index": str(num), "session": str(session), "condition": condition,
+                                     "group": group}))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- thermal
+
+THERMAL_SUBSETS = ("GalleryPristine", "ProbePristine", "ProbeNPristine", "PristineProbeCW")
+
+
+@SETS.register("thermal")
+def _read_thermal(folder: Path) -> list[ManifestRow]:
+    """Every image named in subsets.txt (``<subset> <id>/<file>``); an image named by several subsets is one row
+    whose ``subsets`` extra lists them (``;``-separated, in the file's order)."""
+    listing = folder / "subsets.txt"
+    subsets: dict[str, list[str]] = {}
+    for line in _read_lines(listing):
+        parts = line.split()
+        if len(parts) != 2 or "/" not in parts[1]:
+            raise DataFormatError(f"{listing}: expected '<subset> <id>/<file>', got {line!r}")
+        subsets.setdefault(parts[1], [])
+        if parts[0] not in subsets[parts[1]]:
+            subsets[parts[1]].append(parts[0])
+    by_id: dict[str, list[str]] = {}
+    for rel in subsets:
+        by_id.setdefault(rel.split("/", 1)[0], []).append(rel)
+    rows = []
+    for identity in sorted(by_id, key=_natural_key):
+        for index, rel in enumerate(sorted(by_id[identity], key=_natural_key), start=1):
+            path = folder / rel
+            if not path.is_file():
+                raise SetNotFoundError(f"{listing} names {rel}, which is not on disk")
+            rows.append(ManifestRow(str(path), identity, "thermal",
+                                    {"image_index": str(index), "subsets": ";".join(subsets[rel])}))
+    return rows
+
+
 SET_NAMES = tuple(SETS)  # the one list of the shared sets: configs, commands and the aligner read it
-PRE_CROPPED_SETS = ("yaleb", "orl")  # tight face crops: alignment may fall back to a template crop
+# tight face crops, or faces cut out and registered (thermal): alignment may fall back to a template crop
+PRE_CROPPED_SETS = ("yaleb", "orl", "ar", "thermal")
 PAIR_SETS = ("lfw", "mfr2")  # sets with a verification pairs protocol of their own
 
 
 def read_set(name: str, root: str | os.PathLike | None = None, include_ambient: bool = True) -> list[ManifestRow]:
-    """Rows of one shared set ("lfw", "yaleb", "mfr2", "orl"), sorted by identity then image number.
+    """Rows of one shared set ("lfw", "yaleb", "mfr2", "orl", "ar", "thermal"), sorted by identity then image number.
 
     root: the data folder holding the sets (default: --data / $FACEMETA_DATA / ../shared/data), or
     the set's own folder. include_ambient: keep Yale B's 38 ``*_Ambient`` images (no lamp lit;

@@ -9,6 +9,17 @@ statistics before it is compared:
 ``s`` (strength, 0..1) says how strongly the mean is removed; ``scale`` is 1 for ``kind="mean"`` and the
 per-dimension spread for ``kind="coral-diag"`` (a diagonal CORAL). Pure numpy: the gallery stores the fields,
 the benchmark chooses the kind and the rule for the strength.
+
+The rule (:func:`auto_strength`, chosen by ``benchmarks/results/cross_domain``; unlabelled photos only): removing a
+domain's mean helps where the domain lies far from the photos the model was trained on and hurts where it does
+not (MFR2: every centring lost). So the strength is the product of
+
+- a gate on the domain's shift from the model's *source* statistics (the mean of unlabelled photos of its
+  training domain, a ``reference`` DomainStats): ``z = (|mean - ref.mean|^2 - spread / n) / spread``, the squared
+  distance of the means, less what the estimate's own noise adds, in units of the domain's spread (mean squared
+  distance of its vectors to their mean); 0 below ``Z_LOW``, 1 above ``Z_HIGH``, linear between;
+- the reliability of the estimated mean (a James-Stein shrinkage): ``max(0, 1 - (spread / n) / |mean - ref.mean|^2)``,
+  small for a mean from few photos that is barely off the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import numpy as np
 
 KINDS = ("mean", "coral-diag")
 EPS = 1e-6
+Z_LOW, Z_HIGH = 0.2, 0.3  # the gate of auto_strength (chosen on the shared sets, see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,42 @@ def estimate(vectors: np.ndarray, kind: str = "mean", strength: float = 1.0) -> 
     scale = None
     if kind == "coral-diag":
         scale = np.sqrt(((x - mean) ** 2).mean(axis=0) + EPS).astype(np.float32)
-    return DomainStats(kind, len(x), mean.astype(np.float32), scale, float(strength))
+    spread = float(((x - mean) ** 2).sum(axis=1).sum() / (len(x) - 1)) if len(x) > 1 else None
+    return DomainStats(kind, len(x), mean.astype(np.float32), scale, float(strength),
+                       {} if spread is None else {"spread": spread})
+
+
+def shift(stats: DomainStats, reference: DomainStats) -> dict:
+    """How far a domain lies from a reference (the model's source photos): squared distance of the means, the
+    part of it the domain mean's estimation noise explains (spread / count), and z (see the module docstring)."""
+    spread = stats.extra.get("spread") or reference.extra.get("spread")
+    if not spread:
+        raise ValueError("shift needs the spread of the domain or of the reference (estimate from >= 2 vectors)")
+    d2 = float(((stats.mean.astype(np.float64) - reference.mean.astype(np.float64)) ** 2).sum())
+    noise = float(spread) / max(int(stats.count), 1)
+    return {"distance2": d2, "noise": noise, "spread": float(spread), "z": (d2 - noise) / float(spread)}
+
+
+def auto_strength(stats: DomainStats, reference: DomainStats, z_low: float = Z_LOW, z_high: float = Z_HIGH) -> float:
+    """The strength the rule gives a domain (0..1) from its statistics and the model's source statistics:
+    gate(z) x reliability (module docstring). Unlabelled photos only."""
+    s = shift(stats, reference)
+    gate = float(np.clip((s["z"] - z_low) / (z_high - z_low), 0.0, 1.0))
+    reliability = max(0.0, 1.0 - s["noise"] / s["distance2"]) if s["distance2"] > 0 else 0.0
+    return gate * reliability
+
+
+def auto_stats(vectors: np.ndarray, reference: DomainStats | np.ndarray, kind: str = "mean") -> DomainStats:
+    """A domain's statistics with the strength of :func:`auto_strength`; `reference`: the model's source
+    statistics (or its unlabelled source vectors). The gate and reliability go in ``extra``."""
+    from dataclasses import replace
+
+    ref = reference if isinstance(reference, DomainStats) else estimate(reference)
+    stats = estimate(vectors, kind)
+    s = shift(stats, ref) if stats.extra.get("spread") or ref.extra.get("spread") else None
+    strength = auto_strength(stats, ref) if s is not None else 0.0
+    extra = {**stats.extra, "rule": "auto", "z": None if s is None else s["z"]}
+    return replace(stats, strength=strength, extra=extra)
 
 
 def normalise(vectors: np.ndarray, stats: DomainStats | None) -> np.ndarray:
