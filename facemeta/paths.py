@@ -53,3 +53,18 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
         root = Path.home() / ".cache" / "facemeta"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def packaged_weights_dir() -> Path | None:
+    """The shipped model's folder inside the installed package (facemeta/weights, put there by setup.py's build
+    step in a wheel or an install from the sdist), or None where the package has none (a source checkout, whose
+    model is in the repository's weights/). Looked for before weights/."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("facemeta") / "weights"
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - facemeta is always importable here
+        return None
+    if not isinstance(folder, Path):  # a zip import: no file path to hand to safetensors
+        return None
+    return folder if (folder / "default.safetensors").is_file() else None
