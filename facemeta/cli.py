@@ -25,8 +25,9 @@ COMMANDS = [
 EXIT_ERROR = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every available subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser with every available subcommand (or with `only` that one: a command's run
+    then imports no other command's options, some of which load heavy modules to list their choices)."""
     parser = argparse.ArgumentParser(
         prog="facemeta",
         description="Face recognition that keeps working in unseen domains: align faces with MTCNN, "
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"facemeta {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [only] if only in COMMANDS else COMMANDS:
         module_name = f"facemeta.commands.{name.replace('-', '_')}"
         if importlib.util.find_spec(module_name) is None:
             continue
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -81,8 +81,9 @@ def shipped_presets(folder: str = "") -> str:
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
     """--runtime torch|onnx and --onnx FILE.onnx."""
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="torch", metavar="RUNTIME",
-                   help="what runs the embedding network (%(choices)s): torch, or ONNX Runtime on the CPU (needs "
-                        "pip install 'facemeta[onnx]'; detection stays in torch)")
+                   help="what runs the networks (%(choices)s): torch, or ONNX Runtime on the CPU (needs pip "
+                        "install 'facemeta[onnx]'; the embedding network and MTCNN's three are exported into the "
+                        "cache once, with torch; later runs load no torch)")
     p.add_argument("--onnx", metavar="FILE.onnx",
                    help="with --runtime onnx: a graph from `facemeta export` for this model (default: exported "
                         "into the cache on first use)")

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from facemeta.atomic import atomic_write
 from facemeta.errors import CheckpointError, ConfigError, one_line
-from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig, check_state_dict
+
+if TYPE_CHECKING:  # reading a checkpoint's JSON (read_checkpoint_info) needs no torch; loading the model does
+    from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig
 
 FORMAT = "facemeta-checkpoint"
 VERSION = 1
@@ -102,7 +102,7 @@ def _embedded_doc(weights: Path) -> dict[str, Any] | None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(weights), framework="pt") as fh:
+        with safe_open(str(weights), framework="numpy") as fh:  # the header only: no torch
             text = (fh.metadata() or {}).get(META_KEY)
     except Exception as exc:  # SafetensorError, OSError...
         raise CheckpointError(f"corrupt checkpoint {weights}: {one_line(exc)}") from exc
@@ -127,7 +127,10 @@ def load_checkpoint(path: str | os.PathLike, expected: ModelConfig | None = None
     from `expected` in architecture (backbone, embedding size, image size) or normalisation, or when
     the stored tensors do not fit the architecture the config describes.
     """
+    import torch
     from safetensors.torch import load as load_bytes
+
+    from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig, check_state_dict
 
     weights, _ = _paths(path)
     doc = read_checkpoint_info(weights)

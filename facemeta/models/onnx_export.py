@@ -20,15 +20,21 @@ import hashlib
 import json
 import math
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
-import torch
 
 from facemeta.atomic import atomic_write
 from facemeta.errors import CheckpointError, one_line
-from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig, preprocess
+
+if TYPE_CHECKING:  # torch loads only to export: running a graph (OnnxEmbeddingModel) needs none
+    import torch
+
+    from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig
 
 CONTRACT_FORMAT = "facemeta-onnx"
 CONTRACT_VERSION = 1
@@ -61,6 +67,66 @@ def require_onnxruntime():
     return onnxruntime
 
 
+def default_threads() -> int:
+    """ONNX Runtime's intra-op threads: torch's setting when torch is loaded (both runtimes alike), else
+    $OMP_NUM_THREADS, else every core."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, int(torch.get_num_threads()))
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a graph's contract says about its input and output, checked as ModelConfig checks them (without
+    torch): aligned chips -> the graph's input, as :func:`facemeta.models.backbone.preprocess` makes it."""
+
+    embedding_size: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std need three values (RGB)")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("std values must be positive")
+        if int(self.embedding_size) <= 0 or int(self.image_size) < 16:
+            raise ValueError("embedding_size must be > 0 and image_size >= 16")
+        object.__setattr__(self, "embedding_size", int(self.embedding_size))
+        object.__setattr__(self, "image_size", int(self.image_size))
+
+    def preprocess(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """uint8 RGB faces [B,H,W,3] (or a list of HxWx3 / HxW arrays) -> float32 [B,3,S,S]: backbone.preprocess
+        in numpy (same resize, same float32 arithmetic, so the same numbers)."""
+        size = self.image_size
+        if isinstance(faces, np.ndarray) and faces.ndim == 3 and faces.shape[-1] == 3:
+            raise ValueError("preprocess expects a batch [B,H,W,3]; wrap a single face as faces[None]")
+        out = []
+        for f in faces:
+            f = np.asarray(f)
+            if f.dtype != np.uint8:
+                raise ValueError(f"faces must be uint8, got {f.dtype}")
+            if f.ndim == 2:
+                f = np.repeat(f[:, :, None], 3, axis=2)
+            if f.ndim != 3 or f.shape[2] != 3:
+                raise ValueError(f"each face must be HxWx3 (or HxW grey), got {f.shape}")
+            if f.shape[:2] != (size, size):
+                interp = cv2.INTER_AREA if size < min(f.shape[:2]) else cv2.INTER_LINEAR
+                f = cv2.resize(f, (size, size), interpolation=interp)
+            out.append(f)
+        batch = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((x - mean) / std)
+
+
 def check_opset(opset: int) -> int:
     """The opset if facemeta can export to it (17..23), else a one-line CheckpointError."""
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -76,6 +142,8 @@ def export_graph(model: FaceEmbeddingModel, opset: int = DEFAULT_OPSET) -> bytes
     except ImportError as exc:
         raise CheckpointError(f"ONNX export needs onnx and onnxscript, which are not installed: {INSTALL_HINT}") \
             from exc
+    import torch
+
     check_opset(opset)
     size = model.config.image_size
     was_training = model.training
@@ -141,8 +209,8 @@ def read_contract(onnx_path: str | os.PathLike) -> dict[str, Any]:
                               f"({CONTRACT_VERSION})")
     try:
         inp = doc["input"]
-        config = ModelConfig(embedding_size=doc["embedding_size"], image_size=doc["image_size"],
-                             mean=tuple(inp["mean"]), std=tuple(inp["std"]))
+        config = Preprocessing(embedding_size=doc["embedding_size"], image_size=doc["image_size"],
+                               mean=tuple(inp["mean"]), std=tuple(inp["std"]))
         ok = (inp["name"] and doc["output"]["name"] and isinstance(doc["flip_tta"], bool)
               and isinstance(doc["checkpoint"]["fingerprint"], str) and isinstance(doc["onnx_sha256"], str)
               and inp.get("channel_order", "RGB") == "RGB" and all(math.isfinite(v) for v in config.mean))
@@ -155,6 +223,8 @@ def read_contract(onnx_path: str | os.PathLike) -> dict[str, Any]:
 
 def contract_config(contract: dict[str, Any]) -> ModelConfig:
     """The preprocessing settings of a contract as a ModelConfig (image size, mean, std, embedding size)."""
+    from facemeta.models.backbone import ModelConfig
+
     return ModelConfig(embedding_size=contract["embedding_size"], image_size=contract["image_size"],
                        mean=tuple(contract["input"]["mean"]), std=tuple(contract["input"]["std"]))
 
@@ -164,7 +234,7 @@ class OnnxEmbeddingModel:
 
     path: the .onnx file, with its contract beside it. fingerprint: when given, the checkpoint fingerprint the
     contract must name (a graph of another model is a CheckpointError). threads: intra-op threads (default
-    torch.get_num_threads(), so both runtimes share one setting).
+    :func:`default_threads`: torch's when it is loaded, so both runtimes share one setting).
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str | None = None, threads: int | None = None):
@@ -186,7 +256,7 @@ class OnnxEmbeddingModel:
                                   f"{sha16(data)}, contract says {self.contract['onnx_sha256']}); "
                                   "the file was changed or damaged: export it again")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, int(threads or torch.get_num_threads()))
+        opts.intra_op_num_threads = max(1, int(threads or default_threads()))
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only: no warnings about unused initialisers on stderr
         try:
@@ -198,7 +268,8 @@ class OnnxEmbeddingModel:
         if [i.name for i in inputs] != [want_in] or want_out not in [o.name for o in outputs]:
             raise CheckpointError(f"{self.path.name} has inputs {[i.name for i in inputs]} and outputs "
                                   f"{[o.name for o in outputs]}; its contract names {want_in!r} -> {want_out!r}")
-        self.config = contract_config(self.contract)
+        self.config = Preprocessing(self.contract["embedding_size"], self.contract["image_size"],
+                                    tuple(self.contract["input"]["mean"]), tuple(self.contract["input"]["std"]))
         self.fingerprint = named
 
     @property
@@ -217,13 +288,14 @@ class OnnxEmbeddingModel:
         batches; `flip` adds the mirror's embedding and renormalises, as backbone.embed does."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if isinstance(faces, torch.Tensor):
+        torch = sys.modules.get("torch")  # a tensor can only come from a process that loaded torch
+        if torch is not None and isinstance(faces, torch.Tensor):
             x_all = faces.detach().cpu().float().numpy()
         elif isinstance(faces, np.ndarray) and faces.dtype == np.float32 and faces.ndim == 4 \
                 and faces.shape[1] == 3:
             x_all = faces
         else:
-            x_all = preprocess(faces, self.config).numpy()
+            x_all = self.config.preprocess(faces)
         if x_all.ndim != 4 or x_all.shape[1] != 3:
             raise ValueError(f"expected an array [N,3,S,S], got {tuple(x_all.shape)}")
         out = []
