@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from facemeta.align.detect import Face, FaceDetector
 from facemeta.errors import CheckpointError, one_line
+from facemeta.models.onnx_export import default_threads
 
 FACTOR = 0.709  # MTCNN's pyramid step (as facemeta.align.cascade)
 NETS = ("pnet", "rnet", "onet")
@@ -37,18 +37,6 @@ MANIFEST = "mtcnn.json"
 FORMAT, VERSION = "facemeta-mtcnn-onnx", 1
 OPSET = 18
 PARITY_MAX_DIFF = 1e-4  # largest |ONNX Runtime - torch| allowed on any output at export
-
-
-def default_threads() -> int:
-    """Intra-op threads for ONNX Runtime: torch's setting when torch is loaded (both runtimes alike), else
-    $OMP_NUM_THREADS, else every core."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        return max(1, int(torch.get_num_threads()))
-    try:
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
-    except ValueError:
-        return max(1, os.cpu_count() or 1)
 
 
 def onnx_folder(cache: str | os.PathLike | None = None) -> Path:
@@ -269,7 +257,7 @@ def _batched_nms(boxes: np.ndarray, scores: np.ndarray, inds: np.ndarray, thresh
     if not len(boxes):
         return np.zeros(0, dtype=np.int64)
     keep = np.concatenate([np.flatnonzero(inds == i)[_nms(boxes[inds == i], scores[inds == i], threshold)]
-                           for i in np.unique(inds)])
+                           for i in sorted(set(inds.tolist()))])  # not np.unique: its first call imports numpy.ma
     return keep[np.argsort(-scores[keep], kind="stable")]
 
 
