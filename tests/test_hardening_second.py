@@ -527,3 +527,164 @@ def test_an_injected_enospc_leaves_every_file_and_says_so(tmp_path, monkeypatch,
         w.enroll("Ada", unit(1, 10), fingerprint=FP)
     assert "\n" not in str(err.value)
     assert state(g)[0] == sorted([*before[0], ("Colin Powell", 1)])
+
+
+# ------------------------------------------------------------------ 9: an ONNX contract that cannot lie
+
+
+def tiny_graph(size: int = 64, dim: int = 128) -> bytes:
+    """A small embedding graph made by hand (no torch export): mean colour -> linear -> L2 normalised."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["raw"]),
+             helper.make_node("LpNormalization", ["raw"], ["embedding"], axis=1, p=2)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                           ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.fixture
+def onnx_pair(model, tmp_path):
+    """(the .onnx of a hand-made graph with a version-2 contract naming the test checkpoint, write(contract))."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from facemeta.embedder import file_fingerprint
+    from facemeta.models.backbone import ModelConfig
+    from facemeta.models.onnx_export import (
+        CONTRACT_VERSION,
+        build_contract,
+        contract_path,
+        numbers_digest,
+        sha16,
+    )
+
+    graph = tiny_graph()
+    out = tmp_path / "tiny.onnx"
+    out.write_bytes(graph)
+    config = ModelConfig(backbone="mobilenetv3_small_100", image_size=64, embedding_size=128)
+    doc = build_contract(config, {"align_size": 112, "align_chip": "arcface", "threshold": 0.5,
+                                  "threshold_far": None}, file_fingerprint(model), 18, True, "m.safetensors")
+    doc.update(version=CONTRACT_VERSION, onnx_sha256=sha16(graph))
+    doc["numbers_sha256"] = numbers_digest(doc)
+
+    def write(edit=None, redigest: bool = False) -> dict:
+        new = json.loads(json.dumps(doc))
+        if edit:
+            edit(new)
+        if redigest:  # a forger's contract: its digest recomputed
+            new["numbers_sha256"] = numbers_digest(new)
+        contract_path(out).write_text(json.dumps(new))
+        return new
+
+    write()
+    return out, write
+
+
+def test_an_onnx_contract_that_lies_is_refused_in_one_line(onnx_pair, model, data_dir, capsys):
+    from facemeta.errors import CheckpointError
+    from facemeta.models.checkpoint import read_checkpoint_info
+    from facemeta.models.onnx_export import OnnxEmbeddingModel
+
+    out, write = onnx_pair
+    a, b = lfw(data_dir, "Tony_Blair", 1), lfw(data_dir, "Colin_Powell", 1)
+    verify = ["verify", a, b, "--model", model, "--runtime", "onnx", "--onnx", out, "--json"]
+    code, text, err = cli(capsys, *verify)
+    assert code == 0, err  # the honest contract works (a random graph: its decision means nothing)
+
+    def size(n):
+        return lambda c: c.update(image_size=n) or c["input"].update(shape=["N", 3, n, n])
+
+    def mean(v):
+        return lambda c: c["input"].update(mean=[v, v, v])
+
+    cases = [(size(112), False, "numbers (input size, mean, std, thresholds...) are not those it was exported"),
+             (mean(1e30), False, "mean values must be finite and in [-1, 2]"),
+             (lambda c: c.update(threshold=-1.0), False, "not those it was exported with"),
+             (size(112), True, "the graph's input is ['N', 3, 64, 64], its contract says [N, 3, 112, 112]"),
+             (size(100000), True, "image_size must be in 16..1024"),
+             (mean(1e30), True, "mean values must be finite and in [-1, 2]"),
+             (lambda c: c["input"].update(std=[0.0, 1.0, 1.0]), True, "std values must be finite"),
+             (lambda c: c.update(embedding_size=64) or c["output"].update(shape=["N", 64]), True,
+              "the graph's output is ['N', 128]")]
+    for edit, redigest, words in cases:
+        write(edit, redigest)
+        code, text, err = cli(capsys, *verify)
+        one_line_error(code, err, "verify", words)
+        assert text == ""
+    # numbers in range that still differ from the checkpoint's own: refused when the caller gives them
+    write(mean(0.9), True)
+    config = read_checkpoint_info(model)["config"]
+    with pytest.raises(CheckpointError, match="its contract says mean .0.9, 0.9, 0.9., the checkpoint"):
+        OnnxEmbeddingModel(out, config=config)
+    write()
+    assert OnnxEmbeddingModel(out, config=config).embedding_size == 128
+
+
+def test_an_onnx_export_never_replaces_a_checkpoint_sidecar(model, tmp_path):
+    from facemeta.errors import CheckpointError
+    from facemeta.models.onnx_export import export_onnx
+
+    sidecar = model.with_suffix(".json")
+    before = sidecar.read_bytes()
+    with pytest.raises(CheckpointError, match="which is not an ONNX contract") as err:
+        export_onnx(None, model.with_suffix(".onnx"), {}, np.zeros((1, 64, 64, 3), np.uint8))
+    assert "\n" not in str(err.value) and sidecar.read_bytes() == before
+    assert not model.with_suffix(".onnx").exists()
+
+
+# ------------------------------------------------------------------ 10: memory per request in the service
+
+
+def test_concurrent_decoding_is_bounded_by_the_pixel_budget(service, data_dir, tmp_path, capsys):
+    import threading
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from facemeta.commands import serve as serve_command
+    from facemeta.serve import budget, create_app
+
+    assert (serve_command.DEFAULT_MEGAPIXELS, serve_command.BYTES_PER_PIXEL) == \
+        (budget.DEFAULT_MEGAPIXELS, budget.BYTES_PER_PIXEL)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--max-megapixels-in-flight" in capsys.readouterr().out
+    c = TestClient(create_app(service))
+    photo = orl_photo = data_dir / "orl" / "s7" / "1.pgm"
+    r = c.post("/api/enroll", data={"name": "s7"}, files=[("images", (photo.name, photo.read_bytes()))])
+    assert r.status_code in (200, 201), r.text
+    big = tmp_path / "big.jpg"  # 1.44 megapixels claimed by a small JPEG
+    Image.open(lfw(data_dir, "Tony_Blair", 3)).resize((1200, 1200)).save(big, quality=70)
+    saved = service.pixels
+    service.pixels = budget.PixelBudget(2_000_000)  # room for one such image at a time
+    statuses = []
+    try:
+        def ask() -> None:
+            r = c.post("/api/identify", files=[("image", (big.name, big.read_bytes()))])
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(set(statuses)) <= [200, 422] and len(statuses) == 4, statuses
+        assert service.pixels.peak == 1_440_000 and service.pixels.used == 0  # never two at once
+        # a request that finds no room in time: a one-line 503, and the budget is whole again after
+        service.pixels = budget.PixelBudget(2_000_000, wait=0.2)
+        with service.pixels.hold(2_000_000):
+            r = c.post("/api/identify", files=[("image", (big.name, big.read_bytes()))])
+        assert_json_error(r, 503, "busy")
+        assert service.pixels.used == 0
+        r = c.post("/api/identify", files=[("image", (orl_photo.name, orl_photo.read_bytes()))])
+        assert r.status_code == 200, r.text
+    finally:
+        service.pixels = saved
+        c.delete("/api/people/s7")
+    assert c.get("/api/info").json()["server"]["max_pixels_in_flight"] == budget.DEFAULT_MEGAPIXELS * 1_000_000

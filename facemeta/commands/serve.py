@@ -17,6 +17,8 @@ from facemeta.commands.options import (
 from facemeta.errors import FacemetaError
 
 MAX_UPLOAD_MB = 20
+# facemeta.serve.budget's defaults, repeated so that --help needs no web framework (a test keeps them equal)
+DEFAULT_MEGAPIXELS, BYTES_PER_PIXEL = 80, 45
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--read-only", action="store_true", help="refuse enroll, rename and remove (403)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest request body in MB, all its photos together (default {MAX_UPLOAD_MB})")
+    p.add_argument("--max-megapixels-in-flight", type=float, default=DEFAULT_MEGAPIXELS, metavar="MP",
+                   help=f"memory bound: megapixels that all requests together may be decoding at once (default "
+                        f"{DEFAULT_MEGAPIXELS}, two photos at the 40 MP cap of each; about {BYTES_PER_PIXEL} bytes "
+                        "of memory per pixel while an image is decoded and searched for faces, so the default "
+                        f"holds about {DEFAULT_MEGAPIXELS * BYTES_PER_PIXEL / 1000:.1f} GB); requests beyond it "
+                        "wait, and get 503 after two minutes")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per request (default: half the cores); requests that may run the model "
                         "at once: cores // threads")
@@ -97,9 +105,12 @@ def run(args: argparse.Namespace) -> int:
     log.setLevel(args.log_level.upper())
     from facemeta.serve.service import default_threads
 
+    if not args.max_megapixels_in_flight > 0:
+        raise FacemetaError(f"--max-megapixels-in-flight must be > 0, got {args.max_megapixels_in_flight}")
     service = FaceService(args.gallery, args.model, device=args.device, read_only=args.read_only,
                           threads=args.threads or default_threads(), **backend_options(args),
-                          **runtime_options(args))
+                          **runtime_options(args),
+                          max_pixels_in_flight=max(1, int(args.max_megapixels_in_flight * 1_000_000)))
     loopback = is_loopback(args.host)
     if not loopback and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can see and change the "

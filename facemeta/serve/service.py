@@ -11,6 +11,9 @@ over one loaded model and one gallery, safe to call from many threads at once.
   write) then close), so `facemeta enroll` from a shell can still change the gallery between requests.
 - Inference (detection, alignment, embedding) runs under a semaphore of ``slots`` so that parallel
   requests do not oversubscribe the cores: torch uses ``threads`` per request, slots x threads ~ cores.
+- Memory: the pixels the uploads' headers claim are held in a shared budget (facemeta.serve.budget,
+  ``max_pixels_in_flight``) while a request decodes them, so concurrent large images wait instead of
+  taking all the memory; a request that cannot get room in time is a 503.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from facemeta.errors import FacemetaError, GalleryError, ImageReadError, ManyFacesError, NoFaceError, one_line
+from facemeta.serve.budget import DEFAULT_MEGAPIXELS, Busy, PixelBudget, claimed_pixels
 from facemeta.serve.thumbnails import Thumbnails, aligned_jpeg, data_url, preview_jpeg
 
 log = logging.getLogger("facemeta.serve")
@@ -98,7 +102,7 @@ class FaceService:
     def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
                  embedder=None, threads: int | None = None, slots: int | None = None, read_only: bool = False,
                  runtime: str = "torch", onnx_path: str | os.PathLike | None = None, backend: str = "faiss",
-                 milvus_uri: str | None = None) -> None:
+                 milvus_uri: str | None = None, max_pixels_in_flight: int | None = None) -> None:
         import torch
 
         from facemeta.embedder import FaceEmbedder
@@ -127,6 +131,7 @@ class FaceService:
         self.reader = FaceRecognizer(self.path, embedder=self.embedder)  # refuses a gallery of another model
         self.thumbnails = Thumbnails(self.path)
         self._inference = threading.BoundedSemaphore(self.slots)
+        self.pixels = PixelBudget(max_pixels_in_flight or DEFAULT_MEGAPIXELS * 1_000_000)
         self._write = threading.Lock()
         self._open = threading.Lock()
         self.started = time.time()
@@ -155,7 +160,10 @@ class FaceService:
                     shutil.copyfileobj(fh, out, 1 << 20)
                 paths.append(p)
             try:
-                yield paths
+                with self.pixels.hold(claimed_pixels(paths)):  # decoded while held: the memory bound
+                    yield paths
+            except Busy as exc:
+                raise ApiError(503, str(exc)) from None
             except FacemetaError as exc:
                 raise type(exc)(self.scrub(str(exc), tmp)) from None
 
@@ -310,6 +318,7 @@ class FaceService:
                           "align_chip": e.align_chip, "device": str(e.device)},
                 "gallery": gallery,
                 "server": {"read_only": self.read_only, "threads": self.threads, "inference_slots": self.slots,
+                           "max_pixels_in_flight": self.pixels.limit,
                            "uptime_s": round(time.time() - self.started, 1)}}
 
     # ------------------------------------------------------------------ writes
