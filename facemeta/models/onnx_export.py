@@ -10,8 +10,11 @@ The contract (``OUT.json`` beside ``OUT.onnx``) says everything a consumer needs
 its output: input name and shape, image size, mean/std, channel order, pixel scale, flip TTA, the aligned chip
 (``align_size``, ``align_chip``), embedding size, calibrated ``threshold``/``threshold_far``, the source
 checkpoint's fingerprint, the opset, the facemeta version, and the sha256[:16] of the .onnx file it describes
-(so a swapped or damaged graph is caught before it is run). This module knows models and files, not faces:
-the caller (facemeta.embedder) supplies the fingerprint, the settings and the faces of the parity check.
+(so a swapped or damaged graph is caught before it is run). Version 2 binds its numbers too: ``numbers_sha256``
+covers the input (size, mean, std, order), output, flip TTA, aligned chip, thresholds and checkpoint
+fingerprint, so an edited number is refused like an edited graph. Every number is range-checked before
+anything is allocated from it, and the graph's own input and output shapes must be the contract's. This
+module knows models and files, not faces: the caller (facemeta.embedder) supplies the fingerprint, the settings and the faces of the parity check.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ if TYPE_CHECKING:  # torch loads only to export: running a graph (OnnxEmbeddingM
     from facemeta.models.backbone import FaceEmbeddingModel, ModelConfig
 
 CONTRACT_FORMAT = "facemeta-onnx"
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: numbers_sha256 binds the preprocessing numbers (version 1 contracts still load)
+MAX_IMAGE_SIZE = 1024  # input side of any face model (a 100000 side would ask for 30 GB per face)
+MAX_EMBEDDING = 65536
+MEAN_RANGE, STD_RANGE = (-1.0, 2.0), (0.01, 10.0)  # in units of pixel / 255: inputs stay within a few hundred
+MAX_CONTRACT_BYTES = 1 << 20
+_BOUND = ("input", "output", "image_size", "embedding_size", "flip_tta", "align_size", "align_chip", "threshold",
+          "threshold_far")
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 18
@@ -79,6 +88,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _numbers(values: Any, what: str, bounds: tuple[float, float]) -> tuple[float, ...]:
+    """Three finite RGB numbers within ``bounds`` (ValueError otherwise): a contract's mean or std."""
+    if not isinstance(values, list | tuple) or len(values) != 3:
+        raise ValueError(f"{what} needs three values (RGB), got {values!r}"[:200])
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise ValueError(f"{what} values must be numbers, got {values!r}"[:200])
+    out = tuple(float(v) for v in values)
+    lo, hi = bounds
+    if not all(math.isfinite(v) and lo <= v <= hi for v in out):
+        raise ValueError(f"{what} values must be finite and in [{lo:g}, {hi:g}] (pixel / 255 units), got {values!r}"
+                         [:200])
+    return out
+
+
+def numbers_digest(contract: dict[str, Any]) -> str:
+    """sha256[:16] of the numbers a contract's consumer trusts (input, output, sizes, flip TTA, chip, thresholds,
+    the checkpoint's fingerprint), canonical JSON: written as ``numbers_sha256`` (contract version 2)."""
+    bound = {k: contract.get(k) for k in _BOUND}
+    bound["checkpoint"] = (contract.get("checkpoint") or {}).get("fingerprint")
+    return sha16(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode())
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What a graph's contract says about its input and output, checked as ModelConfig checks them (without
@@ -90,16 +121,14 @@ class Preprocessing:
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std need three values (RGB)")
-        if any(v <= 0 for v in self.std):
-            raise ValueError("std values must be positive")
-        if int(self.embedding_size) <= 0 or int(self.image_size) < 16:
-            raise ValueError("embedding_size must be > 0 and image_size >= 16")
-        object.__setattr__(self, "embedding_size", int(self.embedding_size))
-        object.__setattr__(self, "image_size", int(self.image_size))
+        for key in ("embedding_size", "image_size"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
+                raise ValueError(f"{key} must be an integer, got {getattr(self, key)!r}")
+        if not 16 <= self.image_size <= MAX_IMAGE_SIZE or not 1 <= self.embedding_size <= MAX_EMBEDDING:
+            raise ValueError(f"image_size must be in 16..{MAX_IMAGE_SIZE} and embedding_size in 1..{MAX_EMBEDDING}, "
+                             f"got {self.image_size} and {self.embedding_size}")
+        object.__setattr__(self, "mean", _numbers(self.mean, "mean", MEAN_RANGE))
+        object.__setattr__(self, "std", _numbers(self.std, "std", STD_RANGE))
 
     def preprocess(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """uint8 RGB faces [B,H,W,3] (or a list of HxWx3 / HxW arrays) -> float32 [B,3,S,S]: backbone.preprocess
@@ -199,7 +228,13 @@ def read_contract(onnx_path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{Path(onnx_path).name} has no contract {path.name} beside it "
                               "(export with `facemeta export MODEL --onnx OUT.onnx`)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONTRACT_BYTES + 1)
+        if len(data) > MAX_CONTRACT_BYTES:
+            raise CheckpointError(f"ONNX contract {path} is over {MAX_CONTRACT_BYTES} bytes; it is not a contract")
+        doc = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"ONNX contract {path} is not valid JSON: nested too deep") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"ONNX contract {path} is not valid JSON: {one_line(exc)}") from exc
     if not isinstance(doc, dict) or doc.get("format") != CONTRACT_FORMAT:
@@ -215,9 +250,12 @@ def read_contract(onnx_path: str | os.PathLike) -> dict[str, Any]:
               and isinstance(doc["checkpoint"]["fingerprint"], str) and isinstance(doc["onnx_sha256"], str)
               and inp.get("channel_order", "RGB") == "RGB" and all(math.isfinite(v) for v in config.mean))
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: incomplete ONNX contract ({one_line(exc)})") from exc
+        raise CheckpointError(f"{path}: incomplete or out-of-range ONNX contract ({one_line(exc)})") from exc
     if not ok:
         raise CheckpointError(f"{path}: incomplete ONNX contract")
+    if doc["version"] >= 2 and doc.get("numbers_sha256") != numbers_digest(doc):
+        raise CheckpointError(f"{path}: its numbers (input size, mean, std, thresholds...) are not those it was "
+                              "exported with (numbers_sha256 does not match): export it again")
     return doc
 
 
@@ -237,7 +275,8 @@ class OnnxEmbeddingModel:
     :func:`default_threads`: torch's when it is loaded, so both runtimes share one setting).
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, fingerprint: str | None = None, threads: int | None = None,
+                 config: dict[str, Any] | None = None):
         ort = require_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -270,7 +309,26 @@ class OnnxEmbeddingModel:
                                   f"{[o.name for o in outputs]}; its contract names {want_in!r} -> {want_out!r}")
         self.config = Preprocessing(self.contract["embedding_size"], self.contract["image_size"],
                                     tuple(self.contract["input"]["mean"]), tuple(self.contract["input"]["std"]))
+        self._check_shapes(inputs[0].shape, next(o.shape for o in outputs if o.name == want_out), config)
         self.fingerprint = named
+
+    def _check_shapes(self, shape_in: list, shape_out: list, config: dict[str, Any] | None) -> None:
+        """The graph's own input [N,3,S,S] and output [N,E] (where they are fixed), and the checkpoint's config
+        when the caller gives it, must say what the contract says: a contract that lies is refused here."""
+        c = self.config
+        said = {"input": [3, c.image_size, c.image_size], "output": [c.embedding_size]}
+        for what, shape, want in (("input", shape_in, said["input"]), ("output", shape_out, said["output"])):
+            fixed = list(shape[1:]) if isinstance(shape, list | tuple) else []
+            if len(fixed) != len(want) or any(isinstance(a, int) and a != b for a, b in zip(fixed, want, strict=True)):
+                raise CheckpointError(f"{self.path.name}: the graph's {what} is {list(shape)}, its contract says "
+                                      f"[N, {', '.join(map(str, want))}]: export it again")
+        if config:
+            mine = {"image_size": c.image_size, "embedding_size": c.embedding_size, "mean": c.mean, "std": c.std}
+            for key, value in mine.items():
+                theirs = config.get(key)
+                if theirs is not None and (tuple(theirs) if isinstance(theirs, list) else theirs) != value:
+                    raise CheckpointError(f"{self.path.name}: its contract says {key} {value}, the checkpoint "
+                                          f"{theirs}: export it again")
 
     @property
     def embedding_size(self) -> int:
@@ -311,6 +369,16 @@ class OnnxEmbeddingModel:
         return np.concatenate(out)
 
 
+def _is_contract(path: Path) -> bool:
+    """Whether an existing file reads as a facemeta ONNX contract (which an export may replace)."""
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read(MAX_CONTRACT_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == CONTRACT_FORMAT
+
+
 def export_onnx(model: FaceEmbeddingModel, out: str | os.PathLike, contract: dict[str, Any],
                 check_faces: np.ndarray | torch.Tensor, opset: int = DEFAULT_OPSET,
                 min_cosine: float = PARITY_MIN_COSINE) -> dict[str, Any]:
@@ -326,8 +394,13 @@ def export_onnx(model: FaceEmbeddingModel, out: str | os.PathLike, contract: dic
     out = Path(out)
     if out.suffix != ".onnx":
         raise CheckpointError(f"the ONNX file must end in .onnx, got {out}")
+    side = contract_path(out)
+    if side.exists() and not _is_contract(side):  # e.g. m.onnx beside m.safetensors: m.json is its config
+        raise CheckpointError(f"cannot write {out}: its contract would replace {side}, which is not an ONNX "
+                              "contract (a checkpoint's settings?); give the .onnx file another name")
     graph = export_graph(model, opset)
-    doc = {**contract, "opset": opset, "onnx_sha256": sha16(graph)}
+    doc = {**contract, "version": CONTRACT_VERSION, "opset": opset, "onnx_sha256": sha16(graph)}
+    doc["numbers_sha256"] = numbers_digest(doc)
     with tempfile.TemporaryDirectory(prefix="facemeta-onnx-") as tmp:  # the runtime reads the graph from a file
         probe = Path(tmp) / "check.onnx"
         probe.write_bytes(graph)
