@@ -688,3 +688,28 @@ def test_concurrent_decoding_is_bounded_by_the_pixel_budget(service, data_dir, t
         service.pixels = saved
         c.delete("/api/people/s7")
     assert c.get("/api/info").json()["server"]["max_pixels_in_flight"] == budget.DEFAULT_MEGAPIXELS * 1_000_000
+
+
+# ------------------------------------------------------------------ smaller: a symlinked milvus.db, uvicorn's 400s
+
+
+def test_a_symlinked_milvus_lite_file_is_refused_and_not_written_through(tmp_path, capsys):
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    g = tmp_path / "G"
+    x = unit(4, 1)
+    with Gallery.create(g, dim=DIM, fingerprint=FP, backend="milvus") as w:
+        w.enroll_many(["a", "a", "b", "b"], x, fingerprint=FP)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(g / "milvus.db", elsewhere / "milvus.db")
+    (g / "milvus.db").symlink_to(elsewhere / "milvus.db")
+    before = files(elsewhere)
+    for mode in ("r", "w"):
+        with pytest.raises(GalleryError, match="milvus.db is a symbolic link; refusing to follow it") as err:
+            with Gallery.open(g, mode=mode) as opened:
+                opened.search(x[:1])
+        assert "\n" not in str(err.value)
+    code, out, err = cli(capsys, "gallery", "info", g, "--check")  # the database is listed; the index refused
+    assert code == 1 and "milvus.db is a symbolic link" in out and "Traceback" not in out + err, (out, err)
+    assert files(elsewhere) == before and (g / "milvus.db").is_symlink()

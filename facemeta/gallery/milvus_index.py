@@ -126,6 +126,9 @@ def _connect(uri: str):
     # logs the RPCs it does not implement and pymilvus then does without).
     for name in ("pymilvus", "milvus_lite", "grpc._server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    if is_local(uri) and os.path.islink(uri):  # Milvus Lite would write through it, outside the gallery
+        raise GalleryError(f"the Milvus Lite file {uri} is a symbolic link; refusing to follow it (a gallery's "
+                           "files must be plain files inside its folder: remove the link)")
     token = os.environ.get(TOKEN_ENV, "")
     try:
         return MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
