@@ -713,3 +713,47 @@ def test_a_symlinked_milvus_lite_file_is_refused_and_not_written_through(tmp_pat
     code, out, err = cli(capsys, "gallery", "info", g, "--check")  # the database is listed; the index refused
     assert code == 1 and "milvus.db is a symbolic link" in out and "Traceback" not in out + err, (out, err)
     assert files(elsewhere) == before and (g / "milvus.db").is_symlink()
+
+
+def test_requests_uvicorn_cannot_parse_get_a_one_line_json_400(service):
+    import socket
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from facemeta.serve import create_app
+    from facemeta.serve.protocol import json_errors_protocol
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="critical",
+                                           http=json_errors_protocol(), lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started
+        for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                    b"POST /api/enroll HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(raw)
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+            msg = json.loads(body)["error"]
+            assert msg.startswith("malformed HTTP request") and "\n" not in msg, msg
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:  # a sound request still works
+            conn.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in answer, answer
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from facemeta.serve import FaceService, create_app
+        from facemeta.serve.protocol import json_errors_protocol
     except ImportError as exc:
         raise FacemetaError(f"`facemeta serve` needs {exc.name}: pip install 'facemeta[serve]'") from None
 
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
              service.slots, ", read-only" if args.read_only else "", ", API key required" if key else "")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
-                    server_header=False, proxy_headers=False)
+                    server_header=False, proxy_headers=False, http=json_errors_protocol())
     finally:
         service.close()
     return 0
