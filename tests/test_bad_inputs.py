@@ -315,3 +315,188 @@ def test_bin_images_pass_the_pixel_cap(tmp_path):
         read_bin(path)
     msg = str(err.value)
     assert "image 0" in msg and "12000x12000" in msg and "refused before decoding" in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- issue 28: names and export headers
+
+# Characters a name may hide or fake with: default-ignorables, fillers, format and zero-width characters,
+# variation selectors, tag characters, combining marks, and spaces that are not the plain space.
+HIDDEN = ["\u00ad", "\u034f", "\u061c", "\u115f", "\u1160", "\u17b4", "\u180b", "\u180e", "\u200b", "\u200c",
+          "\u200d", "\u200e", "\u202e", "\u2060", "\u2062", "\u2064", "\u3164", "\ufe00", "\ufe0f", "\ufeff",
+          "\uffa0", "\u2800", "\U000e0041", "\U000e007f", "\U0001d173"]
+SPACES = ["\u00a0", "\u2002", "\u2003", "\u2009", "\u202f", "\u3000", "  "]
+MARKS = ["\u0301", "\u0300", "\u0308", "\u0327", "\u20dd"]
+BASE_PEOPLE = ["Tony Blair", "Colin Powell", "Jos\u00e9 Mar\u00eda Aznar", "\u5c71\u7530\u592a\u90ce", "Nguy\u1ec5n V\u0103n An"]
+
+
+def printed(name: str) -> str:
+    """How a name reads on a screen, judged independently of facemeta's own rules (from Unicode's character
+    names and categories): compatibility forms folded, case folded, anything drawn as nothing dropped, every
+    space one space."""
+    import unicodedata
+
+    out = []
+    for c in unicodedata.normalize("NFKC", name).casefold():
+        label = unicodedata.name(c, "")
+        if unicodedata.category(c) in ("Cc", "Cf", "Cn", "Co", "Cs") or any(
+                w in label for w in ("FILLER", "BLANK", "VARIATION SELECTOR", "GRAPHEME JOINER", "TAG ",
+                                     "INVISIBLE", "ZERO WIDTH")):
+            continue
+        out.append(" " if c.isspace() else c)
+    return " ".join("".join(out).split())
+
+
+def look_alike_names(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` names made from BASE_PEOPLE by the tricks of the issue: hidden characters anywhere, another case,
+    full width, odd spaces, decomposed accents, piled-up or lone combining marks."""
+    import unicodedata
+
+    out = []
+    for _ in range(n):
+        name = BASE_PEOPLE[rng.integers(len(BASE_PEOPLE))]
+        for _ in range(rng.integers(1, 4)):
+            trick = rng.integers(8)
+            i = int(rng.integers(len(name) + 1))
+            if trick == 0:
+                name = name[:i] + HIDDEN[rng.integers(len(HIDDEN))] + name[i:]
+            elif trick == 1:
+                name = name.upper() if rng.random() < 0.5 else name.lower()
+            elif trick == 2:
+                name = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" and rng.random() < 0.5 else c for c in name)
+            elif trick == 3:
+                name = name.replace(" ", SPACES[rng.integers(len(SPACES))])
+            elif trick == 4:
+                name = unicodedata.normalize("NFD", name)
+            elif trick == 5:
+                name = name[:i] + "".join(MARKS[rng.integers(len(MARKS))] for _ in range(rng.integers(1, 8))) \
+                    + name[i:]
+            elif trick == 6:
+                name = "".join(MARKS[rng.integers(len(MARKS))] for _ in range(rng.integers(1, 4)))
+            else:
+                name = name + HIDDEN[rng.integers(len(HIDDEN))] * int(rng.integers(1, 3))
+        out.append(name)
+    return out
+
+
+def test_generated_look_alike_names_never_make_two_people_that_print_the_same(tmp_path):
+    """Four hundred generated names against a gallery of five people: each is refused in one line or stored
+    exactly as given (stripped, NFC); no two stored people ever read the same."""
+    from facemeta.errors import GalleryError
+    from facemeta.gallery import Gallery
+    from facemeta.gallery.validate import normal_name
+
+    rng = np.random.default_rng(SEED)
+    vec = rng.standard_normal(16).astype(np.float32)
+    refused = stored = 0
+    with Gallery.create(tmp_path / "G", dim=16, fingerprint="m") as g:
+        g.enroll_many(BASE_PEOPLE, np.stack([vec] * len(BASE_PEOPLE)), fingerprint="m")
+        for name in look_alike_names(rng, 400):
+            try:
+                g.enroll(name, vec, fingerprint="m")
+            except GalleryError as exc:
+                msg = str(exc)
+                assert "\n" not in msg and msg.isprintable(), msg
+                assert not any(c in msg for c in HIDDEN if c != "\u00a0"), msg  # shown escaped, never raw
+                refused += 1
+                continue
+            stored += 1
+            assert normal_name(name) in {i.name for i in g.identities()}, name
+        people = [i.name for i in g.identities()]
+    seen: dict[str, str] = {}
+    for person in people:
+        assert printed(person) not in seen, (person, seen.get(printed(person)))
+        seen[printed(person)] = person
+    assert refused > 200 and stored > 0, (refused, stored)  # both outcomes happen: the test can fail
+
+
+def _export_body(path: Path) -> bytes:
+    return path.read_bytes()[:-72]
+
+
+def _rechecksum(path: Path, body: bytes) -> None:
+    import hashlib
+
+    path.write_bytes(body + f"SHA256 {hashlib.sha256(body).hexdigest()}\n".encode())
+
+
+def mutated_exports(rng: np.random.Generator, good: Path, folder: Path, n: int) -> list[Path]:
+    """``n`` copies of a good export with their header or chunks changed (nestings up to 60,000 deep, sizes
+    up to past the line limits, repeated chunks with the counts made to match), each with a valid checksum."""
+    body = _export_body(good)
+    magic, header, rest = body.split(b"\n", 2)
+    head = json.loads(header)
+    end = rest.rindex(b'{"end":true')
+    chunks, trailer = rest[:end], rest[end:]
+    out = []
+    for k in range(n):
+        kind = k % 6
+        h = dict(head)
+        new_chunks, new_trailer = chunks, trailer
+        if kind == 0:  # nested values in the header
+            depth = int(rng.choice([2, 7, 8, 9, 50, 1000, 60_000]))
+            extra = b"[" * depth + b"]" * depth
+            line = json.dumps(h).encode()[:-1] + b',"deep":' + extra + b"}"
+        elif kind == 1:  # a header of growing size (past the 1 MB header limit)
+            h["notes"] = "x" * int(rng.choice([10, 10_000, 900_000, 1_100_000, 3_000_000]))
+            line = json.dumps(h).encode()
+        elif kind == 2:  # nested values inside a chunk's metadata line
+            depth = int(rng.choice([3, 9, 2000, 60_000]))
+            line = json.dumps(h).encode()
+            first_nl = chunks.index(b"\n")
+            meta = chunks[:first_nl]
+            new_chunks = meta[:-1] + b',"deep":' + b"[" * depth + b"]" * depth + b"}" + chunks[first_nl:]
+        elif kind == 3:  # the chunks repeated (counts made to match, as a forger would)
+            times = int(rng.integers(2, 4))
+            h["embeddings"] = head["embeddings"] * times
+            line = json.dumps(h).encode()
+            new_chunks = chunks * times
+            new_trailer = trailer.replace(f'"embeddings":{head["embeddings"]}'.encode(),
+                                          f'"embeddings":{h["embeddings"]}'.encode())
+        elif kind == 4:  # counts and sizes out of range
+            key = ["people", "embeddings", "dim"][int(rng.integers(3))]
+            h[key] = int(rng.choice([-1, 0, 2**31, 2**62, 10**30]))
+            line = json.dumps(h).encode()
+        else:  # a header that is a list, a number, or deep inside a list
+            line = rng.choice([b"[]", b"42", b'"x"', b"[" * 5000 + b"]" * 5000])
+        path = folder / f"m{k}.fmg"
+        _rechecksum(path, magic + b"\n" + line + b"\n" + new_chunks + new_trailer)
+        out.append(path)
+    return out
+
+
+def test_generated_export_headers_and_repeated_chunks_never_crash_or_duplicate(tmp_path, capsys):
+    """Sixty generated export files (nestings, sizes, repeated chunks, bad counts): each import is a one-line
+    refusal that leaves both targets as they were, or an import where no person holds one vector twice."""
+    import shutil
+
+    from facemeta.gallery import Gallery
+    from facemeta.gallery.portable import export_gallery
+
+    rng = np.random.default_rng(SEED)
+    x = rng.standard_normal((12, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with Gallery.create(tmp_path / "src", dim=16, fingerprint="m") as g:
+        g.enroll_many([f"p{i // 3}" for i in range(12)], x, fingerprint="m")
+        export_gallery(g, tmp_path / "good.fmg")
+    with Gallery.create(tmp_path / "base", dim=16, fingerprint="m") as g:
+        g.enroll_many(["p0", "other"], x[[0, 5]], fingerprint="m")
+    (tmp_path / "files").mkdir()
+    outcomes = {"refused": 0, "imported": 0}
+    for k, path in enumerate(mutated_exports(rng, tmp_path / "good.fmg", tmp_path / "files", 60)):
+        existing = tmp_path / f"existing{k}"
+        shutil.copytree(tmp_path / "base", existing)
+        for target in (tmp_path / f"new{k}", existing):
+            before = sorted(p.name for p in target.iterdir()) if target.exists() else None
+            code, out, err = run_cli(capsys, "gallery", "import", path, target, "--json")
+            if code != 0:
+                one_error_line(err, "gallery")
+                assert (sorted(p.name for p in target.iterdir()) if target.exists() else None) == before
+                outcomes["refused"] += 1
+                continue
+            outcomes["imported"] += 1
+            with Gallery.open(target) as g:
+                for person in g.identities():
+                    rows = [v.tobytes() for v in g.vectors(person.name)]
+                    assert len(rows) == len(set(rows)), (path.name, person.name)
+                assert g.check()["database"] == "ok"
+    assert outcomes["refused"] > 30 and outcomes["imported"] > 0, outcomes

@@ -117,7 +117,7 @@ def check_name(name: str) -> str:
         label = unicodedata.name(c, "")
         what = f"U+{ord(c):04X}{f' {label}' if label else ''}"
         if unicodedata.category(c) in _BAD_NAME_CATEGORIES:
-            raise GalleryError(f"bad identity name {name[:80]!r}: {what} "
+            raise GalleryError(f"bad identity name {shown_name(name)}: {what} "
                                f"is a control, format or separator character; use {rule}")
         if invisible(c):
             raise GalleryError(f"bad identity name {shown_name(name)}: {what} is an invisible (default-ignorable "
@@ -130,7 +130,7 @@ def check_name(name: str) -> str:
         raise GalleryError(f"bad identity name {shown_name(name)}: it starts with a combining mark or shows nothing; "
                            f"use {rule}")
     if len(name) > MAX_NAME:
-        raise GalleryError(f"bad identity name {name[:40]!r}... ({len(name)} characters): {rule}")
+        raise GalleryError(f"bad identity name {shown_name(name, 40)}... ({len(name)} characters): {rule}")
     if name_key(name) == UNKNOWN:
         raise GalleryError(f"{UNKNOWN!r} is reserved for faces that match nobody")
     return name
