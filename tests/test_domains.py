@@ -89,6 +89,9 @@ def test_stats_and_scores_follow_the_formula(gallery, embedder, raw):
         scarf = fr.domain("scarf")
         assert scarf.photos == 4 and scarf.stats.kind == "mean" and scarf.stats.strength == 1.0
         np.testing.assert_allclose(scarf.stats.mean, raw["scarf"].mean(axis=0), atol=1e-6)
+        x = raw["scarf"].astype(np.float64)  # stability: the relative standard error of the mean, by hand
+        cov_trace = ((x - x.mean(axis=0)) ** 2).sum() / (len(x) - 1)
+        assert scarf.stability == pytest.approx(np.sqrt(cov_trace / len(x)) / np.linalg.norm(x.mean(axis=0)), rel=1e-4)
         faces = fr.identify(str(_probe(gallery)), top_k=2, domain="scarf")
         got = {c["identity"]: c["score"] for c in faces[0]["candidates"]}
         probe = by_hand(raw["probes"][0], raw["scarf"])

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS domain_photos (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS domain_photos_domain ON domain_photos(domain);
+CREATE INDEX IF NOT EXISTS embeddings_domain ON embeddings(domain);
 """
 
 
@@ -103,15 +104,14 @@ def check_domain_name(name: str) -> str:
         raise GalleryError(str(exc).replace("identity name", "domain name")) from None
 
 
-def stability(vectors: np.ndarray) -> float | None:
-    """Relative standard error of a domain's mean: sqrt(trace(cov) / n) / |mean| (None for one vector).
-    About how far, as a fraction of its length, the estimated mean may sit from the domain's true mean."""
-    x = np.asarray(vectors, np.float64)
-    if len(x) < 2:
+def stability(mean: np.ndarray, n: int) -> float | None:
+    """Relative standard error of a domain's mean of ``n`` unit vectors: sqrt(trace(cov) / n) / |mean| (None for
+    one vector), about how far, as a fraction of its length, the estimate may sit from the domain's true mean.
+    For unit vectors trace(cov) = (1 - |mean|^2) * n / (n - 1), so no photo vector is read."""
+    if n < 2:
         return None
-    mean = x.mean(axis=0)
-    spread = float(((x - mean) ** 2).sum(axis=1).mean()) * len(x) / (len(x) - 1)
-    return math.sqrt(spread / len(x)) / max(float(np.linalg.norm(mean)), 1e-12)
+    m2 = float(np.dot(np.asarray(mean, np.float64), np.asarray(mean, np.float64)))
+    return math.sqrt(max(1.0 - m2, 0.0) / (n - 1)) / max(math.sqrt(m2), 1e-12)
 
 
 # ------------------------------------------------------------------ reading
@@ -137,10 +137,10 @@ def _photo_vectors(conn: sqlite3.Connection, name: str) -> np.ndarray:
 
 def _domain(conn: sqlite3.Connection, row: tuple) -> Domain:
     name, fp, stats, thr, far, pairs = row
-    vectors = _photo_vectors(conn, name)
+    stats = DomainStats.from_dict(json.loads(stats))
+    photos = conn.execute("SELECT COUNT(*) FROM domain_photos WHERE domain=?", (name,)).fetchone()[0]
     enrolled = conn.execute("SELECT COUNT(*) FROM embeddings WHERE domain=?", (name,)).fetchone()[0]
-    return Domain(name, fp, DomainStats.from_dict(json.loads(stats)), len(vectors), int(enrolled),
-                  stability(vectors), thr, far, pairs)
+    return Domain(name, fp, stats, int(photos), int(enrolled), stability(stats.mean, int(photos)), thr, far, pairs)
 
 
 _COLUMNS = "name, fingerprint, stats, threshold, far, calibration_pairs"
