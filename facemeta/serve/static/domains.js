@@ -82,6 +82,7 @@ async function addDomainPhotos() {
   for (const f of $("domain-files").files) form.append("images", f);
   $("domain-result").hidden = true;
   const r = await busy($("domain-btn"), $("domain-error"), () => api("/api/domains", { method: "POST", body: form }));
+  refreshDomainButton(); // busy() re-enables app.js's buttons only
   if (!r) return;
   const parts = [`${r.name}: ${r.added} photo(s) added`];
   if (r.already) parts.push(`${r.already} already counted`);
