@@ -420,7 +420,8 @@ def small_mount(tmp_path):
 
 
 def remount(mnt: Path, how: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{how}", str(mnt)], check=True)
+    if subprocess.run(["mount", "-o", f"remount,{how}", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip(f"cannot remount the test file system {how} here")
 
 
 def test_a_read_only_gallery_is_read_and_a_write_says_read_only(small_mount, data_dir, model, capsys):

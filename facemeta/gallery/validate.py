@@ -112,6 +112,8 @@ def check_name(name: str) -> str:
     rule = f"1 to {MAX_NAME} printable characters"
     if not name:
         raise GalleryError(f"bad identity name {name!r}: {rule}")
+    if len(name) > MAX_NAME:
+        raise GalleryError(f"bad identity name {shown_name(name, 40)}... ({len(name)} characters): {rule}")
     marks = 0
     for c in name:
         label = unicodedata.name(c, "")
@@ -129,8 +131,6 @@ def check_name(name: str) -> str:
     if not name_key(name) or unicodedata.category(name[0]) in _MARKS:
         raise GalleryError(f"bad identity name {shown_name(name)}: it starts with a combining mark or shows nothing; "
                            f"use {rule}")
-    if len(name) > MAX_NAME:
-        raise GalleryError(f"bad identity name {shown_name(name, 40)}... ({len(name)} characters): {rule}")
     if name_key(name) == UNKNOWN:
         raise GalleryError(f"{UNKNOWN!r} is reserved for faces that match nobody")
     return name
