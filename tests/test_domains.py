@@ -215,6 +215,11 @@ def test_cli_domain_commands(gallery, tmp_path, capsys, data_dir, embedder):
     assert main(argv + ["--domains", str(tmp_path / "neutral.json"), "--domains", str(tmp_path / "scarf.json")]) == 0
     without = json.loads(capsys.readouterr().out)
     assert without["score"] == with_gallery["score"] and without["domain_b"] == "scarf"
+    assert main(["verify", str(b), "--gallery", str(g), "--person", "p1", "--json"]) == 0  # no domain: as before
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["verify", str(b), "--gallery", str(g), "--person", "p1", "--domain-a", "scarf", "--json"]) == 0
+    person = json.loads(capsys.readouterr().out)
+    assert person["score"] == with_gallery["score"] != plain["score"]  # p1's one photo, probe normalised as scarf
 
     distinct = tmp_path / "distinct"
     distinct.mkdir()

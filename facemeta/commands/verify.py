@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gallery", metavar="GALLERY", help="with --person: the gallery the person is enrolled in")
     p.add_argument("--person", metavar="NAME", help="verify A against this enrolled person instead of B")
     p.add_argument("--domain-a", metavar="NAME", help="the domain photo A comes from (a domain of --gallery, or of --domains)")
-    p.add_argument("--domain-b", metavar="NAME", help="the domain photo B (or the --person's photo) comes from")
+    p.add_argument("--domain-b", metavar="NAME", help="the domain photo B comes from")
     p.add_argument("--domain", metavar="NAME", help="the domain both photos come from (--domain-a and --domain-b)")
     p.add_argument("--domains", metavar="FILE", action="append",
                    help="without a gallery: a domain statistics file from `facemeta domain export` (repeat for two)")
@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         raise FacemetaError("--domains FILE is for verify without a gallery; with --gallery the domains are its own")
     if named and not (args.gallery or args.domains):
         raise FacemetaError("--domain-a/--domain-b name domains of --gallery GALLERY or of --domains FILE")
-    if (args.gallery or args.domains) and not named:
+    if args.person is not None and args.domain_b is not None and args.domain is None:
+        raise FacemetaError("with --person, photo A's domain is --domain-a (the person's photos keep their own)")
+    if (args.b is not None and (args.gallery or args.domains)) and not named:
         raise FacemetaError("name the photos' domains with --domain-a/--domain-b (or --domain)")
     embedder = FaceEmbedder(args.model, device=args.device, select=args.select, **runtime_options(args))
     if args.gallery is not None:
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         with FaceRecognizer(args.gallery, embedder=embedder) as fr:
             if args.person is not None:
-                result = fr.verify_person(args.a, args.person, threshold=args.threshold, domain=args.domain_b)
+                result = fr.verify_person(args.a, args.person, threshold=args.threshold, domain=args.domain_a)
             else:
                 result = fr.verify(args.a, args.b, threshold=args.threshold, domain_a=args.domain_a,
                                    domain_b=args.domain_b)
