@@ -56,6 +56,8 @@ class DomainVerbs:
         if sources is not None and len(sources) != len(paths):
             raise GalleryError(f"{len(sources)} source labels for {len(paths)} images of domain {name!r}")
         label = dict(zip(paths, sources, strict=True)) if sources is not None else {}
+        if self.exists():  # a look-alike of another domain's name is refused before any photo is read
+            name = domains.check_new_domain(self.gallery(), name)
         known = domains.photo_hashes(self.gallery(), name) if self.exists() else set()
         result = DomainResult(name)
         vecs, recorded, hashes = [], [], []

@@ -277,6 +277,9 @@ def test_domain_names_are_checked(tmp_path, embedder, photos):
             with pytest.raises(GalleryError, match="domain name|reserved"):
                 fr.add_domain(bad, photos["scarf"][:1])
         assert not fr.exists()  # refused before anything was written
+        fr.add_domain("Door-2", photos["scarf"][:1])
+        with pytest.raises(GalleryError, match="looks like"):
+            fr.add_domain("door-2", photos["scarf"][1:2])  # another domain's name but for its case
         with pytest.raises(FacemetaError, match="domain"):
             fr.enroll("p1", photos["enrolled"][:1], domain="nowhere")
 

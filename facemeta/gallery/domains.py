@@ -104,6 +104,22 @@ def check_domain_name(name: str) -> str:
         raise GalleryError(str(exc).replace("identity name", "domain name")) from None
 
 
+def check_new_domain(gallery, name: str) -> str:
+    """A domain name checked (:func:`check_domain_name`) and, when the gallery has no domain of exactly that name,
+    refused if it looks like one it has (validate.check_unlike: case, width, invisible characters)."""
+    from facemeta.gallery.validate import check_unlike
+
+    name = check_domain_name(name)
+    present = [d.name for d in list_domains(gallery)]
+    if name not in present:
+        try:
+            check_unlike([name], present)
+        except GalleryError as exc:
+            raise GalleryError(str(exc).replace("identity name", "domain name").replace(", who is", ", which is")
+                               ) from None
+    return name
+
+
 def stability(mean: np.ndarray, n: int) -> float | None:
     """Relative standard error of a domain's mean of ``n`` unit vectors: sqrt(trace(cov) / n) / |mean| (None for
     one vector), about how far, as a fraction of its length, the estimate may sit from the domain's true mean.
@@ -297,9 +313,9 @@ def add_photos(gallery, name: str, vectors: np.ndarray, *, fingerprint: str, sou
     enrolled under it are normalised again. One transaction: a crash keeps all of it or none."""
     from facemeta.gallery.validate import check_vectors
 
-    name = check_domain_name(name)
     with gallery._mutex:
         gallery._check_open(write=True)
+        name = check_new_domain(gallery, name)
         x = check_vectors(vectors, gallery.dim, gallery.fingerprint, fingerprint)
         if len(sources) != len(x) or len(content_hashes) != len(x):
             raise GalleryError("sources and content hashes must have one entry per photo")
