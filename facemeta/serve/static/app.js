@@ -179,6 +179,7 @@ async function enroll() {
   $("enroll-files").value = "";
   $("enroll-files").dispatchEvent(new Event("change"));
   loadPeople();
+  if (form.has("domain")) loadDomains(); // its enrolled count changed
 }
 
 // ---------------------------------------------------------------- gallery
