@@ -183,9 +183,12 @@ def test_kill_during_domain_add_loses_nothing(gallery, tmp_path, raw, point):
     shutil.copytree(gallery, g_path)
     before = _state(g_path)
     np.save(tmp_path / "x.npy", raw["probes"])
-    env = dict(os.environ, FACEMETA_GALLERY_FAULT=point)
-    proc = subprocess.run([sys.executable, "-c", GALLERY_SCRIPT, str(g_path), str(tmp_path / "x.npy")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, FACEMETA_GALLERY_FAULT=point, OMP_NUM_THREADS="1")
+    if point == "before_commit":  # the command itself, killed inside its transaction
+        cmd = ["-m", "facemeta", "domain", "add", str(g_path), "neutral", *map(str, _PHOTOS["probes"])]
+    else:  # the same call the command makes, killed right after its commit
+        cmd = ["-c", GALLERY_SCRIPT, str(g_path), str(tmp_path / "x.npy")]
+    proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     after = _state(g_path)
     if point == "before_commit":
