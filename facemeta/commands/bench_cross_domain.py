@@ -37,6 +37,10 @@ def add_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--draws", type=int, default=DRAWS, help=f"cross-domain: random halvings (default {DRAWS})")
     group.add_argument("--points", default="five",
                        help="cross-domain: landmark rule of facemeta.align.robust (five, eyes-nose, plausible)")
+    group.add_argument("--alignment", help="cross-domain: also score these landmark rules raw with the shipped model "
+                                           "(comma list, e.g. five,plausible,eyes-nose; issue 25 item 4)")
+    group.add_argument("--figure", action="store_true",
+                       help="cross-domain: also draw aligned_faces.png (AR and thermal faces as the benchmark aligns them)")
     group.add_argument("--json", action="store_true", help="cross-domain: print the results as JSON")
 
 
@@ -47,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     from facemeta.align.robust import RULES
     from facemeta.errors import ConfigError
-    from facemeta.experiments.cross_domain import COUNTS, STATISTICS, run_benchmark, save
+    from facemeta.experiments.cross_domain import COUNTS, STATISTICS, alignment_rows, run_benchmark, save
     from facemeta.experiments.cross_domain_embed import MODELS
     from facemeta.experiments.cross_domain_protocols import SETS
-    from facemeta.experiments.cross_domain_report import write_report
+    from facemeta.experiments.cross_domain_report import aligned_faces_figure, write_report
 
     def choose(text: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
         if not text:
@@ -75,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / "cross_domain"
     result = run_benchmark(models, sets, statistics, (0, *[c for c in counts if c != 0]), args.draws,
                            points=args.points, progress=not args.json)
+    if args.alignment:
+        rules = choose(args.alignment, RULES, "alignment")
+        result["alignment"] = alignment_rows(sets, rules, draws=args.draws, progress=not args.json)
     save(result, out)
     write_report(result, out)
+    if args.figure:
+        aligned_faces_figure(out)
     if args.json:
         print(json.dumps(result))
     else:

@@ -28,7 +28,7 @@ import numpy as np
 
 from facemeta.experiments.cross_domain_protocols import Protocol
 
-STATISTICS = ("mean", "coral-diag", "auto")
+STATISTICS = ("mean", "coral-diag", "auto", "auto-pair")
 COUNTS = (0, 5, 10, 20, 50, -1)  # unlabelled photos per domain; -1: every photo of the pool
 DRAWS = 5
 FARS = (1e-2, 1e-3)
@@ -49,11 +49,16 @@ def pick(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_stats(statistic: str, pool_vectors: dict[str, np.ndarray], source: np.ndarray | None):
     """{domain: DomainStats} for one cell from each domain's unlabelled vectors; `source` (the model's source
-    photos, unlabelled) is the reference of the 'auto' rule."""
-    from facemeta.gallery.domain_stats import auto_stats, estimate
+    photos, unlabelled) is the reference of the 'auto' rule. 'auto-pair' gives both domains of a comparison the
+    smaller of their 'auto' strengths (domain_stats.pair_strength)."""
+    from facemeta.gallery.domain_stats import auto_stats, estimate, pair_strength, with_strength
 
-    if statistic == "auto":
-        return {d: auto_stats(v, source) for d, v in pool_vectors.items()}
+    if statistic in ("auto", "auto-pair"):
+        stats = {d: auto_stats(v, source) for d, v in pool_vectors.items()}
+        if statistic == "auto-pair" and len(stats) == 2:
+            low = pair_strength(*stats.values())
+            stats = {d: with_strength(st, low) for d, st in stats.items()}
+        return stats
     return {d: estimate(v, statistic) for d, v in pool_vectors.items()}
 
 
@@ -143,11 +148,16 @@ def run_protocol(proto: Protocol, vectors: np.ndarray, ids: np.ndarray, source: 
                     pools[d] = (source if proto.set == "lfw" else vectors)[chosen]
                     used[d] = len(chosen)
                 stats = make_stats(statistic, pools, source) if statistic != "raw" else {}
-                one = stats.get("enrolled")
                 gal_mask = proto.gallery & scored
-                gal = _normalise(vectors[gal_mask], one)
                 for probe_name, mask in proto.probes.items():
-                    pstats = one if (proto.kind == "control" or proto.set == "thermal") else stats.get(probe_name)
+                    if statistic == "auto-pair" and probe_name in stats:  # the pair's smaller strength
+                        stats_pair = make_stats(statistic, {"enrolled": pools["enrolled"],
+                                                            probe_name: pools[probe_name]}, source)
+                        one, pstats = stats_pair["enrolled"], stats_pair[probe_name]
+                    else:
+                        one = stats.get("enrolled")
+                        pstats = one if (proto.kind == "control" or proto.set == "thermal") else stats.get(probe_name)
+                    gal = _normalise(vectors[gal_mask], one)
                     cell = {"probe": probe_name, "statistic": statistic, "count": count, "draw": draw,
                             "used": used, "people_scored": len(scored_people)}
                     if proto.set == "lfw":
@@ -189,27 +199,55 @@ def summarise(cells: list[dict]) -> list[dict]:
 
 def run_benchmark(models: tuple[str, ...], sets: tuple[str, ...], statistics: tuple[str, ...] = STATISTICS,
                   counts: tuple[int, ...] = COUNTS, draws: int = DRAWS, points: str = "five",
-                  thermal_layout: str = "foreground", progress: bool = True) -> dict:
-    """Embed (cached) and score every protocol of `sets` for each model -> the results document."""
+                  thermal_layouts: tuple[str, ...] = ("set", "foreground"), progress: bool = True) -> dict:
+    """Embed (cached) and score every protocol of `sets` for each model -> the results document. Thermal is
+    scored once per template-crop layout of `thermal_layouts` (the first is the main one)."""
     from facemeta.experiments.cross_domain_embed import embed_set
     from facemeta.experiments.cross_domain_protocols import benchmark_rows, protocols
 
     source_rows = benchmark_rows("lfw-source")
     source = embed_set("lfw", source_rows, models, progress=progress)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "draws": draws, "counts": list(counts),
-              "statistics": ["raw", *statistics], "points": points, "thermal_layout": thermal_layout,
+              "statistics": ["raw", *statistics], "points": points, "thermal_layout": thermal_layouts[0],
               "protocols": []}
     for name in sets:
         rows = benchmark_rows(name)
-        layout = thermal_layout if name == "thermal" else "set"
-        vectors = embed_set(name, rows, models, layout=layout, points=points, progress=progress)
         ids = np.array([r.identity for r in rows])
-        for proto in protocols(name, rows):
-            for model in models:
-                cells = run_protocol(proto, vectors[model], ids, source[model], statistics, counts, draws)
-                result["protocols"].append({"protocol": proto.name, "set": name, "kind": proto.kind, "model": model,
-                                            "notes": proto.notes, "rows": summarise(cells)})
+        for layout in (thermal_layouts if name == "thermal" else ("set",)):
+            vectors = embed_set(name, rows, models, layout=layout, points=points, progress=progress)
+            for proto in protocols(name, rows):
+                if layout != thermal_layouts[0]:
+                    proto.name += f" (template crop: {layout} layout)"
+                for model in models:
+                    cells = run_protocol(proto, vectors[model], ids, source[model], statistics, counts, draws)
+                    result["protocols"].append({"protocol": proto.name, "set": name, "kind": proto.kind,
+                                                "model": model, "notes": proto.notes, "rows": summarise(cells)})
     return result
+
+
+def alignment_rows(sets: tuple[str, ...], rules: tuple[str, ...], model: str = "shipped", draws: int = DRAWS,
+                   progress: bool = True) -> list[dict]:
+    """Raw figures of each landmark rule of align.robust (issue 25, item 4) on every protocol of `sets`: the same
+    draws, no statistics. Rules other than 'five' re-embed only the images whose points they change."""
+    from facemeta.align.robust import robust_landmarks
+    from facemeta.experiments.cross_domain_embed import CHIP, detect_landmarks, embed_set
+    from facemeta.experiments.cross_domain_protocols import benchmark_rows, protocols
+
+    out = []
+    for name in sets:
+        rows = benchmark_rows(name)
+        ids = np.array([r.identity for r in rows])
+        marks = detect_landmarks(name, rows, progress=progress)["landmarks"]
+        for rule in rules:
+            changed = np.array([not np.isnan(p[0, 0]) and not np.allclose(robust_landmarks(p, rule, CHIP), p)
+                                for p in marks])
+            vectors = embed_set(name, rows, (model,), points=rule, progress=progress,
+                                only=changed if rule != "five" else None)[model]
+            for proto in protocols(name, rows):
+                for r in summarise(run_protocol(proto, vectors, ids, None, (), (0,), draws)):
+                    out.append({"protocol": proto.name, "set": name, "rule": rule, "changed": int(changed.sum()),
+                                "images": len(rows), **r})
+    return out
 
 
 def save(result: dict, out: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 GOAL_COUNT = 10  # unlabelled photos per domain at which the goals are read
 GOAL_GAIN, GOAL_LOSS, GOAL_CONTROL, GOAL_BELOW = 5.0, 0.5, 0.3, 90.0
-RULE = "auto"
+RULE = "auto-pair"
 
 
 def _fmt(row: dict | None, metric: str) -> str:
@@ -61,7 +61,10 @@ def write_report(result: dict, out: Path) -> None:
              f"`{result['points']}`, thermal template layout `{result['thermal_layout']}`. Figures in %, mean ± "
              "std over the draws. `count`: unlabelled photos per domain (all: the whole pool). Statistics: "
              "`mean` (remove the domain mean), `coral-diag` (and divide by its per-dimension spread), `auto` "
-             "(the mean at the strength of `gallery.domain_stats.auto_strength`).", ""]
+             "(the mean at each domain's strength of `gallery.domain_stats.auto_strength`), `auto-pair` (both "
+             "domains of a comparison at the smaller of their two `auto` strengths: `domain_stats.pair_strength`). "
+             "AdaBN is not in the table: both models are dlib's ResNet, whose normalisation layers are fixed affine "
+             "scales and shifts (batch norm folded by dlib), with no statistics to re-estimate.", ""]
     for model in dict.fromkeys(b["model"] for b in result["protocols"]):
         g = goals(result, model)
         if g:
@@ -102,8 +105,31 @@ def write_report(result: dict, out: Path) -> None:
                 lines.append(f"| {probe} | {s} | {raw['tar@far=1e-2']:.1f} | " + " | ".join(
                     "-" if r is None else f"{r['tar@far=1e-2']:.1f}" for r in cells) + " |")
         lines.append("")
+    if result.get("alignment"):
+        lines += alignment_lines(result["alignment"])
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plots(result, out)
+
+
+def alignment_lines(rows: list[dict]) -> list[str]:
+    """The table of the landmark rules (align.robust): raw figures per protocol and probe, one column per rule."""
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    changed = {(r["set"], r["rule"]): (r["changed"], r["images"]) for r in rows}
+    lines = ["## Alignment with occluded landmarks (shipped model, raw, TAR@FAR=1e-2 / rank-1)", "",
+             "Rules of `facemeta.align.robust`: " + "; ".join(
+                 f"`{rule}` changes the points of " + ", ".join(
+                     f"{c[0]}/{c[1]} {s}" for (s, ru), c in changed.items() if ru == rule) for rule in rules[1:]),
+             "", "| protocol | probe | " + " | ".join(rules) + " |", "| --- | --- | " + " | ".join(
+                 "---:" for _ in rules) + " |"]
+    keyed = {(r["protocol"], r["probe"], r["rule"]): r for r in rows}
+    for proto, probe in dict.fromkeys((r["protocol"], r["probe"]) for r in rows):
+        cells = []
+        for rule in rules:
+            r = keyed.get((proto, probe, rule))
+            cells.append("-" if r is None else f"{r['tar@far=1e-2']:.1f} / " + (
+                f"{r['rank-1']:.1f}" if "rank-1" in r else "-"))
+        lines.append(f"| {proto} | {probe} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _plots(result: dict, out: Path) -> None:
@@ -138,3 +164,68 @@ def _plots(result: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"tar_by_count_{model}.png", dpi=80)
         plt.close(fig)
+
+
+def aligned_faces_figure(out: Path, people: int = 4) -> Path:
+    """aligned_faces.png: AR (neutral, sunglasses, scarf, scarf + light; as found and with the eyes-nose rule) and
+    thermal faces (MTCNN's where it found one; else the template crop with the set's layout in the frame and in the
+    foreground box) as the benchmark warps them onto the model's chip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from facemeta.align.warp import warp_face
+    from facemeta.experiments.cross_domain_embed import (
+        CHIP,
+        SIZE,
+        detect_landmarks,
+        foreground_layout,
+        image_points,
+        set_layout,
+    )
+    from facemeta.experiments.cross_domain_protocols import benchmark_rows
+    from facemeta.images import load_image
+
+    panels: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
+    rows = benchmark_rows("ar")
+    marks = detect_landmarks("ar", rows, progress=False)
+    frame = set_layout(marks)
+    for person in sorted({r.identity for r in rows})[:people]:
+        line = []
+        for k in (1, 8, 11, 12):
+            i = next(j for j, r in enumerate(rows) if r.identity == person and r.extra["image_index"] == str(k))
+            img = load_image(rows[i].path)
+            for rule in ("five", "eyes-nose"):
+                pts = image_points([img], marks["landmarks"][i:i + 1], frame, None, rule)[0]
+                line.append((f"{rows[i].extra['condition']}, {rule}", warp_face(img, pts, SIZE, CHIP)))
+        panels.append((f"AR {person}", line))
+    rows = benchmark_rows("thermal")
+    marks = detect_landmarks("thermal", rows, progress=False)
+    images = [load_image(r.path) for r in rows]
+    frame, fg = set_layout(marks), foreground_layout(images, marks)
+    missing = np.flatnonzero(np.isnan(marks["landmarks"][:, 0, 0]))
+    found = np.flatnonzero(~np.isnan(marks["landmarks"][:, 0, 0]))
+    for k in range(people):
+        line = [("MTCNN found it", warp_face(images[found[k]], marks["landmarks"][found[k]], SIZE, CHIP))]
+        for i in missing[k * 40:k * 40 + 3 * 13:13]:  # three people's images MTCNN found no face in
+            for name, lay in (("set layout", None), ("foreground", fg)):
+                pts = image_points([images[i]], marks["landmarks"][i:i + 1], frame, lay)[0]
+                line.append((f"template crop, {name}", warp_face(images[i], pts, SIZE, CHIP)))
+        panels.append((f"thermal {k + 1}", line))
+    cols = max(len(line) for _, line in panels)
+    fig, axes = plt.subplots(len(panels), cols, figsize=(1.6 * cols, 1.9 * len(panels)), squeeze=False)
+    for r, (title, line) in enumerate(panels):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(line):
+                ax.imshow(line[c][1])
+                ax.set_title(line[c][0], fontsize=6)
+        axes[r][0].text(-0.15, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", fontsize=7)
+    fig.tight_layout()
+    path = out / "aligned_faces.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
