@@ -264,8 +264,9 @@ class FaceRecognizer(DomainVerbs):
                 except GalleryError as exc:  # the gallery itself (locked, damaged, a full disk): no point going on
                     if not result.added:
                         raise
-                    raise GalleryError(f"{exc}; enrolled and committed before it: {len(result.added)} people, "
-                                       f"{result.total} photos (a rerun skips them)") from None
+                    raise GalleryError(f"{exc}; {name!r} was not enrolled, the {len(result.added)} people "
+                                       f"({result.total} photos) enrolled before it are committed (a rerun skips "
+                                       "them)") from None
                 except FacemetaError as exc:  # no usable face, or another problem of this person's photos
                     result.skipped.append((folder, one_line(exc, limit=1000)))
                     continue
