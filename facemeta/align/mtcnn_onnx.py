@@ -36,6 +36,7 @@ EXAMPLES = {"pnet": (1, 3, 60, 80), "rnet": (2, 3, 24, 24), "onet": (2, 3, 48, 4
 MANIFEST = "mtcnn.json"
 FORMAT, VERSION = "facemeta-mtcnn-onnx", 1
 OPSET = 18
+CHUNK = 128  # candidate boxes per R-/O-Net call (bounds the runtime's memory, not the answer)
 PARITY_MAX_DIFF = 1e-4  # largest |ONNX Runtime - torch| allowed on any output at export
 
 
@@ -167,10 +168,18 @@ class _Net:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # no busy-waiting between the many small calls of a cascade: on a shared CPU it only burns the cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})
+        """Outputs for a batch, run CHUNK at a time: R- and O-Net see thousands of candidate boxes in a batch of
+        photos, and the runtime's memory arena would grow to hold all their activations at once."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) <= CHUNK:
+            return self.session.run(None, {"input": x})
+        parts = [self.session.run(None, {"input": x[i:i + CHUNK]}) for i in range(0, len(x), CHUNK)]
+        return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
 
 class OnnxFaceDetector(FaceDetector):
