@@ -8,7 +8,7 @@ domain's statistics, and of the 80 vectors at once), timed over many calls. The 
 face against identify's time per photo; the end-to-end difference is reported too, but on a shared machine it is
 within the noise.
 
-    python benchmarks/bench_domain_cost.py --out benchmarks/results/domain_cost
+    python benchmarks/bench_domain_cost.py   (writes benchmarks/results/cross_domain/domain_cost.md and .json)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from results_files import machine, write_results
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of identify with and without (3)")
-    ap.add_argument("--out", default="benchmarks/results/domain_cost", help="output stem (.md and .json)")
+    ap.add_argument("--out", default="benchmarks/results/cross_domain/domain_cost", help="output stem (.md and .json)")
     args = ap.parse_args()
 
     import torch

@@ -135,3 +135,31 @@ def test_command_refuses_unknown_names(capsys):
     assert len(err) == 1 and "nope" in err[0]
     assert main(["benchmark", "cross-domain", "--counts", "ten"]) != 0
     assert main(["benchmark", "cross-domain", "--points", "mouth"]) != 0
+
+
+def test_pair_strength_takes_the_smaller_and_with_strength_checks_range():
+    from facemeta.gallery.domain_stats import pair_strength, with_strength
+
+    rng = np.random.default_rng(2)
+    a = estimate(_cloud(rng, np.eye(64)[0], 20), strength=0.8)
+    b = with_strength(a, 0.3)
+    assert b.strength == 0.3 and a.strength == 0.8 and b.mean is a.mean
+    assert pair_strength(a, b) == 0.3 and pair_strength(a, None) == 0.0
+    with pytest.raises(ValueError, match="strength"):
+        with_strength(a, 1.5)
+
+
+def test_goals_read_the_table_as_the_issue_states_them():
+    from facemeta.experiments.cross_domain_report import goals
+
+    def block(kind, raw, rule, best):
+        rows = [{"probe": "p", "statistic": "raw", "count": 0, "tar@far=1e-2": raw},
+                {"probe": "p", "statistic": "auto-pair", "count": 10, "tar@far=1e-2": rule},
+                {"probe": "p", "statistic": "mean", "count": 10, "tar@far=1e-2": best}]
+        return {"protocols": [{"protocol": "x", "kind": kind, "model": "shipped", "rows": rows}]}
+
+    assert goals(block("cross", 80.0, 86.0, 70.0))[0]["met"]
+    assert not goals(block("cross", 80.0, 82.0, 90.0))[0]["met"]  # a statistic gains 10: the rule must gain 5
+    assert goals(block("cross", 80.0, 79.8, 81.0))[0]["met"]  # none can gain 5: losing 0.2 is allowed
+    assert not goals(block("cross", 95.0, 94.0, 95.0))[0]["met"]  # above 90: may not lose more than 0.5
+    assert not goals(block("control", 99.0, 98.5, 99.0))[0]["met"]
