@@ -112,7 +112,7 @@ def service(model, tmp_path_factory):
     pytest.importorskip("httpx")
     from facemeta.serve import FaceService
 
-    svc = FaceService(tmp_path_factory.mktemp("serve") / "people", model, slots=2, threads=1)
+    svc = FaceService(tmp_path_factory.mktemp("serve") / "people", model, slots=2)
     yield svc
     svc.close()
 
@@ -758,3 +758,20 @@ def test_requests_uvicorn_cannot_parse_get_a_one_line_json_400(service):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_photo_with_two_competing_faces_is_enrolled_with_a_warning_and_the_count(tmp_path, data_dir, model,
+                                                                                   capsys):
+    from PIL import Image
+
+    a = np.asarray(Image.open(lfw(data_dir, "Tony_Blair", 3)).convert("RGB"))
+    b = np.asarray(Image.open(lfw(data_dir, "Colin_Powell", 1)).convert("RGB"))
+    two = tmp_path / "two.jpg"  # two real faces side by side: neither is clearly the subject
+    Image.fromarray(np.concatenate([a, b], axis=1)).save(two, quality=95)
+    code, out, err = cli(capsys, "enroll", tmp_path / "G", "Both", two, "--model", model, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["added"] == {"Both": 1} and result["embeddings"] == 1, result
+    [warning] = result["warnings"]
+    assert warning["image"] == str(two) and warning["warning"].startswith("2 faces compete"), warning
+    assert "2 faces compete" in err and "Traceback" not in err
