@@ -143,8 +143,9 @@ class DomainVerbs:
                       other: str | None = None) -> tuple[float, float | None, str]:
         """The threshold a comparison with a photo of ``domain`` uses -> (threshold, its false-accept rate or None
         when unknown, where it came from): the one given (or this recognizer's), else the domain's calibrated
-        one, else the gallery's, else the model's. A threshold calibrated without normalisation keeps its FAR
-        only when neither photo (``domain``, ``other``) is normalised."""
+        one, else, when a photo is normalised (``domain``, ``other``), the model's threshold for normalised
+        vectors (:func:`model_domain_threshold`), else the gallery's, else the model's. A threshold calibrated
+        without normalisation keeps its FAR only when neither photo is normalised."""
         from facemeta.checks import check_threshold
 
         if given is not None or self.threshold is not None:
@@ -154,6 +155,9 @@ class DomainVerbs:
             if d.threshold is not None:
                 return d.threshold, d.far, f"domain {d.name} (calibrated on {d.calibration_pairs} impostor pairs)"
         plain = domain is None and other is None
+        named = [self.domain(d).stats for d in (domain, other) if d is not None]
+        if named and (found := model_domain_threshold(self.embedder, named)) is not None:
+            return found
         g = self.gallery() if self.exists() else None
         for thr, where in ((g.threshold if g else None, "gallery"), (self.embedder.threshold, "model")):
             if thr is not None:
@@ -176,6 +180,18 @@ class DomainResult:
     already: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warning: str | None = None
+
+
+def model_domain_threshold(embedder, stats: list) -> tuple[float, float, str] | None:
+    """The model's threshold for vectors normalised by their domain (checkpoint meta ``domain_threshold``, from
+    tools/domain_threshold.py: held-out source pairs normalised the same way) -> (threshold, FAR, source), when
+    every domain statistic in ``stats`` is of its kind and strength; None otherwise or when the model has none."""
+    entry = (getattr(embedder, "meta", None) or {}).get("domain_threshold")
+    if not stats or not isinstance(entry, dict) or not isinstance(entry.get("threshold"), int | float):
+        return None
+    if any(s.kind != entry.get("kind") or s.strength != entry.get("strength") for s in stats):
+        return None
+    return float(entry["threshold"]), entry.get("far"), "model, for normalised vectors (held-out source pairs)"
 
 
 def load_domain_file(path: str | os.PathLike, embedder=None):
@@ -203,6 +219,8 @@ def verify_across(embedder, a: str | os.PathLike, b: str | os.PathLike, domain_a
         calibrated = [d for d in (domain_b, domain_a) if d is not None and d.threshold is not None]
         if calibrated:
             threshold, far = calibrated[0].threshold, calibrated[0].far
+        elif (found := model_domain_threshold(embedder, [d.stats for d in (domain_a, domain_b) if d])) is not None:
+            threshold, far, _ = found
         elif embedder.threshold is not None:
             threshold = embedder.threshold
             far = embedder.threshold_far if domain_a is None and domain_b is None else None

@@ -107,7 +107,9 @@ def test_stats_and_scores_follow_the_formula(gallery, embedder, raw):
         v = fr.verify(_photo(gallery, "enrolled", 0), _probe(gallery), domain_a="neutral", domain_b="scarf")
         want = float(by_hand(raw["enrolled"][0], raw["neutral"]) @ by_hand(raw["probes"][0], raw["scarf"]))
         assert v.score == pytest.approx(want, abs=2e-5)
-        assert v.threshold_far is None  # the model's threshold was not calibrated on normalised vectors
+        entry = embedder.meta.get("domain_threshold")  # the model's threshold for normalised vectors, if it has one
+        assert (v.threshold, v.threshold_far) == ((entry["threshold"], entry["far"]) if entry else
+                                                  (embedder.threshold, None))  # raw threshold: FAR unknown
         raw_v = fr.verify(_photo(gallery, "enrolled", 0), _probe(gallery))
         assert raw_v.score == pytest.approx(float(raw["enrolled"][0] @ raw["probes"][0]), abs=2e-5)
 
@@ -349,7 +351,9 @@ def test_http_domains(gallery, tmp_path, embedder, raw):
     r = client.post("/api/verify", data={"domain_a": "neutral", "domain_b": "scarf"},
                     files={"a": (a.name, a.read_bytes(), "image/png"), "b": (probe.name, probe.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
-    assert r.json()["score"] == pytest.approx(want, abs=2e-5) and r.json()["threshold_far"] is None
+    entry = embedder.meta.get("domain_threshold")
+    assert r.json()["score"] == pytest.approx(want, abs=2e-5)
+    assert r.json()["threshold_far"] == (entry["far"] if entry else None)
 
     r = client.post("/api/enroll", data={"name": "p3", "domain": "scarf"}, files=files(probe))
     assert r.status_code == 201, r.text
