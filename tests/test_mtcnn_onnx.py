@@ -92,3 +92,13 @@ def test_later_runs_load_no_torch(onnx_detector, photos):
     assert out.returncode == 0, out.stderr
     count, torch_loaded, facenet_loaded = out.stdout.split()
     assert int(count) >= 1 and torch_loaded == "False" and facenet_loaded == "False"
+
+
+def test_unwritable_cache_is_a_one_line_error(onnx_detector, tmp_path):
+    """An export that cannot write its graphs says where, as a FacemetaError (the CLI's one-line error)."""
+    from facemeta.align.mtcnn_onnx import load_graphs
+    from facemeta.errors import FacemetaError
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(FacemetaError, match="cannot write .*file/onnx"):
+        load_graphs(tmp_path / "file" / "onnx")

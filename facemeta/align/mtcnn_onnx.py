@@ -97,11 +97,14 @@ def export_mtcnn_onnx(folder: str | os.PathLike | None = None, opset: int = OPSE
         manifest["graphs"][net] = _sha16(data)
         if net in sources:
             manifest["sources"][net] = _sha16(sources[net].read_bytes())
-    for net, data in graphs.items():
-        with atomic_write(folder / f"mtcnn-{net}.onnx", "wb") as fh:
-            fh.write(data)
-    with atomic_write(folder / MANIFEST) as fh:  # last: a manifest means the three graphs are there
-        fh.write(json.dumps(manifest, indent=2) + "\n")
+    try:
+        for net, data in graphs.items():
+            with atomic_write(folder / f"mtcnn-{net}.onnx", "wb") as fh:
+                fh.write(data)
+        with atomic_write(folder / MANIFEST) as fh:  # last: a manifest means the three graphs are there
+            fh.write(json.dumps(manifest, indent=2) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the ONNX detector into {folder}: {one_line(exc)}") from exc
     return manifest
 
 
