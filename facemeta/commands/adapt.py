@@ -35,10 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", metavar="NAME", help="name of the new domain (stored, with its statistics)")
     p.add_argument("--unlabelled", metavar="DIR2", help="unlabelled photos of the new domain (needs --domain)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 30)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
     p.add_argument("--tail-blocks", type=int, help="trailing residual blocks fine-tuned (default 4; 0: head only)")
     p.add_argument("--interpolate", type=float,
-                   help="share of the change kept, 0..1 (default 1: no interpolation back to the base)")
+                   help="share of the change kept, 0..1 (default 0.5: halfway back to the base)")
     p.add_argument("--seed", type=int, default=0, help="seed of the flip augmentation")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
