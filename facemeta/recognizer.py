@@ -33,13 +33,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif
 @dataclass
 class EnrollResult:
     """What an enroll did: embeddings added per identity, the images (or identity folders) it did not
-    use with the reason, how many of those were skipped as already enrolled for that person, and each
-    image it added with the face it used (path, facemeta.align.detect.Face)."""
+    use with the reason, how many of those were skipped as already enrolled for that person, each
+    image it added with the face it used (path, facemeta.align.detect.Face) and that face's aligned crop
+    (same order), and the images where two faces competed to be the subject (path, warning)."""
 
     added: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     already: int = 0
     used: list[tuple[Path, object]] = field(default_factory=list)
+    crops: list[np.ndarray] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -101,7 +104,7 @@ class FaceRecognizer(DomainVerbs):
     _file_sha256 = staticmethod(file_sha256)
 
     def __init__(self, gallery: str | os.PathLike, model_path: str | os.PathLike | None = None, device: str = "cpu",
-                 select: str = "largest", index: str | IndexSpec = "flat", threshold: float | None = None,
+                 select: str = "subject", index: str | IndexSpec = "flat", threshold: float | None = None,
                  embedder=None, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
                  backend: str = "faiss", milvus_uri: str | None = None) -> None:
         from facemeta.checks import check_threshold
@@ -201,12 +204,16 @@ class FaceRecognizer(DomainVerbs):
                 result.already += 1
             else:
                 try:
-                    v, face = self.embedder.embed_file(p)
-                    vecs.append(v)
+                    found = self.embedder.face_in_file(p)
+                    face = found.face
+                    vecs.append(found.vector)
                     recorded.append(label.get(p) or str(p.resolve()))
                     scores.append(float(face.score))
                     hashes.append(digest)
                     result.used.append((p, face))
+                    result.crops.append(found.crop)
+                    if found.warning:
+                        result.warnings.append((str(p), found.warning))
                     if digest is not None:
                         first_of.setdefault(digest, p)
                 except FacemetaError as exc:
@@ -274,6 +281,7 @@ class FaceRecognizer(DomainVerbs):
                     result.added[k] = result.added.get(k, 0) + v
                 result.skipped.extend(r.skipped)
                 result.already += r.already
+                result.warnings.extend(r.warnings)
         finally:
             if bar:
                 bar.close()
@@ -296,15 +304,9 @@ class FaceRecognizer(DomainVerbs):
         detected in batches and every face of a batch is searched in one call. Yields (path, faces) in order,
         or (path, the FacemetaError of a file that could not be read). ``domain``: as in :meth:`identify`; the
         threshold is then the domain's calibrated one unless one is given (:meth:`threshold_for`)."""
-        from facemeta.checks import check_threshold
-
-        g = self.gallery()
-        stats = self.domain(domain).stats if domain is not None else None
-        thr = check_threshold(threshold) if threshold is not None else self.threshold
-        if thr is None and domain is not None:
-            thr = self.threshold_for(domain)[0]
-        if top_k < 1 or batch_size < 1:
-            raise GalleryError(f"top-k and batch size must be >= 1, got {top_k} and {batch_size}")
+        if batch_size < 1:
+            raise GalleryError(f"batch size must be >= 1, got {batch_size}")
+        g, thr, stats = self._search_settings(top_k, threshold, domain)
         pending: list[tuple[str | os.PathLike, list | FacemetaError]] = []
         for path, faces in self.embedder.embed_all_files(list(images), batch_size):
             pending.append((path, faces))
@@ -312,6 +314,29 @@ class FaceRecognizer(DomainVerbs):
                 yield from self._search_faces(g, pending, top_k, thr, stats)
                 pending = []
         yield from self._search_faces(g, pending, top_k, thr, stats)
+
+    def identify_image(self, image: np.ndarray, top_k: int = 1, threshold: float | None = None,
+                       domain: str | None = None) -> tuple[list[dict], list]:
+        """:meth:`identify` for a decoded RGB image (the service's uploads, decoded once) -> (the faces as
+        :meth:`identify` gives them, the facemeta.embedder.EmbeddedFace of each: crops for pictures)."""
+        g, thr, stats = self._search_settings(top_k, threshold, domain)
+        found = self.embedder.faces_in_images([image], every=True)[0]
+        _, faces = next(self._search_faces(g, [("image", [(f.vector, f.face) for f in found])], top_k, thr, stats))
+        return faces, found
+
+    def _search_settings(self, top_k: int, threshold: float | None, domain: str | None):
+        """(gallery, threshold, domain statistics) of a search, checked: the given threshold, else the gallery's,
+        else the domain's calibrated one."""
+        from facemeta.checks import check_threshold
+
+        g = self.gallery()
+        stats = self.domain(domain).stats if domain is not None else None
+        thr = check_threshold(threshold) if threshold is not None else self.threshold
+        if thr is None and domain is not None:
+            thr = self.threshold_for(domain)[0]
+        if top_k < 1:
+            raise GalleryError(f"top-k must be >= 1, got {top_k}")
+        return g, thr, stats
 
     def _search_faces(self, g: Gallery, items: list, top_k: int, threshold: float | None, stats=None) -> Iterator:
         """One gallery search for every face of `items` [(path, [(vector, Face)] or an error)], each vector

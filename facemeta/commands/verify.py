@@ -15,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `verify` and its options."""
     p = subparsers.add_parser(
         "verify", help="decide whether two photos show the same person, or a photo shows an enrolled person",
-        description="Detect and align the face in each photo (the largest one by default), embed both, and "
+        description="Detect and align the face in each photo (its subject by default: size, nearness to the centre "
+                    "and detector confidence together, with a warning when two faces compete), embed both, and "
                     "compare their cosine similarity with the model's verification threshold (calibrated on "
                     "held-out source-domain pairs at a stated false-accept rate). With --gallery and --person, "
                     "compare the face in A with that person's enrolled photos instead (the gallery's scoring: "

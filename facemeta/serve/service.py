@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from facemeta.errors import FacemetaError, GalleryError, ImageReadError, ManyFacesError, NoFaceError, one_line
 from facemeta.serve.budget import DEFAULT_MEGAPIXELS, Busy, PixelBudget, claimed_pixels
-from facemeta.serve.thumbnails import Thumbnails, aligned_jpeg, data_url, preview_jpeg
+from facemeta.serve.thumbnails import Thumbnails, aligned_jpeg, crop_jpeg, data_url, preview_jpeg
 
 log = logging.getLogger("facemeta.serve")
 
@@ -222,30 +222,32 @@ class FaceService:
 
         threshold = check_threshold(threshold)
         with self.uploads([a, b]) as paths, self.inference():
+            images = [self._decode(p) for p in paths]  # decoded once: the crops below are the ones embedded
+            found = [self.embedder.face_in_image(image, p.name) for image, p in zip(images, paths, strict=True)]
             used = {}
-            if domain_a is not None or domain_b is not None:  # each face normalised by its domain's statistics
-                from facemeta.embedder import Verification
-
-                ea, eb = (self.embedder.face_in_file(p) for p in paths)
-                (na, nb), threshold, far, source = self.reader.across([ea, eb], (domain_a, domain_b), threshold)
-                score = self.embedder.similarity(na.vector, nb.vector)
-                res = Verification(score, threshold, far, bool(score >= threshold), [ea.face_dict(), eb.face_dict()])
-                used = {"threshold_source": source, "domain_a": domain_a, "domain_b": domain_b}
-            else:
-                res = self.embedder.verify(paths[0], paths[1], threshold=threshold)
+            if domain_a is not None or domain_b is not None:
+                found, threshold, far, source = self.reader.across(found, (domain_a, domain_b), threshold)
+                used = {"threshold_far": far, "threshold_source": source, "domain_a": domain_a, "domain_b": domain_b}
+            res = self.embedder.decide(found[0], found[1], threshold)
             faces = [{"file": p.name, "box": f["box"], "detector_score": f["score"], "landmarks": f["landmarks"],
-                      "aligned": data_url(self._face_jpeg(p, f["landmarks"]))}
-                     for p, f in zip(paths, res.faces, strict=True)]
+                      **({"warning": f["warning"]} if f.get("warning") else {}),
+                      "aligned": data_url(crop_jpeg(e.crop))}
+                     for p, f, e in zip(paths, res.faces, found, strict=True)]
         return {"score": round(float(res.score), 6), "threshold": round(float(res.threshold), 6),
                 "threshold_far": res.threshold_far, "decision": res.decision, "same": res.same, "faces": faces,
                 **used}
+
+    @staticmethod
+    def _decode(path: Path):
+        from facemeta.images import load_image
+
+        return load_image(path)
 
     def identify(self, image: tuple[str | None, BinaryIO], top_k: int = 3, threshold: float | None = None,
                  preview: bool = False, domain: str | None = None) -> dict:
         """Every face of a photo: box, identity or "unknown", score, top-k candidates; the threshold used; the
         image's size (boxes are in its pixels) and, with ``preview``, the image as a JPEG of at most 640 px."""
         from facemeta.checks import check_threshold
-        from facemeta.images import load_image
 
         threshold = check_threshold(threshold)
         if not 1 <= top_k <= MAX_TOP_K:
@@ -254,10 +256,10 @@ class FaceService:
         if g is None:
             raise ApiError(409, "no one is enrolled yet: enroll someone first")
         with self.uploads([image]) as paths, self.inference():
-            faces = self.reader.identify(paths[0], top_k=top_k, threshold=threshold, domain=domain)
+            pixels = self._decode(paths[0])  # decoded once, for the search and the preview
+            faces, _ = self.reader.identify_image(pixels, top_k=top_k, threshold=threshold, domain=domain)
             if not faces:
                 raise NoFaceError(f"no face found in {paths[0].name}")
-            pixels = load_image(paths[0])
         used = threshold if threshold is not None else g.threshold
         far, source = self._threshold_far(used), "given" if threshold is not None else "gallery"
         if domain is not None:
@@ -345,9 +347,8 @@ class FaceService:
                                        domain=domain)
                 ident = next((i for i in fr.gallery(write=True).identities() if i.name == name), None)
                 if ident is not None and result.used and not self.thumbnails.has(ident.id):
-                    first, face = result.used[0]  # the face enroll used: no second detection
-                    try:
-                        self.thumbnails.put(ident.id, self._face_jpeg(first, face.landmarks))
+                    try:  # the crop enroll embedded: no second decode, detection or warp
+                        self.thumbnails.put(ident.id, crop_jpeg(result.crops[0]))
                     except (FacemetaError, OSError) as exc:  # the person is enrolled; the page shows initials
                         log.warning("no thumbnail for %r: %s", name, self.scrub(str(exc), tmp))
             finally:
