@@ -34,18 +34,15 @@ RUNTIMES = ("torch", "onnx")
 CHECK_FACES = 8  # real faces of the ONNX parity check at export
 
 
-def packaged_weights_dir() -> Path:
-    """Where an installed wheel or sdist carries the shipped model: facemeta/weights inside the package."""
-    return Path(__file__).resolve().parent / "weights"
-
-
 def default_model_path() -> Path:
     """$FACEMETA_MODEL, else the shipped model: the package's own copy (facemeta/weights, in a wheel) before the
     repository's weights/ (default.safetensors, or the only model there)."""
+    from facemeta.paths import packaged_weights_dir
+
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV]).expanduser()
     for folder in (packaged_weights_dir(), WEIGHTS_DIR):
-        if (folder / "default.safetensors").is_file():
+        if folder is not None and (folder / "default.safetensors").is_file():
             return folder / "default.safetensors"
     candidates = sorted(WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
     if len(candidates) == 1:
