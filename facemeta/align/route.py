@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from facemeta.align.detect import Face, competing_note, select_faces
+from facemeta.align.detect import FACE_POLICIES, Face, competing_note, select_faces
 from facemeta.align.warp import alignment_matrix, template, transform_points
 
-SELECT = ("subject", "largest", "confident", "single")
+# The policies of one-face jobs: every face policy but 'all', and 'single' (one face, or the image fails).
+SELECT = (*(p for p in FACE_POLICIES.names() if p != "all"), "single")
 PAD_FRACTION = 0.5
 CLAHE_CLIP, CLAHE_TILES = 3.0, 8
 RELAXED_THRESHOLDS = (0.4, 0.5, 0.5)
