@@ -195,3 +195,28 @@ def test_zero_shot_checkpoint_through_the_embedder(data_dir, tmp_path, reference
     chip = warp_face(load_image(photo), face.landmarks, 112, chip="arcface")
     theirs = reference(chip[None])[0]
     assert float(vec @ theirs / np.linalg.norm(theirs)) >= PARITY_MIN
+
+
+@pytest.mark.slow
+def test_two_training_steps_from_sface(data_dir, tmp_path):
+    """ERM fine-tunes SFace like the prior: two real steps from the converted weights move the trunk a little
+    and keep every weight finite; the checkpoint reads the ArcFace chip at 112 px."""
+    import torch
+
+    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.models.sface import load_prior_state
+    from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
+    from facemeta.train.trainer import Trainer
+
+    cfg = load_config("sface", overrides={
+        "data.root": str(data_dir), "output": str(tmp_path / "erm"), "threads": 2, "steps": 2,
+        "optim.warmup_steps": 0, "checkpoint_every": 0, "augment": {"flip": 0.5},
+        "data.sources": [{"set": "lfw", "people_folds": [1, 2, 3, 4, 5], "min_images": 4, "max_identities": 40,
+                          "limit_per_identity": 8}, {"set": "orl", "max_identities": 30, "limit_per_identity": 8}],
+        "data.targets": ["yaleb"]})
+    model, meta = load_checkpoint(Trainer(cfg, prepare_data(cfg), progress=False).fit())
+    assert meta["align_chip"] == "arcface" and meta["align_size"] == 112
+    moved = (model.backbone.stem.conv.weight - load_prior_state()["stem.conv.weight"]).abs().max().item()
+    assert 0 < moved < 0.5
+    assert torch.isfinite(torch.stack([p.detach().abs().sum() for p in model.parameters()])).all()
