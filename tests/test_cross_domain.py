@@ -163,3 +163,21 @@ def test_goals_read_the_table_as_the_issue_states_them():
     assert goals(block("cross", 80.0, 79.8, 81.0))[0]["met"]  # none can gain 5: losing 0.2 is allowed
     assert not goals(block("cross", 95.0, 94.0, 95.0))[0]["met"]  # above 90: may not lose more than 0.5
     assert not goals(block("control", 99.0, 98.5, 99.0))[0]["met"]
+
+
+@pytest.mark.slow
+def test_command_end_to_end_on_orl(tmp_path):
+    """The whole route on one small set: embed ORL (cached), score raw and auto-pair, write the files."""
+    import json
+
+    from facemeta.cli import main
+
+    out = tmp_path / "cd"
+    assert main(["benchmark", "cross-domain", "--sets", "orl", "--models", "shipped", "--counts", "5,all",
+                 "--draws", "1", "--statistics", "auto-pair", "--out", str(out), "--json"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = result["protocols"][0]["rows"]
+    raw = next(r for r in rows if r["statistic"] == "raw")
+    assert 90 < raw["tar@far=1e-2"] <= 100 and {r["count"] for r in rows} == {0, 5, -1}
+    text = (out / "results.md").read_text()
+    assert "## ORL" in text and "auto-pair" in text and (out / "tar_by_count_shipped.png").stat().st_size > 0

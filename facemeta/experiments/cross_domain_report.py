@@ -154,7 +154,8 @@ def _plots(result: dict, out: Path) -> None:
                 ys = [idx[(probe, s, c)]["tar@far=1e-2"] if (probe, s, c) in idx else float("nan") for c in counts]
                 ax.plot(xs, ys, marker="o", label=s)
             ax.set_xticks(xs, ["all" if c < 0 else str(c) for c in counts])
-            ax.set_title(f"{b['set']}: {probe}", fontsize=9)
+            layout = " (foreground layout)" if "foreground" in b["protocol"] else ""
+            ax.set_title(f"{b['set']}{layout}: {probe}", fontsize=9)
             ax.set_xlabel("unlabelled photos per domain", fontsize=8)
             ax.set_ylabel("TAR@FAR=1e-2 (%)", fontsize=8)
         for ax in axes.ravel()[len(panels):]:
