@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "DIR holds one folder per person (the folder's name is the label) with that person's photos\n"
                     f"from the NEW domain: DIR/<person>/*.jpg; the same person's photos from the ENROLMENT domain\n"
                     f"(what a gallery holds) may go in DIR/<person>/{ENROLLED}/*.jpg. At least 2 people; 10-20 is\n"
-                    "the intended size (about 2 minutes on 2 CPU cores for 20 people).\n\n"
+                    "the intended size (20 people, 160 photos: 100 s of CPU time in the run the README describes).\n\n"
                     "Every photo is aligned once (as `enroll` would); the last residual blocks and the embedding\n"
                     "layer are fine-tuned on them (prototype CosFace over the people); the threshold is\n"
                     "calibrated on impostor pairs among the labelled photos at the base model's false-accept\n"
