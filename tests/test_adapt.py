@@ -110,6 +110,9 @@ def test_bad_inputs_are_refused_in_one_line(labelled, data_dir, tmp_path, capsys
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07")
     assert "ONNX export" in _refused([str(onnx), "--labelled", str(labelled), "--out", str(out)], capsys)
+    assert "needs --domain" in _refused([str(BASE), "--labelled", str(labelled), "--out", str(out), "--unlabelled",
+                                         str(labelled)], capsys)
+    assert "base model itself" in _refused([str(BASE), "--labelled", str(labelled), "--out", str(BASE)], capsys)
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
