@@ -137,7 +137,7 @@ def run_protocol(proto: Protocol, vectors: np.ndarray, ids: np.ndarray, source: 
             for count in ([0] if statistic == "raw" else [c for c in counts if c != 0]):
                 crng = np.random.default_rng(_seed(proto.name, draw, count))  # same photos for every statistic
                 pools, used = {}, {}
-                for d, mask in domains.items():
+                for d, mask in (domains.items() if statistic != "raw" else ()):
                     if proto.kind == "control" or proto.set == "thermal":
                         if d != "enrolled":
                             continue  # one domain: the enrolled domain's statistics serve every image
