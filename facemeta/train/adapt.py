@@ -5,7 +5,8 @@ from the NEW domain (``DIR/<person>/*.jpg``); the same person's photos from the 
 gallery would hold, e.g. ordinary camera portraits) may sit in a sub-folder ``DIR/<person>/enrolled/``. Both
 kinds train the model (same label); the enrolment photos make the cross-domain pairs it learns to match.
 
-The procedure (chosen on shared data, benchmarks/results/adapt/):
+The procedure (chosen on shared data, benchmarks/results/adapt/choice/; measured in benchmarks/results/adapt/,
+where it stays within about a point of the base model on the other people of the target):
 1. align every photo once, through the product's route (the embedder's MTCNN and fallback routes, warped onto
    the model's chip), and run the FROZEN front of the network once over the faces and their mirror images;
 2. fine-tune the TAIL (the last ``tail_blocks`` residual blocks of the dlib-prior ResNet and the embedding
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,8 @@ def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out:
     t0 = time.perf_counter()
     embedder = FaceEmbedder(base_path)
     model, base_meta = embedder.model, embedder.meta
+    if settings.tail_blocks and not hasattr(model.backbone, "stem_conv"):  # not the dlib-prior ResNet: head only
+        settings = replace(settings, tail_blocks=0)
     data = labelled_faces(embedder, labelled, progress)
     unl, unl_from = _unlabelled_faces(embedder, data, domain, unlabelled, progress)
     shift = _domain_shift(None if unl is None else embed(model, unl, flip=True), len(data.labels), data.domains)
