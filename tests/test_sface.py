@@ -3,7 +3,8 @@
 Parity: the port, built the way a config with ``model.backbone: sface`` and ``pretrained: true`` builds it, against
 ONNX Runtime running the package's own file (the reference; ONNX Runtime refuses the file until every graph input
 but ``data`` is removed, done here on a copy in memory) on real faces aligned by facemeta on the ArcFace template:
-cosine >= 0.9999 for every face (measured here: 0.99999994 or above). 20 faces by default, 230 in a slow test.
+cosine >= 0.9999 for every face (measured: min 0.9999998 on 300 cached faces, 60 each of LFW, MFR2, AR, Yale B
+and ORL). 20 faces by default, 230 in a slow test.
 """
 
 from __future__ import annotations
