@@ -298,6 +298,9 @@ class OnnxEmbeddingModel:
         opts.intra_op_num_threads = max(1, int(threads or default_threads()))
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only: no warnings about unused initialisers on stderr
+        # threads sleep between calls instead of spinning: 2 threads on a busy 2-core machine took 13.9 ms of CPU
+        # per face spinning, 10.7 ms not (benchmarks/results/cli_speed.md)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph...
