@@ -167,7 +167,11 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {s['enrolled_named_right']} / {s['enrolled']} | "
                      f"{s['strangers_named']} / {s['strangers']} |")
     lines += ["", "Thresholds are each tool's own: facemeta's calibrated one (the gallery's, FAR "
-              f"{result['threshold_far']}), face_recognition's tolerance 0.6 (Euclidean distance).", ""]
+              f"{result['threshold_far']}), face_recognition's tolerance 0.6 (Euclidean distance).", "",
+              "Threads: face_recognition's CLI works in one process (its default `--cpus 1`); facemeta "
+              "uses its runtimes' defaults (torch's threads, or ONNX Runtime's: one per core, "
+              f"OMP_NUM_THREADS={result['omp_num_threads']}). The onnx arms load no torch (tests/test_fast_start.py) "
+              "and run MTCNN on ONNX Runtime too (facemeta.align.mtcnn_onnx).", ""]
     return "\n".join(lines)
 
 
@@ -232,6 +236,7 @@ def main() -> None:
         "machine": machine(), "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
         "facemeta_commit": commit, "face_recognition": fr_version, "dlib": dlib.__version__,
         "repeats": args.repeats, "threshold_far": meta.get("threshold_far"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "workspace": {"enrolled": chosen["enrolled"], "photos": len(chosen["probes"]), "pair": chosen["pair"]},
         "arms": arms_out, "answers": answers,
         "goals": {"verify_torch": _goal_verify(a["verify (torch)"]), "verify_onnx": _goal_verify(a["verify (onnx)"]),
