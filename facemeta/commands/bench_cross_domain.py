@@ -78,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--points must be one of {', '.join(RULES)}, not {args.points!r}")
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / "cross_domain"
     result = run_benchmark(models, sets, statistics, (0, *[c for c in counts if c != 0]), args.draws,
-                           points=args.points, progress=not args.json)
+                           points=args.points, progress=not args.json, root=args.data)
     if args.alignment:
         rules = choose(args.alignment, RULES, "alignment")
-        result["alignment"] = alignment_rows(sets, rules, draws=args.draws, progress=not args.json)
+        result["alignment"] = alignment_rows(sets, rules, draws=args.draws, progress=not args.json,
+                                             root=args.data)
     save(result, out)
     write_report(result, out)
     if args.figure:

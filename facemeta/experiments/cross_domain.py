@@ -199,23 +199,25 @@ def summarise(cells: list[dict]) -> list[dict]:
 
 def run_benchmark(models: tuple[str, ...], sets: tuple[str, ...], statistics: tuple[str, ...] = STATISTICS,
                   counts: tuple[int, ...] = COUNTS, draws: int = DRAWS, points: str = "five",
-                  thermal_layouts: tuple[str, ...] = ("set", "foreground"), progress: bool = True) -> dict:
+                  thermal_layouts: tuple[str, ...] = ("set", "foreground"), progress: bool = True,
+                  root=None) -> dict:
     """Embed (cached) and score every protocol of `sets` for each model -> the results document. Thermal is
-    scored once per template-crop layout of `thermal_layouts` (the first is the main one)."""
+    scored once per template-crop layout of `thermal_layouts` (the first is the main one). `root`: the data
+    folder (default: --data / $FACEMETA_DATA / ../shared/data)."""
     from facemeta.experiments.cross_domain_embed import embed_set
     from facemeta.experiments.cross_domain_protocols import benchmark_rows, protocols
 
-    source_rows = benchmark_rows("lfw-source")
+    source_rows = benchmark_rows("lfw-source", root)
     source = embed_set("lfw", source_rows, models, progress=progress)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "draws": draws, "counts": list(counts),
               "statistics": ["raw", *statistics], "points": points, "thermal_layout": thermal_layouts[0],
               "protocols": []}
     for name in sets:
-        rows = benchmark_rows(name)
+        rows = benchmark_rows(name, root)
         ids = np.array([r.identity for r in rows])
         for layout in (thermal_layouts if name == "thermal" else ("set",)):
             vectors = embed_set(name, rows, models, layout=layout, points=points, progress=progress)
-            for proto in protocols(name, rows):
+            for proto in protocols(name, rows, root):
                 if layout != thermal_layouts[0]:
                     proto.name += f" (template crop: {layout} layout)"
                 for model in models:
@@ -226,7 +228,7 @@ def run_benchmark(models: tuple[str, ...], sets: tuple[str, ...], statistics: tu
 
 
 def alignment_rows(sets: tuple[str, ...], rules: tuple[str, ...], model: str = "shipped", draws: int = DRAWS,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, root=None) -> list[dict]:
     """Raw figures of each landmark rule of align.robust (issue 25, item 4) on every protocol of `sets`: the same
     draws, no statistics. Rules other than 'five' re-embed only the images whose points they change."""
     from facemeta.align.robust import robust_landmarks
@@ -235,7 +237,7 @@ def alignment_rows(sets: tuple[str, ...], rules: tuple[str, ...], model: str = "
 
     out = []
     for name in sets:
-        rows = benchmark_rows(name)
+        rows = benchmark_rows(name, root)
         ids = np.array([r.identity for r in rows])
         marks = detect_landmarks(name, rows, progress=progress)["landmarks"]
         for rule in rules:
@@ -243,7 +245,7 @@ def alignment_rows(sets: tuple[str, ...], rules: tuple[str, ...], model: str = "
                                 for p in marks])
             vectors = embed_set(name, rows, (model,), points=rule, progress=progress,
                                 only=changed if rule != "five" else None)[model]
-            for proto in protocols(name, rows):
+            for proto in protocols(name, rows, root):
                 for r in summarise(run_protocol(proto, vectors, ids, None, (), (0,), draws)):
                     out.append({"protocol": proto.name, "set": name, "rule": rule, "changed": int(changed.sum()),
                                 "images": len(rows), **r})

@@ -24,7 +24,9 @@ not (MFR2: every centring lost). So the strength is the product of
 Two domains compared with different strengths lose: the large mean common to all faces is then removed from one
 side only (on AR with the prior, per-domain strengths lost up to 6 points where one strength for both gained 6).
 So a comparison of two domains uses the smaller of their strengths for both (:func:`pair_strength`,
-:func:`with_strength`): ``benchmarks/results/cross_domain`` measures that as ``auto-pair``.
+:func:`with_strength`): ``benchmarks/results/cross_domain`` measures that as ``auto-pair``. The source statistics
+of the shipped model and of the prior (600 LFW photos of people.txt folds 1-5) are in
+``benchmarks/results/cross_domain/source_stats.json``.
 """
 
 from __future__ import annotations
