@@ -76,6 +76,15 @@ def test_enroll_and_identify_onnx_load_no_torch(first_onnx_run, lfw_pair, tmp_pa
     assert json.loads(out.stdout)["faces"][0]["candidates"][0]["identity"] == "Aaron_Peirsol"
 
 
+def test_verify_torch_loads_no_training_stack(lfw_pair):
+    """The torch runtime needs torch and its detector, but no plotting, augmentation, training or experiments
+    (timm still comes in: facemeta.models.backbone builds even facemeta's own trunks through timm's registry)."""
+    out, modules = facemeta("verify", *lfw_pair, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert loaded(modules, ("matplotlib", "albumentations", "facemeta.train", "facemeta.experiments")) == []
+    assert json.loads(out.stdout)["runtime"] == "torch"
+
+
 def test_command_line_imports_only_the_command_it_runs():
     """Building the parser for one command imports no other command's module (their option lists may load
     heavy modules), and `verify --help` loads neither torch nor the training stack."""
