@@ -26,26 +26,30 @@ def members():
 
 @pytest.fixture(scope="module")
 def chips(aligned_sample):
-    """4 LFW faces on both chips, warped from the same detected landmarks: (dlib 150 px, ArcFace 112 px)."""
+    """4 LFW faces on both chips, warped from the same detected landmarks: (dlib 150 px, ArcFace 112 px, and the
+    (image, landmarks) they came from)."""
     from facemeta.align.warp import warp_face
     from facemeta.data.manifest import parse_landmarks
     from facemeta.images import load_image
 
     rows = [r for r in aligned_sample("lfw", 40)[1] if r.extra.get("landmarks")][:4]
-    dlib, arc = [], []
-    for r in rows:
-        image, points = load_image(r.extra["source"]), np.array(parse_landmarks(r.extra["landmarks"]), np.float32)
-        dlib.append(warp_face(image, points, 150, chip="dlib"))
-        arc.append(warp_face(image, points, 112, chip="arcface"))
-    return np.stack(dlib), np.stack(arc)
+    faces = [(load_image(r.extra["source"]), np.array(parse_landmarks(r.extra["landmarks"]), np.float32))
+             for r in rows]
+    dlib = np.stack([warp_face(image, points, 150, chip="dlib") for image, points in faces])
+    arc = np.stack([warp_face(image, points, 112, chip="arcface") for image, points in faces])
+    return dlib, arc, faces
 
 
 def test_ensemble_is_the_mean_of_its_members(members, chips):
+    from facemeta.align.warp import warp_face
     from facemeta.models.backbone import embed
     from facemeta.models.ensemble import ensemble_of
 
     model = ensemble_of(members, [("dlib", 150), ("arcface", 112)])
     assert model.chips == [("dlib", 150), ("arcface", 112)] and model.embedding_size == 256
+    batches = model.chip_batches(chips[2], warp_face)  # what the embedder calls: one batch per member's chip
+    assert all(np.array_equal(b, c) for b, c in zip(batches, chips[:2], strict=True))
+    chips = chips[:2]
     vectors = model.embed(list(chips), flip=False)
     assert vectors.shape == (4, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     a, b = (embed(m, c, flip=False) for m, c in zip(members, chips, strict=True))
@@ -59,6 +63,7 @@ def test_ensemble_is_the_mean_of_its_members(members, chips):
 
 
 def test_ensemble_checkpoint_round_trip(members, chips, tmp_path):
+    chips = chips[:2]
     from facemeta.embedder import file_fingerprint
     from facemeta.models.checkpoint import load_checkpoint, save_checkpoint
     from facemeta.models.ensemble import EnsembleModel, ensemble_of, load_model, save_ensemble

@@ -14,8 +14,9 @@ knows only single models refuses it in one line (its config has unknown keys). :
 either kind.
 
 What the embedder does with an ensemble (``model.chips`` present): warp each face onto every ``(chip, size)`` of
-``model.chips`` from the landmarks it found, and call ``model.embed(crops_per_member, flip=...)``; nothing else
-of the model differs (``embedding_size``, ``eval``, ``to``). This module imports no alignment code.
+``model.chips`` from the landmarks it found (``model.chip_batches([(image, landmarks), ...], warp_face)``), and
+call ``model.embed(crops_per_member, flip=...)``; nothing else of the model differs (``embedding_size``, ``eval``,
+``to``). This module imports no alignment code.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class EnsembleModel(nn.Module):
         if len(inputs) != len(self.members):
             raise ValueError(f"the ensemble takes {len(self.members)} inputs (one per member), got {len(inputs)}")
         return F.normalize(self.combine([m(x) for m, x in zip(self.members, inputs, strict=True)]), dim=1)
+
+    def chip_batches(self, faces: Sequence[tuple[np.ndarray, np.ndarray]], warp) -> list[np.ndarray]:
+        """(RGB image, its 5 landmarks) per face -> one uint8 batch per member, each face warped onto that member's
+        chip by `warp` (facemeta.align.warp.warp_face, passed in: models sit below align)."""
+        return [np.stack([warp(image, points, size, chip) for image, points in faces]) for chip, size in self.chips]
 
     def embed(self, crops: Sequence[np.ndarray | list[np.ndarray]], flip: bool = True, batch_size: int = 64,
               channels_last: bool = True) -> np.ndarray:
