@@ -7,7 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facemeta.gallery.domain_stats import DomainStats, auto_stats, auto_strength, estimate, normalise, shift
+from facemeta.gallery.domain_stats import (
+    TOP,
+    DomainStats,
+    auto_stats,
+    auto_strength,
+    estimate,
+    normalise,
+    shift,
+)
 
 
 def _cloud(rng, centre, n, spread=0.5, dim=64):
@@ -37,11 +45,11 @@ def test_auto_strength_is_zero_near_the_source_and_grows_with_the_shift():
     far_centre = base + 0.8 * np.eye(64)[1]
     far = estimate(_cloud(rng, far_centre, 50))
     assert shift(far, source)["z"] > 0.3
-    assert 0.5 < auto_strength(far, source) <= 1.0
+    assert 0.5 * TOP < auto_strength(far, source) <= TOP
     few = estimate(_cloud(rng, far_centre, 2))
     assert auto_strength(few, source) < auto_strength(far, source)  # a mean from 2 photos is trusted less
     stats = auto_stats(_cloud(rng, far_centre, 50), source)
-    assert stats.extra["rule"] == "auto" and stats.strength > 0.5
+    assert stats.extra["rule"] == "auto" and stats.strength > 0.5 * TOP
     one = auto_stats(_cloud(rng, far_centre, 1), source)  # one photo: the reference's spread stands in
     assert 0.0 <= one.strength <= 1.0
 

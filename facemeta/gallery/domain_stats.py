@@ -12,7 +12,7 @@ the benchmark chooses the kind and the rule for the strength.
 
 The rule (:func:`auto_strength`, chosen by ``benchmarks/results/cross_domain``; unlabelled photos only): removing a
 domain's mean helps where the domain lies far from the photos the model was trained on and hurts where it does
-not (MFR2: every centring lost). So the strength is the product of
+not (MFR2: every centring lost). So the strength is ``TOP`` (0.5) times the product of
 
 - a gate on the domain's shift from the model's *source* statistics (the mean of unlabelled photos of its
   training domain, a ``reference`` DomainStats): ``z = (|mean - ref.mean|^2 - spread / n) / spread``, the squared
@@ -21,8 +21,11 @@ not (MFR2: every centring lost). So the strength is the product of
 - the reliability of the estimated mean (a James-Stein shrinkage): ``max(0, 1 - (spread / n) / |mean - ref.mean|^2)``,
   small for a mean from few photos that is barely off the reference.
 
+``TOP``: removing half the mean lost less than the whole where centring hurts (Yale B) and kept most of the gain
+where it helps (AR sunglasses +6.8 instead of +10.3, shipped model, 10 photos).
+
 Two domains compared with different strengths lose: the large mean common to all faces is then removed from one
-side only (on AR with the prior, per-domain strengths lost up to 6 points where one strength for both gained 6).
+side only (Yale B, light beyond 77 degrees, prior: 47.9 with per-domain strengths, 71.1 raw, at full strength).
 So a comparison of two domains uses the smaller of their strengths for both (:func:`pair_strength`,
 :func:`with_strength`): ``benchmarks/results/cross_domain`` measures that as ``auto-pair``. The source statistics
 of the shipped model and of the prior (600 LFW photos of people.txt folds 1-5) are in
@@ -38,6 +41,7 @@ import numpy as np
 KINDS = ("mean", "coral-diag")
 EPS = 1e-6
 Z_LOW, Z_HIGH = 0.15, 0.25  # the gate of auto_strength (chosen on the shared sets, see the module docstring)
+TOP = 0.5  # the largest strength auto_strength gives (half the mean: chosen on the shared sets, module docstring)
 
 
 @dataclass(frozen=True)
@@ -104,13 +108,14 @@ def shift(stats: DomainStats, reference: DomainStats) -> dict:
     return {"distance2": d2, "noise": noise, "spread": float(spread), "z": (d2 - noise) / float(spread)}
 
 
-def auto_strength(stats: DomainStats, reference: DomainStats, z_low: float = Z_LOW, z_high: float = Z_HIGH) -> float:
-    """The strength the rule gives a domain (0..1) from its statistics and the model's source statistics:
-    gate(z) x reliability (module docstring). Unlabelled photos only."""
+def auto_strength(stats: DomainStats, reference: DomainStats, z_low: float = Z_LOW, z_high: float = Z_HIGH,
+                  top: float = TOP) -> float:
+    """The strength the rule gives a domain (0..top) from its statistics and the model's source statistics:
+    top x gate(z) x reliability (module docstring). Unlabelled photos only."""
     s = shift(stats, reference)
     gate = float(np.clip((s["z"] - z_low) / (z_high - z_low), 0.0, 1.0))
     reliability = max(0.0, 1.0 - s["noise"] / s["distance2"]) if s["distance2"] > 0 else 0.0
-    return gate * reliability
+    return top * gate * reliability
 
 
 def pair_strength(a: DomainStats | None, b: DomainStats | None) -> float:
