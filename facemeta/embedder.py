@@ -243,6 +243,7 @@ class FaceEmbedder:
         self._fingerprint: str | None = None
         self.onnx_model = None
         self._onnx_pending = False
+        self._config: dict = {}  # the checkpoint's config, read for the ONNX runtime (its contract is checked on it)
         if runtime == "torch":
             from facemeta.models.checkpoint import load_checkpoint
 
@@ -272,17 +273,17 @@ class FaceEmbedder:
 
         require_onnxruntime()
         if onnx_path is not None:
-            model = OnnxEmbeddingModel(onnx_path, fingerprint=self.fingerprint)
+            model = OnnxEmbeddingModel(onnx_path, fingerprint=self.fingerprint, config=self._config)
         else:
             cached = onnx_cache_path(self.fingerprint)
             try:
-                model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint)
+                model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint, config=self._config)
             except CheckpointError:  # missing, stale or damaged: it is only a cache
                 if faces is None:
                     self._onnx_pending = True
                     return
                 _export_with_faces(self.model_path, cached, faces)
-                model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint)
+                model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint, config=self._config)
         c = model.contract
         if (c.get("align_size"), c.get("align_chip")) != (self.align_size, self.align_chip):
             raise CheckpointError(f"{model.path.name} expects faces aligned at {c.get('align_size')} px onto the "
