@@ -245,20 +245,25 @@ class FaceEmbedder:
         self._onnx_pending = False
         self._config: dict = {}  # the checkpoint's config, read for the ONNX runtime (its contract is checked on it)
         if runtime == "torch":
-            from facemeta.models.checkpoint import load_checkpoint
+            from facemeta.models.ensemble import load_model  # a single model or an ensemble of several
 
-            self.model, self.meta = load_checkpoint(self.model_path, map_location=device)
+            self.model, self.meta = load_model(self.model_path, map_location=device)
             self.model.to(device).eval()
         else:  # the graph's contract must name these weights; thresholds come from the (recalibratable) sidecar
             info = read_checkpoint_info(self.model_path)
+            if (info.get("config") or {}).get("kind") == "ensemble":
+                raise CheckpointError(f"{self.model_path.name} is an ensemble of several models: ONNX Runtime runs "
+                                      "single models only; use --runtime torch")
             self.model, self.meta = None, dict(info.get("meta") or {})
             self._config = info.get("config") or {}
         self.device = device
         self.select = select
         self.flip = flip
         settings = check_model_meta(self.meta, self.model_path.with_suffix(".json"))
-        self.align_size = settings["align_size"]
-        self.align_chip = settings["align_chip"]
+        # the chips the faces are warped onto: one per member of an ensemble, else the checkpoint's own
+        self.chips: list[tuple[str, int]] = list(getattr(self.model, "chips", None) or
+                                                 [(settings["align_chip"], settings["align_size"])])
+        self.align_chip, self.align_size = self.chips[0]
         self._threshold = settings["threshold"]
         self._threshold_far = settings["threshold_far"]
         self._detector = None
@@ -331,11 +336,33 @@ class FaceEmbedder:
             return self.onnx_model.embedding_size
         if self.model is None:
             return int(self._config["embedding_size"])
-        return int(self.model.config.embedding_size)
+        return int(self.model.embedding_size if self.ensemble else self.model.config.embedding_size)
+
+    @property
+    def ensemble(self) -> bool:
+        """Whether the model is an ensemble (facemeta.models.ensemble: one chip per member, vectors joined)."""
+        return len(self.chips) > 1
 
     # -- embedding
+    def warp(self, image: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        """A face of an RGB image warped from its landmarks onto each chip the model reads (one for a single
+        model, one per member for an ensemble)."""
+        from facemeta.align.warp import warp_face
+
+        return [warp_face(image, landmarks, size, chip) for chip, size in self.chips]
+
+    def embed_chips(self, crops: list[list[np.ndarray]]) -> np.ndarray:
+        """Faces warped by :meth:`warp` (one list of chips per face) -> float32 unit vectors [N,E]."""
+        if not self.ensemble:
+            return self.embed_aligned(np.stack([c[0] for c in crops]))
+        batches = [np.stack([c[k] for c in crops]) for k in range(len(self.chips))]
+        return self.model.embed(batches, flip=self.flip)
+
     def embed_aligned(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E] (torch or ONNX Runtime)."""
+        """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E] (torch or ONNX Runtime). For an
+        ensemble: one such batch per member, on that member's chip (:attr:`chips`), in a list."""
+        if self.ensemble:
+            return self.model.embed(list(faces), flip=self.flip)
         if self._onnx_pending:
             self._onnx_model(None, np.asarray(faces))
         if self.onnx_model is not None:
@@ -352,14 +379,13 @@ class FaceEmbedder:
         Each chosen face is warped once and the crops of all images are embedded together. An image without
         a face gets []."""
         from facemeta.align.route import find_faces
-        from facemeta.align.warp import warp_face
 
         policy = "all" if every else (select or self.select)
         found = find_faces(list(images), self.detector, policy) if len(images) else []
         picked = [[] if f is None else (f.faces if every else f.faces[:1]) for f in found]
-        crops = [warp_face(image, face.landmarks, self.align_size, self.align_chip)
-                 for image, faces in zip(images, picked, strict=True) for face in faces]
-        vectors = iter(self.embed_aligned(np.stack(crops)) if crops else [])
+        chips = [self.warp(image, face.landmarks) for image, faces in zip(images, picked, strict=True) for face in faces]
+        vectors = iter(self.embed_chips(chips) if chips else [])
+        crops = [c[0] for c in chips]  # the first chip of each face: what the pictures show
         out: list[list[EmbeddedFace]] = []
         crop_iter = iter(crops)
         for f, faces in zip(found, picked, strict=True):

@@ -88,3 +88,47 @@ def test_ensemble_checkpoint_round_trip(members, chips, tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_model(broken)
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def ensemble_file(members, tmp_path_factory):
+    """dlib's prior + SFace saved as one checkpoint, with the threshold tools/make_ensemble.py calibrated for this
+    pair on held-out source identities (0.6716 at FAR 1e-3)."""
+    from facemeta.models.ensemble import ensemble_of, save_ensemble
+
+    path = tmp_path_factory.mktemp("ensemble") / "prior-sface.safetensors"
+    save_ensemble(ensemble_of(members, [("dlib", 150), ("arcface", 112)]), path,
+                  meta={"threshold": 0.6716, "threshold_far": 1e-3})
+    return path
+
+
+def test_an_ensemble_verifies_enrolls_and_identifies_through_the_one_route(ensemble_file, data_dir, tmp_path):
+    """The embedder warps each face once per member from the same landmarks; verify, the gallery and the
+    fingerprint treat the ensemble as one model; ONNX Runtime refuses it in one line."""
+    from facemeta.align.warp import warp_face
+    from facemeta.embedder import FaceEmbedder, file_fingerprint
+    from facemeta.images import load_image
+    from facemeta.recognizer import FaceRecognizer
+
+    lfw = data_dir / "lfw" / "images"
+    emb = FaceEmbedder(ensemble_file)
+    assert emb.ensemble and emb.chips == [("dlib", 150), ("arcface", 112)] and emb.embedding_size == 256
+    image = load_image(lfw / "Colin_Powell" / "Colin_Powell_0001.jpg")
+    (face,) = emb.faces_in_images([image])[0]
+    by_hand = emb.model.embed([warp_face(image, face.face.landmarks, 150, "dlib")[None],
+                               warp_face(image, face.face.landmarks, 112, "arcface")[None]], flip=True)[0]
+    assert face.vector.shape == (256,) and np.allclose(face.vector, by_hand, atol=1e-5)
+    assert face.crop.shape == (150, 150, 3)  # the first member's chip, for pictures
+    same = emb.verify(lfw / "Colin_Powell" / "Colin_Powell_0001.jpg", lfw / "Colin_Powell" / "Colin_Powell_0002.jpg")
+    other = emb.verify(lfw / "Colin_Powell" / "Colin_Powell_0001.jpg", lfw / "George_W_Bush" / "George_W_Bush_0010.jpg")
+    assert same.score > other.score + 0.3 and same.threshold == pytest.approx(0.6716)
+    with FaceRecognizer(tmp_path / "g", ensemble_file) as fr:
+        fr.enroll("Colin Powell", [lfw / "Colin_Powell" / "Colin_Powell_0001.jpg"])
+        fr.enroll("Tony Blair", [lfw / "Tony_Blair" / "Tony_Blair_0001.jpg"])
+        (found,) = fr.identify(lfw / "Tony_Blair" / "Tony_Blair_0003.jpg", top_k=2)
+        assert found["candidates"][0]["identity"] == "Tony Blair"
+        assert found["candidates"][0]["score"] > found["candidates"][1]["score"] + 0.1  # measured: 0.79 vs 0.60
+        assert fr.gallery().fingerprint == file_fingerprint(ensemble_file)
+    with pytest.raises(CheckpointError, match="ensemble") as err:
+        FaceEmbedder(ensemble_file, runtime="onnx")
+    assert "\n" not in str(err.value)
