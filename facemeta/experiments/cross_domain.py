@@ -28,7 +28,7 @@ import numpy as np
 
 from facemeta.experiments.cross_domain_protocols import Protocol
 
-STATISTICS = ("mean", "coral-diag", "auto", "auto-pair")
+STATISTICS = ("mean", "coral-diag", "auto", "auto-pair", "offset")
 COUNTS = (0, 5, 10, 20, 50, -1)  # unlabelled photos per domain; -1: every photo of the pool
 DRAWS = 5
 FARS = (1e-2, 1e-3)
@@ -50,9 +50,13 @@ def pick(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
 def make_stats(statistic: str, pool_vectors: dict[str, np.ndarray], source: np.ndarray | None):
     """{domain: DomainStats} for one cell from each domain's unlabelled vectors; `source` (the model's source
     photos, unlabelled) is the reference of the 'auto' rule. 'auto-pair' gives both domains of a comparison the
-    smaller of their 'auto' strengths (domain_stats.pair_strength)."""
-    from facemeta.gallery.domain_stats import auto_stats, estimate, pair_strength, with_strength
+    smaller of their 'auto' strengths (domain_stats.pair_strength). 'offset' (the gallery's rule) moves each
+    domain on its own towards the source statistics (domain_stats.offset_stats): no pairing."""
+    from facemeta.gallery.domain_stats import auto_stats, estimate, offset_stats, pair_strength, with_strength
 
+    if statistic == "offset":
+        ref = estimate(source)
+        return {d: offset_stats(v, ref) for d, v in pool_vectors.items()}
     if statistic in ("auto", "auto-pair"):
         stats = {d: auto_stats(v, source) for d, v in pool_vectors.items()}
         if statistic == "auto-pair" and len(stats) == 2:

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("mean", "coral-diag")
+KINDS = ("mean", "coral-diag", "offset")
 EPS = 1e-6
 Z_LOW, Z_HIGH = 0.15, 0.25  # the gate of auto_strength (chosen on the shared sets, see the module docstring)
+OFFSET_TOP = 0.5  # the largest strength of an offset (offset_stats; 1 measured too, module docstring)
 TOP = 0.5  # the largest strength auto_strength gives (half the mean: chosen on the shared sets, module docstring)
 
 
@@ -55,13 +56,19 @@ class DomainStats:
     scale: np.ndarray | None = None
     strength: float = 1.0
     extra: dict = field(default_factory=dict)
+    origin: np.ndarray | None = None
+    centre: float = 0.0
 
     def to_dict(self) -> dict:
         """JSON-ready form (floats as lists)."""
-        return {"kind": self.kind, "count": int(self.count), "strength": float(self.strength),
-                "mean": [float(x) for x in self.mean],
-                "scale": None if self.scale is None else [float(x) for x in self.scale],
-                "extra": dict(self.extra)}
+        out = {"kind": self.kind, "count": int(self.count), "strength": float(self.strength),
+               "mean": [float(x) for x in self.mean],
+               "scale": None if self.scale is None else [float(x) for x in self.scale],
+               "extra": dict(self.extra)}
+        if self.origin is not None:
+            out["origin"] = [float(x) for x in self.origin]
+            out["centre"] = float(self.centre)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> DomainStats:
@@ -78,11 +85,23 @@ class DomainStats:
         strength = float(data.get("strength", 1.0))
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"domain statistics strength must be in [0, 1], got {strength}")
-        return cls(kind, int(data.get("count", 0)), mean, scale, strength, dict(data.get("extra") or {}))
+        origin = None if data.get("origin") is None else np.asarray(data["origin"], dtype=np.float32)
+        centre = float(data.get("centre", 0.0))
+        if kind == "offset" and origin is None:
+            raise ValueError("offset domain statistics need the model's source mean (origin)")
+        if origin is not None and (origin.shape != mean.shape or not np.isfinite(origin).all()):
+            raise ValueError("domain statistics: origin must be a finite vector of the mean's length")
+        if not 0.0 <= centre <= 1.0:
+            raise ValueError(f"domain statistics centre must be in [0, 1], got {centre}")
+        return cls(kind, int(data.get("count", 0)), mean, scale, strength, dict(data.get("extra") or {}),
+                   origin, centre)
 
 
 def estimate(vectors: np.ndarray, kind: str = "mean", strength: float = 1.0) -> DomainStats:
-    """Statistics of a domain from its unit vectors [N, E] (N >= 1)."""
+    """Statistics of a domain from its unit vectors [N, E] (N >= 1); kind 'mean' or 'coral-diag' (an 'offset'
+    needs the model's source statistics: :func:`offset_stats`)."""
+    if kind == "offset":
+        raise ValueError("kind 'offset' needs the model's source statistics (domain_stats.offset_stats)")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     x = np.asarray(vectors, dtype=np.float64)
@@ -148,9 +167,38 @@ def auto_stats(vectors: np.ndarray, reference: DomainStats | np.ndarray, kind: s
     return replace(stats, strength=strength, extra=extra)
 
 
+def offset_stats(vectors: np.ndarray, reference: DomainStats | np.ndarray, top: float = OFFSET_TOP,
+                 centre: float = 0.0, z_low: float = Z_LOW, z_high: float = Z_HIGH) -> DomainStats:
+    """A domain's ``offset`` statistics: its vectors are moved by ``s (mean - reference.mean)`` towards the
+    model's source photos, s = top x gate(z) x reliability (:func:`auto_strength`'s factors), so a domain close
+    to the source (an ordinary photo domain) is left as the model gives it and no pairing is needed; ``centre``
+    also removes that share of the source mean from every vector of the domain (0: not)."""
+    from dataclasses import replace
+
+    reference = reference if isinstance(reference, DomainStats) else estimate(reference)
+    stats = estimate(vectors, "mean")
+    s = shift(stats, reference) if stats.extra.get("spread") or reference.extra.get("spread") else None
+    strength = auto_strength(stats, reference, z_low, z_high, top) if s is not None else 0.0
+    extra = {**stats.extra, "rule": "offset", "top": float(top), "z": None if s is None else s["z"],
+             "reference_count": int(reference.count), "reference_spread": reference.extra.get("spread")}
+    return replace(stats, kind="offset", strength=float(strength), extra=extra,
+                   origin=reference.mean.astype(np.float32), centre=float(centre))
+
+
+def reference_of(stats: DomainStats) -> DomainStats | None:
+    """The model's source statistics an ``offset`` domain was made with (its origin, with that reference's
+    spread and count from ``extra``), so more photos can be counted in without the model's meta; None for
+    other kinds."""
+    if stats.origin is None:
+        return None
+    spread = stats.extra.get("reference_spread")
+    return DomainStats("mean", int(stats.extra.get("reference_count") or 0), stats.origin, None, 1.0,
+                       {} if spread is None else {"spread": float(spread)})
+
+
 def normalise(vectors: np.ndarray, stats: DomainStats | None) -> np.ndarray:
     """Vectors [N, E] (or one [E]) normalised by a domain's statistics -> float32 unit vectors, same shape.
-    None (no domain) leaves them as they are."""
+    None (no domain), or nothing to remove (strength 0, no scale), leaves them as they are."""
     x = np.asarray(vectors, dtype=np.float32)
     if stats is None:
         return x
@@ -158,7 +206,12 @@ def normalise(vectors: np.ndarray, stats: DomainStats | None) -> np.ndarray:
     x = np.atleast_2d(x)
     if x.shape[1] != stats.mean.shape[0]:
         raise ValueError(f"vectors of length {x.shape[1]} against domain statistics of length {len(stats.mean)}")
-    y = x - np.float32(stats.strength) * stats.mean
+    if stats.strength == 0 and stats.scale is None and not stats.centre:
+        return x[0] if one else x  # nothing to remove: the vectors as the model gives them, bit for bit
+    shift_ = stats.mean if stats.origin is None else stats.mean - stats.origin
+    y = x - np.float32(stats.strength) * shift_
+    if stats.origin is not None and stats.centre:
+        y = y - np.float32(stats.centre) * stats.origin
     if stats.scale is not None:
         y = y / stats.scale
     y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), EPS)
