@@ -78,6 +78,9 @@ def test_damaged_cache_is_not_used(onnx_detector, tmp_path):
     data[-1] ^= 0xFF
     (tmp_path / "mtcnn-rnet.onnx").write_bytes(bytes(data))
     assert _cached_graphs(tmp_path) is None
+    for broken in ("[]", '{"format": "facemeta-mtcnn-onnx", "version": 1}', "{"):
+        (tmp_path / MANIFEST).write_text(broken)
+        assert _cached_graphs(tmp_path) is None
     manifest = json.loads((folder / MANIFEST).read_text())
     assert set(manifest["graphs"]) == {"pnet", "rnet", "onet"}
 

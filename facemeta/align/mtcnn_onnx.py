@@ -139,12 +139,13 @@ def _cached_graphs(folder: Path) -> dict[str, bytes] | None:
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             return None
         graphs = {net: (folder / f"mtcnn-{net}.onnx").read_bytes() for net in NETS}
-    except (OSError, ValueError, AttributeError):
+        named, made_from = dict(manifest["graphs"]), dict(manifest["sources"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # missing, unreadable or not a manifest
         return None
-    if any(_sha16(data) != manifest["graphs"].get(net) for net, data in graphs.items()):
+    if any(_sha16(data) != named.get(net) for net, data in graphs.items()):
         return None
     sources = source_weights()
-    if sources and any(_sha16(sources[net].read_bytes()) != manifest["sources"].get(net) for net in NETS):
+    if sources and any(_sha16(sources[net].read_bytes()) != made_from.get(net) for net in NETS):
         return None  # another facenet-pytorch release: export its weights again
     return graphs
 
