@@ -79,7 +79,8 @@ class DomainVerbs:
         if vecs:
             result.domain = domains.add_photos(self.gallery(write=True), name, np.stack(vecs),
                                                fingerprint=self.embedder.fingerprint, sources=recorded,
-                                               content_hashes=hashes, kind=kind, strength=strength)
+                                               content_hashes=hashes, kind=kind, strength=strength,
+                                               reference=model_reference(self.embedder))
             result.added = len(vecs)
         elif not result.already:
             first = f": {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""
@@ -182,14 +183,33 @@ class DomainResult:
     warning: str | None = None
 
 
+def model_reference(embedder):
+    """The model's source statistics (checkpoint meta ``domain_reference``: mean, spread and count of unlabelled
+    photos of its training domain, written by tools/domain_threshold.py) as a DomainStats, or None when the
+    model has none (domains then use the plain mean, as before the offset rule)."""
+    from facemeta.gallery.domain_stats import DomainStats
+
+    entry = (getattr(embedder, "meta", None) or {}).get("domain_reference")
+    if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
+        return None
+    try:
+        ref = DomainStats.from_dict(entry["stats"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    dim = getattr(embedder, "embedding_size", None)
+    return ref if ref.extra.get("spread") and (dim is None or len(ref.mean) == dim) else None
+
+
 def model_domain_threshold(embedder, stats: list) -> tuple[float, float, str] | None:
     """The model's threshold for vectors normalised by their domain (checkpoint meta ``domain_threshold``, from
     tools/domain_threshold.py: held-out source pairs normalised the same way) -> (threshold, FAR, source), when
-    every domain statistic in ``stats`` is of its kind and strength; None otherwise or when the model has none."""
+    every domain statistic in ``stats`` is of its kind and strength (any strength where the entry's strength is
+    null: an ``offset`` leaves the source domain as it is); None otherwise or when the model has none."""
     entry = (getattr(embedder, "meta", None) or {}).get("domain_threshold")
     if not stats or not isinstance(entry, dict) or not isinstance(entry.get("threshold"), int | float):
         return None
-    if any(s.kind != entry.get("kind") or s.strength != entry.get("strength") for s in stats):
+    any_strength = entry.get("strength") is None
+    if any(s.kind != entry.get("kind") or (not any_strength and s.strength != entry.get("strength")) for s in stats):
         return None
     return float(entry["threshold"]), entry.get("far"), "model, for normalised vectors (held-out source pairs)"
 

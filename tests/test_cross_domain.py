@@ -215,3 +215,40 @@ def test_command_end_to_end_on_orl(tmp_path):
     assert 90 < raw["tar@far=1e-2"] <= 100 and {r["count"] for r in rows} == {0, 5, -1}
     text = (out / "results.md").read_text()
     assert "## ORL" in text and "auto-pair" in text and (out / "tar_by_count_shipped.png").stat().st_size > 0
+
+
+def test_quick_protocol_rows_and_scores(data_dir):
+    """--quick: AR neutral 01/14 and sunglasses 08/21 of every person; its 'with domains' figure normalises each
+    side by offset statistics from the other half's photos exactly as the gallery does (here: a probe domain far
+    from the reference gains, and raw is the plain cosine TAR)."""
+    from facemeta.eval.metrics import tar_at_far
+    from facemeta.experiments.cross_domain_quick import quick_rows, score
+
+    rows = quick_rows(data_dir)
+    assert len(rows) == 400 and len({r.identity for r in rows}) == 100
+    assert {r.extra["image_index"] for r in rows} == {"1", "14", "8", "21"}
+    rng = np.random.default_rng(3)
+    people = np.repeat(np.arange(40), 4)
+    ident = np.eye(64)[0] + 0.05 * rng.standard_normal((40, 64))
+    shift_ = np.eye(64)[1] * 0.8  # the probe domain's shared offset
+    x = ident[people] + 0.01 * rng.standard_normal((160, 64))
+    probe = np.tile([False, False, True, True], 40)
+    x[probe] += shift_
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    reference = estimate(x[~probe])
+    r = score(x, people.astype(str), ~probe, probe, reference, draws=1)
+    assert r["strength"]["neutral"] == 0.0 and r["strength"]["sunglasses"] > 0
+    assert r["domains"] >= r["raw"]
+    assert 0 <= r["raw"] <= 100 and r["raw_draws"][0] == r["raw"]
+    assert tar_at_far(np.array([1.0, 0.0]), np.array([True, False]), 1e-2) == 1.0
+
+
+@pytest.mark.slow
+def test_quick_command_prints_both_figures(capsys):
+    """`facemeta benchmark cross-domain --quick` (about 400 AR images embedded once, cached) prints TAR raw and
+    with domains."""
+    from facemeta.cli import main
+
+    assert main(["benchmark", "cross-domain", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "TAR@FAR=1e-2 raw:" in out and "TAR@FAR=1e-2 with domains:" in out

@@ -3,7 +3,8 @@ enroll, identify and verify exactly as domain_stats' formula says, re-normalisin
 
 Real AR photos with the shipped model (weights/default.safetensors): scarf photos of people 051-054 make the
 "scarf" domain, neutral photos of people 055-058 the "neutral" one; people 001-002 are enrolled (neutral) and
-probed with their scarf photos. Every expected score is recomputed here by hand from raw embeddings.
+probed with their scarf photos. Every expected score is recomputed here by hand from raw embeddings, with the
+gallery's rule (``offset``) written out from the model's source statistics (meta ``domain_reference``).
 """
 
 from __future__ import annotations
@@ -30,11 +31,27 @@ def ar(data_dir: Path, person: int, shot: int) -> Path:
     return data_dir / "ar" / f"{person:03d}" / f"face_{person:03d}_{shot:02d}.png"
 
 
+_REF: dict = {}  # the shipped model's source statistics (meta domain_reference), set by the embedder fixture
+
+
+def strength_by_hand(photos: np.ndarray) -> float:
+    """The offset rule's strength, written out: 0.5 x gate(z) x reliability, with d = mean - source mean,
+    spread = sum |x - mean|^2 / (n - 1), noise = spread / n, z = (|d|^2 - noise) / spread, gate 0 below z 0.15 and
+    1 above 0.25, reliability = 1 - noise / |d|^2 (at least 0)."""
+    x = np.asarray(photos, np.float64)
+    n, mean = len(x), x.mean(axis=0)
+    spread = ((x - mean) ** 2).sum() / (n - 1)
+    d2 = ((mean - _REF["mean"]) ** 2).sum()
+    z = (d2 - spread / n) / spread
+    return 0.5 * min(max((z - 0.15) / 0.1, 0.0), 1.0) * max(0.0, 1 - (spread / n) / d2)
+
+
 def by_hand(raw: np.ndarray, photos: np.ndarray | None) -> np.ndarray:
-    """A vector normalised by the mean of its domain's photo vectors, written out: (v - mean) / |v - mean|."""
+    """A vector normalised by its domain's photo vectors, written out: moved by s (mean - source mean), s from
+    :func:`strength_by_hand`, then scaled to unit length."""
     v = np.asarray(raw, np.float64)
     if photos is not None:
-        v = v - np.asarray(photos, np.float64).mean(axis=0)
+        v = v - strength_by_hand(photos) * (np.asarray(photos, np.float64).mean(axis=0) - _REF["mean"])
     return v / np.linalg.norm(v)
 
 
@@ -42,7 +59,9 @@ def by_hand(raw: np.ndarray, photos: np.ndarray | None) -> np.ndarray:
 def embedder():
     from facemeta.embedder import FaceEmbedder
 
-    return FaceEmbedder()
+    e = FaceEmbedder()
+    _REF["mean"] = np.asarray(e.meta["domain_reference"]["stats"]["mean"], np.float64)
+    return e
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +106,9 @@ def test_stats_and_scores_follow_the_formula(gallery, embedder, raw):
 
     with FaceRecognizer(gallery, embedder=embedder) as fr:
         scarf = fr.domain("scarf")
-        assert scarf.photos == 4 and scarf.stats.kind == "mean" and scarf.stats.strength == 1.0
+        assert scarf.photos == 4 and scarf.stats.kind == "offset"
+        assert scarf.stats.strength == pytest.approx(strength_by_hand(raw["scarf"]), abs=1e-5)
+        assert 0 < scarf.stats.strength <= 0.5  # AR lies far from the model's source photos
         np.testing.assert_allclose(scarf.stats.mean, raw["scarf"].mean(axis=0), atol=1e-6)
         x = raw["scarf"].astype(np.float64)  # stability: the relative standard error of the mean, by hand
         cov_trace = ((x - x.mean(axis=0)) ** 2).sum() / (len(x) - 1)
@@ -403,3 +424,44 @@ def test_export_import_keeps_domains_bit_for_bit(gallery, tmp_path, raw, backend
         assert b.check()["index_matches_database"]
     with pytest.raises(GalleryError, match="already has a domain"):
         import_gallery(tmp_path / "g.fmg", tmp_path / "copy")
+
+
+def test_photo_domain_near_the_source_stays_raw(tmp_path, embedder, data_dir):
+    """Ten LFW photos of ten people (the model's source domain, people apart from its reference photos' folds)
+    make a domain at strength 0: people enrolled under it are stored exactly as the model embeds them, so a
+    comparison with them is raw whatever the other side's domain."""
+    from facemeta.data.sets import read_set
+    from facemeta.gallery import Gallery
+    from facemeta.recognizer import FaceRecognizer
+
+    rows = [r for r in read_set("lfw", data_dir) if r.extra.get("people_fold") == "7"]
+    seen, chosen = set(), []
+    for r in rows:
+        if r.identity not in seen:
+            seen.add(r.identity)
+            chosen.append(Path(r.path))
+        if len(chosen) == 11:
+            break
+    with FaceRecognizer(tmp_path / "g", embedder=embedder) as fr:
+        d = fr.add_domain("photo", chosen[:10]).domain
+        assert d.stats.kind == "offset" and d.stats.strength == 0.0
+        fr.enroll("someone", [chosen[10]], domain="photo")
+    with Gallery.open(tmp_path / "g") as g:
+        np.testing.assert_array_equal(g.vectors("someone")[0], embedder.embed_file(chosen[10])[0])
+
+
+def test_model_without_source_statistics_uses_the_plain_mean(gallery, tmp_path, capsys, raw):
+    """A domain made without the model's source statistics (a model whose meta has no domain_reference) is the
+    plain mean at strength 1, as before the offset rule, and `domain list` says so."""
+    from facemeta.gallery import Gallery
+    from facemeta.gallery.domains import add_photos
+
+    g = shutil.copytree(gallery, tmp_path / "g")
+    with Gallery.open(g, mode="w") as gal:
+        d = add_photos(gal, "plain", raw["scarf"], fingerprint=gal.fingerprint, sources=[None] * 4,
+                       content_hashes=[None] * 4)
+    assert d.stats.kind == "mean" and d.stats.strength == 1.0
+    np.testing.assert_allclose(d.stats.mean, raw["scarf"].mean(axis=0), atol=1e-6)
+    assert main(["domain", "list", str(g)]) == 0
+    out = capsys.readouterr().out
+    assert "note: not the offset rule in plain" in out and "neutral" not in out.split("\n")[1]

@@ -1,4 +1,5 @@
-"""Calibrate the shipped model's threshold for vectors normalised by their domain (issue 25, item 2).
+"""Calibrate the shipped model's threshold for vectors normalised by their domain (issue 25, item 2), and
+store the model's source statistics that the ``offset`` rule needs (meta ``domain_reference``).
 
 The model's own threshold (meta ``threshold`` at ``threshold_far``) was calibrated on raw vectors of held-out
 source identities; after a domain's mean is removed, cosines spread differently and that threshold no longer
@@ -9,10 +10,14 @@ from unlabelled LFW photos of OTHER people (people.txt folds 1-5, the cross-doma
 rows). The vectors are the cross-domain benchmark's (facemeta.experiments.cross_domain_embed, cached).
 
     python tools/domain_threshold.py                      # print the figures
-    python tools/domain_threshold.py --write weights/default.json   # store them as meta "domain_threshold"
+    python tools/domain_threshold.py --write weights/default.json   # store meta domain_threshold and domain_reference
 
-FaceRecognizer.threshold_for uses the stored entry for domains of the same statistic (kind and strength) that
-have no calibrated threshold of their own.
+The rule is ``offset`` (facemeta.gallery.domain_stats.offset_stats): the source statistics (``domain_reference``)
+are the mean, spread and count of the 600 unlabelled LFW photos of people.txt folds 1-5; the held-out LFW domain
+lies at the source, so the rule gives it strength 0 and its normalised vectors are the raw ones: the threshold
+for normalised vectors is then the raw threshold, which this script checks rather than assumes.
+FaceRecognizer.threshold_for uses the stored entry (kind ``offset``, any strength) for domains that have no
+calibrated threshold of their own.
 """
 
 from __future__ import annotations
@@ -50,13 +55,15 @@ def main() -> None:
 
     from facemeta.experiments.cross_domain_embed import embed_set
     from facemeta.experiments.cross_domain_protocols import benchmark_rows
-    from facemeta.gallery.domain_stats import estimate, normalise
+    from facemeta.gallery.domain_stats import estimate, normalise, offset_stats
 
     rows, source = benchmark_rows("lfw"), benchmark_rows("lfw-source")
     held = embed_set("lfw", rows, ("shipped",))["shipped"]
-    stats = estimate(embed_set("lfw-source", source, ("shipped",))["shipped"])
+    reference = estimate(embed_set("lfw", source, ("shipped",))["shipped"])
+    # the held-out LFW domain's statistics from other unlabelled photos of it: the source photos themselves
+    stats = offset_stats(embed_set("lfw", source, ("shipped",))["shipped"], reference)
     out = {"set": "LFW pairs.txt folds 6-10 images, every pair (people the model never trained on)",
-           "statistics": f"LFW mean from {len(source)} unlabelled photos of people.txt folds 1-5",
+           "statistics": f"offset of the LFW domain from {len(source)} unlabelled photos of people.txt folds 1-5",
            "kind": stats.kind, "strength": stats.strength, "images": len(rows), "thresholds": {}}
     identities = [r.identity for r in rows]
     for label, x in (("raw", held), ("normalised", normalise(held, stats))):
@@ -73,11 +80,15 @@ def main() -> None:
         far = min(fars)
         entry = out["thresholds"][f"{far:g}"]["normalised"]
         body["meta"]["domain_threshold"] = {"threshold": entry["threshold"], "far": far, "kind": stats.kind,
-                                            "strength": stats.strength, "set": out["set"],
+                                            "strength": None, "set": out["set"],
                                             "impostor_pairs": out["normalised_pairs"]["impostor"],
-                                            "tar": entry["tar"]}
+                                            "tar": entry["tar"],
+                                            "note": "offset rule: the source domain gets strength "
+                                                    f"{stats.strength:g}, so this is the raw threshold"}
+        body["meta"]["domain_reference"] = {"photos": f"{len(source)} unlabelled LFW photos of people.txt folds 1-5",
+                                            "stats": reference.to_dict()}
         path.write_text(json.dumps(body, indent=2) + "\n")
-        print(f"wrote meta domain_threshold into {path}")
+        print(f"wrote meta domain_threshold and domain_reference into {path}")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "domain", help="named domains of a gallery: statistics from unlabelled photos, for matching across domains",
         description="A domain is where photos come from (photo, sketch, door-2, thermal...). Its statistics (the "
                     "mean of the model's embeddings) are estimated from unlabelled photos of ANY people of it, and "
-                    "every face given that domain (enroll/identify --domain, verify --domain-a/--domain-b) has them "
-                    "removed before it is compared: v' = (v - strength * mean) / |...|. Photos without a domain use "
-                    "the default domain (compared as the model embeds them).")
+                    "every face given that domain (enroll/identify --domain, verify --domain-a/--domain-b) is "
+                    "normalised by them before it is compared. The default statistic, offset, moves a domain "
+                    "towards the photos the model was trained on (its source statistics, checkpoint meta "
+                    "domain_reference): v' = (v - s * (mean - source mean)) / |...|, with s in 0..0.5 larger the "
+                    "further the domain lies from the source (an ordinary photo domain gets 0 and stays as the "
+                    "model embeds it). A model without source statistics uses the plain mean: "
+                    "v' = (v - mean) / |...|. Photos without a domain use the default domain (compared as the "
+                    "model embeds them).")
     sub = p.add_subparsers(dest="domain_command", metavar="SUBCOMMAND", required=True)
 
     a = sub.add_parser("add", help="count unlabelled photos into a domain (created if new)",
@@ -55,7 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("images", metavar="IMAGES", nargs="*", help="image files or folders of the domain (any people)")
     a.add_argument("--folder", metavar="DIR", help="a folder of the domain's images (instead of IMAGES)")
     a.add_argument("--kind", choices=DOMAIN_STAT_CHOICES, metavar="KIND",
-                   help="statistic of a new domain (%(choices)s; default mean; an existing domain keeps its own)")
+                   help="statistic of a new domain (%(choices)s; default offset when the model has source "
+                        "statistics, else mean; an existing domain keeps its own)")
     a.add_argument("--index", choices=INDEX_CHOICES, default="flat", metavar="KIND",
                    help="index of a NEW gallery (%(choices)s)")
     add_backend_options(a)
@@ -164,6 +170,11 @@ def run_list(args: argparse.Namespace) -> int:
                           "domains": [_domain_json(d) for d in found]}))
         return 0
     print(f"{len(found)} domain(s) in {args.gallery}; photos without one: {DEFAULT_DESCRIPTION}")
+    plain = [d.name for d in found if d.stats.kind != "offset"]
+    if plain:
+        print(f"note: not the offset rule in {', '.join(shown(n) for n in plain)} (the model had no source "
+              "statistics, meta domain_reference, or --kind chose another): the domain's whole mean is removed, "
+              "which loses on domains close to the model's photos (benchmarks/results/cross_domain)")
     for d in found:
         stab = "unknown (1 photo)" if d.stability is None else f"{d.stability_word} ({d.stability:.3f})"
         thr = f"threshold {d.threshold:.4f} at FAR {d.far:g}" if d.threshold is not None else "not calibrated"

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from facemeta.errors import GalleryError
-from facemeta.gallery.domain_stats import DomainStats, estimate, normalise
+from facemeta.gallery.domain_stats import (
+    DomainStats,
+    estimate,
+    normalise,
+    offset_stats,
+    reference_of,
+    with_strength,
+)
 from facemeta.gallery.records import fault
 from facemeta.gallery.schema import db_errors
 from facemeta.gallery.validate import check_name, normal_name
@@ -306,11 +313,14 @@ def _swap(gallery, old: list[int], new: list[int], idents: list[int], vecs: np.n
 
 
 def add_photos(gallery, name: str, vectors: np.ndarray, *, fingerprint: str, sources: list[str | None],
-               content_hashes: list[str | None], kind: str | None = None, strength: float | None = None) -> Domain:
+               content_hashes: list[str | None], kind: str | None = None, strength: float | None = None,
+               reference: DomainStats | None = None) -> Domain:
     """Count unlabelled photos' embeddings (unit vectors [n, dim] of model ``fingerprint``) into a domain,
-    created if new, and re-estimate its statistics from every photo behind it (``kind``/``strength``:
-    domain_stats.estimate's; default: the domain's own, or estimate's defaults for a new one). The embeddings
-    enrolled under it are normalised again. One transaction: a crash keeps all of it or none."""
+    created if new, and re-estimate its statistics from every photo behind it. The statistic: ``kind`` when
+    given, else the domain's own, else ``offset`` (domain_stats.offset_stats: moved towards the model's source
+    photos at the rule's strength) when the model's source statistics ``reference`` are known, else the plain
+    ``mean`` (the behaviour before the rule; ``strength`` overrides either's). The embeddings enrolled under it
+    are normalised again. One transaction: a crash keeps all of it or none."""
     from facemeta.gallery.validate import check_vectors
 
     with gallery._mutex:
@@ -333,10 +343,7 @@ def add_photos(gallery, name: str, vectors: np.ndarray, *, fingerprint: str, sou
             photos = _photo_vectors(tx.conn, name)
             if photos.size == 0:
                 raise GalleryError(f"domain {name!r} needs at least one photo")
-            kw = {"kind": kind or (old.kind if old else "mean")}
-            if strength is not None or old is not None:
-                kw["strength"] = strength if strength is not None else old.strength
-            stats = estimate(photos, **kw)
+            stats = _statistics(photos, kind or (old.kind if old else None), strength, old, reference)
             text = json.dumps(stats.to_dict())
             if row is None:
                 tx.execute("INSERT INTO domains(name, fingerprint, stats, created, updated) VALUES (?, ?, ?, ?, ?)",
@@ -347,6 +354,23 @@ def add_photos(gallery, name: str, vectors: np.ndarray, *, fingerprint: str, sou
             moved = _renormalise(tx, name, stats)
         _swap(gallery, *moved)
     return get_domain(gallery, name)
+
+
+def _statistics(photos: np.ndarray, kind: str | None, strength: float | None, old: DomainStats | None,
+                reference: DomainStats | None) -> DomainStats:
+    """A domain's statistics from its photos (add_photos' rule for the kind; ``strength`` overrides)."""
+    if kind is None:
+        kind = "offset" if reference is not None else "mean"
+    if kind == "offset":
+        ref = reference if reference is not None else (reference_of(old) if old is not None else None)
+        if ref is None or not ref.extra.get("spread"):
+            raise GalleryError("an offset domain needs the model's source statistics (checkpoint meta "
+                               "domain_reference); this model has none: use --kind mean")
+        stats = offset_stats(photos, ref)
+        return with_strength(stats, strength) if strength is not None else stats
+    if strength is None and old is not None and old.kind == kind:
+        strength = old.strength
+    return estimate(photos, kind, 1.0 if strength is None else strength)
 
 
 def remove_domain(gallery, name: str, force: bool = False) -> int:
