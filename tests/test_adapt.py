@@ -192,3 +192,18 @@ def test_adaptation_methods_train_the_tail(method):
     with_grad = {n for n, p in joint.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert "model.fc.weight" in with_grad and any(n.startswith("model.backbone.blocks.13.") for n in with_grad)
     assert not any(n.startswith(("model.backbone.stem", "model.backbone.blocks.0.")) for n in with_grad)
+
+
+def test_adapt_benchmark_scores_only_cross_condition_pairs_and_pairs_the_draws():
+    """The benchmark's scoring: enrolment-vs-target pairs only, and differences paired by draw."""
+    from facemeta.experiments.adapt_bench import cross_scores, summarise
+
+    vectors = np.eye(4, dtype=np.float32)
+    scores, same = cross_scores(vectors, np.array(["a", "a", "b", "b"]), np.array([1, 0, 1, 0]))
+    assert len(scores) == 4 and same.tolist() == [True, False, False, True]  # (a1,a0) (a1,b0) (b1,a0) (b1,b0)
+    cells = [{"protocol": "p", "k": 5, "seed": s, "rows": {"base": {"tar": 0.5 + s / 10}, "stats-only": {"tar": 0.4},
+                                                            "adapt": {"tar": 0.6 + s / 10, "far_at_threshold": 0.01}}}
+             for s in (0, 1)]
+    rows = {r["row"]: r for r in summarise({"cells": cells})}
+    assert rows["adapt"]["vs base"] == pytest.approx((0.1, 0.0)) and rows["adapt"]["n"] == 2
+    assert rows["adapt"]["vs stats-only"][0] == pytest.approx(0.25) and rows["base"]["vs base"] is None
