@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # Benchmarks run by name instead of a preset: name -> module with add_options(group) and run(args).
-NAMED = {"cross-domain": "facemeta.commands.bench_cross_domain"}
+NAMED = {"cross-domain": "facemeta.commands.bench_cross_domain", "adapt": "facemeta.commands.bench_adapt"}
 
 
 def _list(text: str) -> list[str]:
