@@ -4,11 +4,19 @@ A domain is where photos come from (a camera, a sketch artist, a thermal gate). 
 from unit vectors of unlabelled photos of any people of it; each vector is then normalised by its own domain's
 statistics before it is compared:
 
-    v' = (v - s * mean) / scale,   then v' / |v'|
+    v' = (v - s * (mean - origin) - centre * origin) / scale,   then v' / |v'|
 
-``s`` (strength, 0..1) says how strongly the mean is removed; ``scale`` is 1 for ``kind="mean"`` and the
-per-dimension spread for ``kind="coral-diag"`` (a diagonal CORAL). Pure numpy: the gallery stores the fields,
-the benchmark chooses the kind and the rule for the strength.
+``s`` (strength, 0..1) says how strongly the mean is removed; ``origin`` is None (zero) for ``kind="mean"`` and
+``"coral-diag"`` and the model's source mean for ``kind="offset"``; ``centre`` is 0 except in the benchmark's
+variants; ``scale`` is 1 except for ``kind="coral-diag"`` (the per-dimension spread: a diagonal CORAL). Pure numpy:
+the gallery stores the fields, the benchmark chooses the kind and the rule for the strength.
+
+The gallery's rule is ``offset`` (:func:`offset_stats`): each domain on its own is moved towards the model's source
+mean by ``s (mean - source mean)`` with the strength of :func:`auto_strength` below (``OFFSET_TOP`` 0.5). A domain
+at the source (ordinary photos) gets s = 0 and stays exactly as the model embeds it; every domain keeps the large
+mean common to all faces, so two domains at different strengths still compare on one scale, and no pairing is
+needed (``benchmarks/results/cross_domain``: shipped model, 10 photos, AR sunglasses +5.5, controls unchanged,
+MFR2 cloth -1.6 and Yale B 26-50 degrees -0.6 the two misses).
 
 The rule (:func:`auto_strength`, chosen by ``benchmarks/results/cross_domain``; unlabelled photos only): removing a
 domain's mean helps where the domain lies far from the photos the model was trained on and hurts where it does
@@ -26,10 +34,10 @@ where it helps (AR sunglasses +6.8 instead of +10.3, shipped model, 10 photos).
 
 Two domains compared with different strengths lose: the large mean common to all faces is then removed from one
 side only (Yale B, light beyond 77 degrees, prior: 47.9 with per-domain strengths, 71.1 raw, at full strength).
-So a comparison of two domains uses the smaller of their strengths for both (:func:`pair_strength`,
-:func:`with_strength`): ``benchmarks/results/cross_domain`` measures that as ``auto-pair``. The source statistics
+The benchmark's ``auto-pair`` gives both sides of a comparison the smaller of their strengths (:func:`pair_strength`,
+:func:`with_strength`); a gallery of normalised vectors cannot, hence ``offset``. The source statistics
 of the shipped model and of the prior (600 LFW photos of people.txt folds 1-5) are in
-``benchmarks/results/cross_domain/source_stats.json``.
+``benchmarks/results/cross_domain/source_stats.json``; the shipped model carries its own in its meta (``domain_reference``).
 """
 
 from __future__ import annotations
