@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "facemeta"
 LAYERS = {
     "cli": 1, "__main__": 1, "commands": 1, "serve": 1,
     "experiments": 2,
-    "train": 3, "recognizer": 3, "recognizer_domains": 3, "embedder": 3,
+    "train": 3, "recognizer": 3, "recognizer_domains": 3, "embedder": 3, "model_files": 3,
     "eval": 4,
     "align": 5, "objectives": 5, "meta": 5, "models": 5, "data": 5, "gallery": 5,
     "images": 6, "errors": 6, "atomic": 6, "checks": 6, "paths": 6, "version": 6, "registry": 6,
