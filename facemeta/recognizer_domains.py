@@ -204,14 +204,16 @@ def model_domain_threshold(embedder, stats: list) -> tuple[float, float, str] | 
     """The model's threshold for vectors normalised by their domain (checkpoint meta ``domain_threshold``, from
     tools/domain_threshold.py: held-out source pairs normalised the same way) -> (threshold, FAR, source), when
     every domain statistic in ``stats`` is of its kind and strength (any strength where the entry's strength is
-    null: an ``offset`` leaves the source domain as it is); None otherwise or when the model has none."""
-    entry = (getattr(embedder, "meta", None) or {}).get("domain_threshold")
-    if not stats or not isinstance(entry, dict) or not isinstance(entry.get("threshold"), int | float):
-        return None
-    any_strength = entry.get("strength") is None
-    if any(s.kind != entry.get("kind") or (not any_strength and s.strength != entry.get("strength")) for s in stats):
-        return None
-    return float(entry["threshold"]), entry.get("far"), "model, for normalised vectors (held-out source pairs)"
+    null: an ``offset`` leaves the source domain as it is; meta ``domain_threshold_mean`` for the plain mean); None
+    otherwise or when the model has none."""
+    meta = getattr(embedder, "meta", None) or {}
+    for entry in (meta.get("domain_threshold"), meta.get("domain_threshold_mean")):
+        if not stats or not isinstance(entry, dict) or not isinstance(entry.get("threshold"), int | float):
+            continue
+        any_strength = entry.get("strength") is None
+        if all(s.kind == entry.get("kind") and (any_strength or s.strength == entry.get("strength")) for s in stats):
+            return float(entry["threshold"]), entry.get("far"), "model, for normalised vectors (held-out source pairs)"
+    return None
 
 
 def load_domain_file(path: str | os.PathLike, embedder=None):

@@ -450,11 +450,13 @@ def test_photo_domain_near_the_source_stays_raw(tmp_path, embedder, data_dir):
         np.testing.assert_array_equal(g.vectors("someone")[0], embedder.embed_file(chosen[10])[0])
 
 
-def test_model_without_source_statistics_uses_the_plain_mean(gallery, tmp_path, capsys, raw):
+def test_model_without_source_statistics_uses_the_plain_mean(gallery, tmp_path, capsys, raw, embedder):
     """A domain made without the model's source statistics (a model whose meta has no domain_reference) is the
-    plain mean at strength 1, as before the offset rule, and `domain list` says so."""
+    plain mean at strength 1, as before the offset rule, and `domain list` says so; its comparisons use the
+    model's threshold for mean-normalised vectors (meta domain_threshold_mean), not the offset one."""
     from facemeta.gallery import Gallery
     from facemeta.gallery.domains import add_photos
+    from facemeta.recognizer import FaceRecognizer
 
     g = shutil.copytree(gallery, tmp_path / "g")
     with Gallery.open(g, mode="w") as gal:
@@ -465,3 +467,9 @@ def test_model_without_source_statistics_uses_the_plain_mean(gallery, tmp_path, 
     assert main(["domain", "list", str(g)]) == 0
     out = capsys.readouterr().out
     assert "note: not the offset rule in plain" in out and "neutral" not in out.split("\n")[1]
+    with FaceRecognizer(g, embedder=embedder) as fr:
+        thr, far, _ = fr.threshold_for("plain")
+        mean_entry, offset_entry = embedder.meta["domain_threshold_mean"], embedder.meta["domain_threshold"]
+        assert (thr, far) == (mean_entry["threshold"], mean_entry["far"]) and thr != offset_entry["threshold"]
+        assert fr.threshold_for("scarf")[0] == offset_entry["threshold"]
+        assert fr.threshold_for("scarf", other="plain")[2].startswith("gallery")  # two scales: no model entry

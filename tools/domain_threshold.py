@@ -17,7 +17,8 @@ are the mean, spread and count of the 600 unlabelled LFW photos of people.txt fo
 lies at the source, so the rule gives it strength 0 and its normalised vectors are the raw ones: the threshold
 for normalised vectors is then the raw threshold, which this script checks rather than assumes.
 FaceRecognizer.threshold_for uses the stored entry (kind ``offset``, any strength) for domains that have no
-calibrated threshold of their own.
+calibrated threshold of their own; ``domain_threshold_mean`` is the same for a domain of the plain mean (strength 1,
+``--kind mean``), whose cosines lie on another scale.
 """
 
 from __future__ import annotations
@@ -59,14 +60,15 @@ def main() -> None:
 
     rows, source = benchmark_rows("lfw"), benchmark_rows("lfw-source")
     held = embed_set("lfw", rows, ("shipped",))["shipped"]
-    reference = estimate(embed_set("lfw", source, ("shipped",))["shipped"])
+    photos = embed_set("lfw", source, ("shipped",))["shipped"]
+    reference = estimate(photos)
     # the held-out LFW domain's statistics from other unlabelled photos of it: the source photos themselves
-    stats = offset_stats(embed_set("lfw", source, ("shipped",))["shipped"], reference)
+    rules = {"offset": offset_stats(photos, reference), "mean": estimate(photos, "mean")}
     out = {"set": "LFW pairs.txt folds 6-10 images, every pair (people the model never trained on)",
-           "statistics": f"offset of the LFW domain from {len(source)} unlabelled photos of people.txt folds 1-5",
-           "kind": stats.kind, "strength": stats.strength, "images": len(rows), "thresholds": {}}
+           "statistics": f"the LFW domain from {len(source)} unlabelled photos of people.txt folds 1-5",
+           "strengths": {k: st.strength for k, st in rules.items()}, "images": len(rows), "thresholds": {}}
     identities = [r.identity for r in rows]
-    for label, x in (("raw", held), ("normalised", normalise(held, stats))):
+    for label, x in (("raw", held), *((k, normalise(held, st)) for k, st in rules.items())):
         genuine, impostor = scores(x, identities)
         out[f"{label}_pairs"] = {"genuine": len(genuine), "impostor": len(impostor)}
         for far in fars:
@@ -78,17 +80,18 @@ def main() -> None:
         path = Path(args.write)
         body = json.loads(path.read_text())
         far = min(fars)
-        entry = out["thresholds"][f"{far:g}"]["normalised"]
-        body["meta"]["domain_threshold"] = {"threshold": entry["threshold"], "far": far, "kind": stats.kind,
-                                            "strength": None, "set": out["set"],
-                                            "impostor_pairs": out["normalised_pairs"]["impostor"],
-                                            "tar": entry["tar"],
-                                            "note": "offset rule: the source domain gets strength "
-                                                    f"{stats.strength:g}, so this is the raw threshold"}
+        for key, kind in (("domain_threshold", "offset"), ("domain_threshold_mean", "mean")):
+            entry = out["thresholds"][f"{far:g}"][kind]
+            body["meta"][key] = {"threshold": entry["threshold"], "far": far, "kind": kind,
+                                 "strength": None if kind == "offset" else rules[kind].strength,
+                                 "set": out["set"], "impostor_pairs": out[f"{kind}_pairs"]["impostor"],
+                                 "tar": entry["tar"]}
+        body["meta"]["domain_threshold"]["note"] = ("offset rule: the source domain gets strength "
+                                                    f"{rules['offset'].strength:g}, so this is the raw threshold")
         body["meta"]["domain_reference"] = {"photos": f"{len(source)} unlabelled LFW photos of people.txt folds 1-5",
                                             "stats": reference.to_dict()}
         path.write_text(json.dumps(body, indent=2) + "\n")
-        print(f"wrote meta domain_threshold and domain_reference into {path}")
+        print(f"wrote meta domain_threshold, domain_threshold_mean and domain_reference into {path}")
 
 
 if __name__ == "__main__":
