@@ -23,7 +23,6 @@ no bias), which holds dlib's 128-d projection when the prior's weights are loade
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -228,28 +227,12 @@ def convert_prior(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
-@functools.lru_cache(maxsize=4)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, remembered per (path, size, modification time): the .dat is read once per process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prior_weights_path(cache: str | os.PathLike | None = None) -> Path:
     """The port's weights in the cache (``<cache>/prior/dlib_resnet29-v<converter>-<sha of the .dat>.safetensors``),
     converted from the installed package on first use."""
-    from facemeta.paths import cache_root
+    from facemeta.models.prior_cache import converted_weights
 
-    src = find_prior_file()
-    st = src.stat()
-    digest = _sha256(str(src), st.st_size, st.st_mtime_ns)
-    dst = cache_root(cache) / "prior" / f"{PRIOR_NAME}-v{CONVERTER_VERSION}-{digest[:16]}.safetensors"
-    if not dst.is_file():
-        convert_prior(src, dst)
-    return dst
+    return converted_weights(find_prior_file(), PRIOR_NAME, CONVERTER_VERSION, convert_prior, cache)
 
 
 def load_prior_state(cache: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:

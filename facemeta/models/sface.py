@@ -28,7 +28,6 @@ channels, so :func:`~facemeta.models.backbone.embed` and ``FaceEmbedder`` need n
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -242,28 +241,12 @@ def convert_sface(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
-@functools.lru_cache(maxsize=4)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, remembered per (path, size, modification time): the file is read once per process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prior_weights_path(cache: str | os.PathLike | None = None) -> Path:
     """The port's weights in the cache (``<cache>/prior/sface-v<converter>-<sha of the .onnx>.safetensors``),
     converted from the installed package on first use."""
-    from facemeta.paths import cache_root
+    from facemeta.models.prior_cache import converted_weights
 
-    src = find_sface_file()
-    st = src.stat()
-    digest = _sha256(str(src), st.st_size, st.st_mtime_ns)
-    dst = cache_root(cache) / "prior" / f"{SFACE_NAME}-v{CONVERTER_VERSION}-{digest[:16]}.safetensors"
-    if not dst.is_file():
-        convert_sface(src, dst)
-    return dst
+    return converted_weights(find_sface_file(), SFACE_NAME, CONVERTER_VERSION, convert_sface, cache)
 
 
 def load_prior_state(cache: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
