@@ -171,12 +171,14 @@ def test_embedder_api(embedder, trained_model, data_dir, tmp_path):
 
 
 def test_default_model_missing(monkeypatch, tmp_path):
-    from facemeta import embedder as emb
+    from facemeta import model_files, paths
 
-    monkeypatch.delenv(emb.MODEL_ENV, raising=False)
-    monkeypatch.setattr(emb, "WEIGHTS_DIR", tmp_path / "weights")
-    with pytest.raises(CheckpointError, match="--model"):
-        emb.default_model_path()
+    monkeypatch.delenv(model_files.MODEL_ENV, raising=False)
+    monkeypatch.setattr(model_files, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(paths, "packaged_weights_dir", lambda: None)  # as in a checkout: no model in the package
+    with pytest.raises(CheckpointError, match="--model") as err:
+        model_files.default_model_path()
+    assert "\n" not in str(err.value)
 
 
 def test_eval_command_on_orl(trained_model, tmp_path, capsys):
