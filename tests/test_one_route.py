@@ -66,6 +66,10 @@ def test_product_and_training_alignment_warp_the_same_face(photos, data_dir):
     # the crops are what was embedded
     again = embedder.embed_aligned(np.stack([f[0].crop for f in ours]))
     assert np.allclose(again, np.stack([f[0].vector for f in ours]), atol=1e-5)
+    # identify (every face) gives each of these faces the very crop verify and enroll give it
+    every = embedder.faces_in_images(photos, every=True)
+    for found, one in zip(every, ours, strict=True):
+        assert sum(np.array_equal(f.crop, one[0].crop) for f in found) == 1
     # the path wrapper takes the same route
     vec, _ = embedder.embed_file(data_dir / "lfw" / "images" / "Colin_Powell" / "Colin_Powell_0001.jpg")
     assert np.allclose(vec, ours[0][0].vector, atol=1e-5)

@@ -151,10 +151,8 @@ def test_embedder_api(embedder, trained_model, data_dir, tmp_path):
     assert vec.shape == (128,) and vec.dtype == np.float32
     assert np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
     assert face.score > 0.9 and face.landmarks.shape == (5, 2)
-    every = embedder.embed_all(lfw(data_dir, "Bill_Gates", 1))
-    # every face: the full-range pass finds the same face; its landmarks differ by the pyramid's rounding only
-    assert len(every) >= 1 and float(np.dot(every[0][0], vec)) > 0.98
-    assert np.allclose(every[0][1].box, face.box, atol=6)
+    every = embedder.embed_all(lfw(data_dir, "Bill_Gates", 1))  # identify's faces: the same vector for that face
+    assert len(every) >= 1 and any(np.allclose(v, vec, atol=1e-5) for v, _ in every)
     # the same face handed over already aligned gives the same vector
     from facemeta.align.warp import warp_face
     from facemeta.images import load_image

@@ -115,12 +115,44 @@ def find_faces(images: Sequence[np.ndarray], detector, select: str = "subject",
     """The faces of each RGB image through the routes and filters of this module -> a FoundFaces per image, or
     None where no route found a face. `select`: 'subject' (default), 'largest', 'confident', 'single' (the
     chosen face first; 'single' keeps every face so that a caller can refuse several) or 'all' (every face,
-    most confident first). `detector`: a facemeta.align.detect.FaceDetector or anything with its detect_batch."""
+    most confident first). `detector`: a facemeta.align.detect.FaceDetector or anything with its detect_batch.
+
+    'all' (identify) runs the passes of the one-face policies first, so that a face gets the very landmarks
+    verify and enroll give it, then the full-range direct pass for the smaller faces they do not look for; a
+    face both find (boxes overlapping by SAME_FACE_IOU) keeps the first one's landmarks."""
     if select not in (*SELECT, "all"):
         raise ValueError(f"select must be one of {', '.join((*SELECT, 'all'))}, not {select!r}")
+    if select != "all":
+        return _search(images, detector, attempts(select), select, pre_cropped)
+    seen = _search(images, detector, attempts("subject"), "all", pre_cropped)
+    found = [i for i, f in enumerate(seen) if f is not None]
+    full = _search([images[i] for i in found], detector, (FULL_DIRECT,), "all", pre_cropped)
+    for i, more in zip(found, full, strict=True):
+        if more is not None:
+            first = seen[i].faces
+            extra = [f for f in more.faces if max(box_iou(f.box, g.box) for g in first) < SAME_FACE_IOU]
+            seen[i] = FoundFaces(select_faces(first + extra, "all"), seen[i].route)
+    return seen
+
+
+SAME_FACE_IOU = 0.5  # two detections whose boxes overlap this much are one face
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _search(images: Sequence[np.ndarray], detector, passes: Sequence[tuple], select: str,
+            pre_cropped: bool) -> list[FoundFaces | None]:
+    """Run `passes` in order over the images still without a face, each with this module's filters."""
     results: list[FoundFaces | None] = [None] * len(images)
     todo = list(range(len(images)))
-    for route, pad, eq, relaxed, min_face in attempts(select):
+    for route, pad, eq, relaxed, min_face in passes:
         if not todo:
             break
         inputs, offsets = [], []
