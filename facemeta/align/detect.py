@@ -135,21 +135,25 @@ class FaceDetector:
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, img in enumerate(prepared):
             groups[img.shape].append(i)
-        from facemeta.align.cascade import detect_faces  # torch and facenet-pytorch load with the detector
-
         results: list[list[Face]] = [[] for _ in images]
         thr = self.thresholds if thresholds is None else tuple(float(t) for t in thresholds)
-        nets = (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet)
         for shape, idx in groups.items():
             min_size = max(self.min_face_size, int(min_face_fraction * min(shape[:2])))
             if min(shape[:2]) < min_size:
                 continue  # smaller than the smallest face MTCNN looks for: its image pyramid would be empty
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                found = detect_faces(np.stack([prepared[i] for i in chunk]), nets, min_size, thr)
+                found = self._cascade(np.stack([prepared[i] for i in chunk]), min_size, thr)
                 for i, (boxes, points) in zip(chunk, found, strict=True):
                     results[i] = _faces(boxes, points, 1.0 / scales[i])
         return results
+
+    def _cascade(self, batch: np.ndarray, min_size: int, thresholds: tuple) -> list:
+        """MTCNN's three stages over a batch of equal-sized images -> per image (boxes [F, 5], points [F, 5, 2]).
+        Here facenet-pytorch's networks run by facemeta.align.cascade in torch; the ONNX detector overrides it."""
+        from facemeta.align.cascade import detect_faces  # torch and facenet-pytorch load with the detector
+
+        return detect_faces(batch, (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet), min_size, thresholds)
 
     def miss_note(self, image: np.ndarray) -> str:
         """Why an image may hold no face the detector can see: '' or a note on its size, for error messages."""

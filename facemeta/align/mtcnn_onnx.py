@@ -18,14 +18,13 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from facemeta.align.detect import Face, FaceDetector
+from facemeta.align.detect import FaceDetector
 from facemeta.errors import CheckpointError, one_line
 from facemeta.models.onnx_export import default_threads
 
@@ -212,33 +211,9 @@ class OnnxFaceDetector(FaceDetector):
         n = max(1, int(threads or default_threads()))
         self.nets = tuple(_Net(graphs[net], n) for net in NETS)
 
-    def detect_batch(self, images: Sequence[np.ndarray], thresholds: Sequence[float] | None = None,
-                     min_face_fraction: float = 0.0) -> list[list[Face]]:
-        """Faces of each image (most confident first), as :meth:`FaceDetector.detect_batch`."""
-        prepared, scales = [], []
-        for img in images:
-            img, scale = self._prepare(img)
-            prepared.append(img)
-            scales.append(scale)
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, img in enumerate(prepared):
-            groups[img.shape].append(i)
-        results: list[list[Face]] = [[] for _ in images]
-        thr = self.thresholds if thresholds is None else tuple(float(t) for t in thresholds)
-        for shape, idx in groups.items():
-            min_size = max(self.min_face_size, int(min_face_fraction * min(shape[:2])))
-            if min(shape[:2]) < min_size:
-                continue  # smaller than the smallest face looked for: the pyramid would be empty
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                found = detect_faces(np.stack([prepared[i] for i in chunk]), self.nets, min_size, thr)
-                for i, (boxes, points) in zip(chunk, found, strict=True):
-                    inv = 1.0 / scales[i]
-                    faces = [Face(np.asarray(b[:4], dtype=np.float32) * inv, float(b[4]),
-                                  np.asarray(p, dtype=np.float32).reshape(5, 2) * inv)
-                             for b, p in zip(boxes, points, strict=True)]
-                    results[i] = sorted(faces, key=lambda f: -f.score)
-        return results
+    def _cascade(self, batch: np.ndarray, min_size: int, thresholds: tuple) -> list:
+        """MTCNN's three stages on ONNX Runtime (the batching, scaling and ordering are FaceDetector's)."""
+        return detect_faces(batch, self.nets, min_size, thresholds)
 
 
 # -- the cascade (facemeta.align.cascade in numpy)

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -292,42 +291,14 @@ def preprocess(faces: np.ndarray | list[np.ndarray], config: ModelConfig | None 
     Faces whose size differs from ``config.image_size`` are resized (area when shrinking, linear
     when enlarging); pixels are scaled to [0, 1] and normalised with the config's mean/std.
     """
+    from facemeta.models.face_batch import face_batch
+
     config = config or ModelConfig()
-    size = config.image_size
-    if isinstance(faces, np.ndarray) and faces.ndim == 3 and faces.shape[-1] == 3:
-        raise ValueError("preprocess expects a batch [B,H,W,3]; wrap a single face as faces[None]")
-    items = list(faces) if not (isinstance(faces, np.ndarray) and faces.ndim == 4) else None
-    if items is None:
-        batch = faces
-        if batch.dtype != np.uint8 or batch.shape[-1] != 3:
-            raise ValueError(f"faces must be uint8 [B,H,W,3], got {batch.dtype} {batch.shape}")
-        if batch.shape[1:3] != (size, size):
-            batch = np.stack([_resize(f, size) for f in batch]) if len(batch) else \
-                np.zeros((0, size, size, 3), np.uint8)
-    else:
-        out = []
-        for f in items:
-            f = np.asarray(f)
-            if f.dtype != np.uint8:
-                raise ValueError(f"faces must be uint8, got {f.dtype}")
-            if f.ndim == 2:
-                f = np.repeat(f[:, :, None], 3, axis=2)
-            if f.ndim != 3 or f.shape[2] != 3:
-                raise ValueError(f"each face must be HxWx3 (or HxW grey), got {f.shape}")
-            out.append(_resize(f, size))
-        batch = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    batch = face_batch(faces, config.image_size)
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def _resize(face: np.ndarray, size: int) -> np.ndarray:
-    h, w = face.shape[:2]
-    if (h, w) == (size, size):
-        return face
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(face, (size, size), interpolation=interp)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 
 from facemeta.atomic import atomic_write
@@ -133,23 +132,9 @@ class Preprocessing:
     def preprocess(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """uint8 RGB faces [B,H,W,3] (or a list of HxWx3 / HxW arrays) -> float32 [B,3,S,S]: backbone.preprocess
         in numpy (same resize, same float32 arithmetic, so the same numbers)."""
-        size = self.image_size
-        if isinstance(faces, np.ndarray) and faces.ndim == 3 and faces.shape[-1] == 3:
-            raise ValueError("preprocess expects a batch [B,H,W,3]; wrap a single face as faces[None]")
-        out = []
-        for f in faces:
-            f = np.asarray(f)
-            if f.dtype != np.uint8:
-                raise ValueError(f"faces must be uint8, got {f.dtype}")
-            if f.ndim == 2:
-                f = np.repeat(f[:, :, None], 3, axis=2)
-            if f.ndim != 3 or f.shape[2] != 3:
-                raise ValueError(f"each face must be HxWx3 (or HxW grey), got {f.shape}")
-            if f.shape[:2] != (size, size):
-                interp = cv2.INTER_AREA if size < min(f.shape[:2]) else cv2.INTER_LINEAR
-                f = cv2.resize(f, (size, size), interpolation=interp)
-            out.append(f)
-        batch = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+        from facemeta.models.face_batch import face_batch
+
+        batch = face_batch(faces, self.image_size)
         x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
         mean = np.asarray(self.mean, np.float32).reshape(1, 3, 1, 1)
         std = np.asarray(self.std, np.float32).reshape(1, 3, 1, 1)
