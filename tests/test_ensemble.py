@@ -132,3 +132,42 @@ def test_an_ensemble_verifies_enrolls_and_identifies_through_the_one_route(ensem
     with pytest.raises(CheckpointError, match="ensemble") as err:
         FaceEmbedder(ensemble_file, runtime="onnx")
     assert "\n" not in str(err.value)
+
+
+def test_an_unchanged_prior_member_is_stored_as_a_reference(members, chips, tmp_path):
+    """SFace's (and dlib's) weights never go into an ensemble file while they are the installed prior's: the
+    member is a reference pinned to the package file's digest; a trained member is stored in full."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from facemeta.models.ensemble import ensemble_of, load_model, save_ensemble
+
+    chips = chips[:2]
+    trained = type(members[0])(members[0].config)
+    trained.load_state_dict(members[0].state_dict())
+    with torch.no_grad():
+        trained.fc.weight.mul_(1.01)  # a member facemeta changed: no longer the prior
+    model = ensemble_of([trained, members[1]], [("dlib", 150), ("arcface", 112)])
+    path = save_ensemble(model, tmp_path / "ref.safetensors", meta={"threshold": 0.5, "threshold_far": 1e-3})
+    with safe_open(str(path), "pt") as fh:
+        keys = list(fh.keys())
+    assert any(k.startswith("members.0.") for k in keys) and not any(k.startswith("members.1.") for k in keys)
+    entries = json.loads((tmp_path / "ref.json").read_text())["config"]["members"]
+    assert "prior" not in entries[0] and entries[1]["prior"].startswith("sface-v")
+    loaded, _ = load_model(path)
+    assert np.array_equal(loaded.embed(list(chips), flip=False), model.embed(list(chips), flip=False))
+    full = save_ensemble(model, tmp_path / "full.safetensors", meta={"threshold": 0.5}, reference=False)
+    assert full.stat().st_size > path.stat().st_size + 10_000_000  # SFace's ~10 M parameters are in this one
+    # a reference to another version of the package's file is refused in one line, naming it
+    doc = json.loads((tmp_path / "ref.json").read_text())
+    doc["config"]["members"][1]["prior"] = "sface-v1-0000000000000000"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"facemeta": json.dumps(doc)})
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="sface-v1-0000000000000000") as info:
+        load_model(tmp_path / "other.safetensors")
+    assert "\n" not in str(info.value)

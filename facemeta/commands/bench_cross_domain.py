@@ -28,7 +28,8 @@ def add_options(group: argparse._ArgumentGroup) -> None:
     from facemeta.experiments.cross_domain_embed import MODELS
     from facemeta.experiments.cross_domain_protocols import SETS
 
-    group.add_argument("--models", help=f"cross-domain: comma list of {','.join(MODELS)} (default: both)")
+    group.add_argument("--models", help=f"cross-domain: comma list of {','.join(MODELS)} or checkpoint files (single "
+                                        "models or ensembles; default: all four names)")
     group.add_argument("--sets", help=f"cross-domain: comma list of {','.join(SETS)} (default: all)")
     group.add_argument("--statistics", help=f"cross-domain: comma list of {','.join(STATISTICS)} (default: all)")
     group.add_argument("--counts", help="cross-domain: unlabelled photos per domain, comma list, 'all' for every "
@@ -66,16 +67,16 @@ def run(args: argparse.Namespace) -> int:
         quick = run_quick(args.data, progress=not args.json)
         print(json.dumps(quick) if args.json else format_quick(quick))
         return 0
-    def choose(text: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    def choose(text: str | None, known: tuple[str, ...], what: str, files: bool = False) -> tuple[str, ...]:
         if not text:
             return known
         items = tuple(t.strip() for t in text.split(",") if t.strip())
-        bad = [t for t in items if t not in known]
+        bad = [t for t in items if t not in known and not (files and Path(t).is_file())]
         if bad or not items:
             raise ConfigError(f"--{what}: unknown {', '.join(bad) or '(empty)'}; known: {', '.join(known)}")
         return items
 
-    models = choose(args.models, MODELS, "models")
+    models = choose(args.models, MODELS, "models", files=True)
     sets = choose(args.sets, SETS, "sets")
     statistics = choose(args.statistics, STATISTICS, "statistics")
     try:

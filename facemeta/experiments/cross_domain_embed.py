@@ -6,8 +6,10 @@ Two stages per set, both cached under ``cache_root()/cross_domain/``:
    routes; the pre-cropped filters on the sets ``data.sets.PRE_CROPPED_SETS`` declares pre-cropped), one record
    per image: five points (source pixels; NaN where no route found a face), route and detector score. Model-free,
    so both models share it.
-2. ``vectors``: each image warped onto the model's chip (dlib's, 150 px, for the shipped model and the prior) and
-   embedded with flip test-time augmentation, as ``FaceEmbedder`` embeds. An image without landmarks gets the
+2. ``vectors``: each image warped onto each network's chip (dlib's, 150 px, for dlib's encoder and models trained
+   from it; ArcFace's, 112 px, for SFace) and embedded with flip test-time augmentation, as ``FaceEmbedder``
+   embeds; cached per network (``prior``, ``sface``, or the digest of a trained network's tensors), so an
+   ensemble (``prior+sface``, or a checkpoint that is one) is its members' cached vectors combined. An image without landmarks gets the
    template crop of a pre-cropped set (the pipeline's ``template_crop``) with the set's median layout of its
    detected faces (model-free, no labels); ``layout="foreground"`` instead places that layout in the bounding box
    of the image's non-black pixels (thermal faces are cut out on black: the face's box is known without a
@@ -20,13 +22,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from facemeta.data.manifest import ManifestRow
 
-MODELS = ("shipped", "prior")
+MODELS = ("shipped", "prior", "sface", "prior+sface")
 LAYOUTS = ("set", "foreground")
 CHIP, SIZE = "dlib", 150
 FOREGROUND_LEVEL = 8  # grey level above which a thermal pixel belongs to the cut-out face
@@ -147,31 +151,104 @@ def image_points(images: list[np.ndarray], landmarks: np.ndarray, frame: np.ndar
     return out
 
 
-def load_model(which: str):
-    """The FaceEmbeddingModel of `which`: ``shipped`` (weights/default.safetensors, as FaceEmbedder loads it) or
-    ``prior`` (dlib's encoder, ported, zero-shot)."""
-    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation
-    from facemeta.models.checkpoint import load_checkpoint
-    from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE, PRIOR_NAME, prior_weights_path
+@dataclass
+class Part:
+    """One network a model of the benchmark embeds with: its cache key, its chip (name, side) and weight."""
 
+    key: str
+    chip: str
+    size: int
+    weight: float
+    build: Callable[[], object]
+
+
+def _prior(backbone: str):
+    """dlib's encoder or SFace, zero-shot, as the installed package gives it."""
+    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
+
+    size, head = (112, "insightface") if backbone == "sface" else (SIZE, "linear")
+    mean, std = default_normalisation(backbone)
+    return build_model(ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean,
+                                   std=std), pretrained_path=installed_weights(backbone)).eval()
+
+
+def _digest(model) -> str:
+    """sha256[:12] of a network's tensors (float32, sorted keys): the cache key of a trained network, so the same
+    weights share vectors whether they come alone or as an ensemble's member."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return "w" + h.hexdigest()[:12]
+
+
+NAMED_PARTS = {"prior": ("dlib_resnet29", CHIP, SIZE), "sface": ("sface", "arcface", 112)}
+
+
+def model_parts(which: str) -> list[Part]:
+    """The networks of model `which` (see :data:`MODELS`, or a checkpoint path: a single model or an ensemble)."""
+    import functools
+
+    from facemeta.errors import CheckpointError
+    from facemeta.models.ensemble import load_model
+
+    if which in NAMED_PARTS:
+        backbone, chip, size = NAMED_PARTS[which]
+        return [Part(which, chip, size, 1.0, functools.partial(_prior, backbone))]
+    if "+" in which and all(w in NAMED_PARTS for w in which.split("+")):
+        return [p for w in which.split("+") for p in model_parts(w)]
     if which == "shipped":
-        from facemeta.embedder import default_model_path
+        from facemeta.model_files import default_model_path
 
-        model, _ = load_checkpoint(default_model_path())
-    elif which == "prior":
-        mean, std = default_normalisation(PRIOR_NAME)
-        model = build_model(ModelConfig(backbone=PRIOR_NAME, embedding_size=PRIOR_EMBEDDING_SIZE, image_size=SIZE,
-                                        head="linear", mean=mean, std=std), pretrained_path=prior_weights_path())
+        path = default_model_path()
     else:
-        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {which!r}")
-    return model.eval()
+        path = Path(which)
+        if not path.is_file():
+            raise CheckpointError(f"--models: {which} is neither one of {', '.join(MODELS)} nor a checkpoint file")
+    model, meta = load_model(path)
+    if not hasattr(model, "chips"):
+        chip = (str(meta.get("align_chip", "arcface")), int(meta.get("align_size", 112)))
+        return [Part(_digest(model), *chip, 1.0, lambda: model.eval())]
+    parts = []
+    for member, spec in zip(model.members, model.specs, strict=True):
+        named = [n for n, (b, c, s) in NAMED_PARTS.items()
+                 if spec.prior and member.config.backbone == b and (spec.chip, spec.align_size) == (c, s)]
+        key = named[0] if named else _digest(member)
+        parts.append(Part(key, spec.chip, int(spec.align_size), float(spec.weight),
+                          functools.partial(lambda m: m.eval(), member)))
+    return parts
+
+
+def combine(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Members' unit vectors -> the ensemble's (facemeta.models.ensemble: each scaled by sqrt(w / sum w),
+    concatenated, renormalised)."""
+    if len(vectors) == 1:
+        return vectors[0]
+    total = sum(weights)
+    out = np.concatenate([v * np.sqrt(w / total) for v, w in zip(vectors, weights, strict=True)], axis=1)
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
 def embed_set(name: str, rows: list[ManifestRow], models: tuple[str, ...] = MODELS, layout: str = "set",
               points: str = "five", progress: bool = True, only: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Stage 2 (cached): {model: unit vectors [N, E]} for the rows of one set. `only` (bool [N]): embed just
-    those rows and take the others from the plain variant (layout 'set', points 'five'): a landmark rule that
-    changes few images costs only those."""
+    """Stage 2 (cached per network): {model: unit vectors [N, E]} for the rows of one set. `only` (bool [N]):
+    embed just those rows and take the others from the plain variant (layout 'set', points 'five'): a landmark
+    rule that changes few images costs only those."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    out = {}
+    for which in models:
+        parts = model_parts(which)
+        vecs = [_embed_part(name, rows, part, layout, points, progress, only) for part in parts]
+        out[which] = combine(vecs, [p.weight for p in parts])
+    return out
+
+
+def _embed_part(name: str, rows: list[ManifestRow], part: Part, layout: str, points: str, progress: bool,
+                only: np.ndarray | None) -> np.ndarray:
+    """One network's vectors for one set (cached as ``<set>-<key>-<layout>-<points>-<rows>.npz``)."""
     from tqdm import tqdm
 
     from facemeta.align.warp import warp_face
@@ -179,42 +256,30 @@ def embed_set(name: str, rows: list[ManifestRow], models: tuple[str, ...] = MODE
     from facemeta.images import load_image
     from facemeta.models.backbone import embed
 
+    path = cache_dir() / f"{name}-{part.key}-{layout}-{points}-{_key(rows)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["vectors"]
     marks = detect_landmarks(name, rows, progress=progress)
-    out: dict[str, np.ndarray] = {}
-    todo = []
-    for which in models:
-        path = cache_dir() / f"{name}-{which}-{layout}-{points}-{_key(rows)}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                out[which] = z["vectors"]
-        else:
-            todo.append((which, path))
-    if not todo:
-        return out
-    base = embed_set(name, rows, tuple(w for w, _ in todo), progress=progress) if only is not None else None
+    base = _embed_part(name, rows, part, "set", "five", progress, None) if only is not None else None
     pick = np.arange(len(rows)) if only is None else np.flatnonzero(only)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     frame = set_layout(marks)
     fg = foreground_layout([load_image(r.path) for r in rows], marks) if layout == "foreground" else None
-    for which, path in todo:
-        model = load_model(which)
-        vecs = base[which].copy() if base is not None else np.zeros((len(rows), model.config.embedding_size),
-                                                                     np.float32)
-        bar = tqdm(total=len(pick), desc=f"embed {name} {which}", unit="img", disable=not progress, file=sys.stderr)
-        for start in range(0, len(pick), 64):
-            idx = pick[start:start + 64]
-            imgs = [load_image(rows[i].path) for i in idx]
-            pts = image_points(imgs, marks["landmarks"][idx], frame, fg, points)
-            chips = np.stack([warp_face(img, p, SIZE, CHIP) for img, p in zip(imgs, pts, strict=True)])
-            vecs[idx] = embed(model, chips, flip=True)
-            bar.update(len(idx))
-        bar.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "wb") as fh:
-            np.savez(fh, vectors=vecs)
-        out[which] = vecs
-    return out
+    model = part.build()
+    vecs = base.copy() if base is not None else np.zeros((len(rows), model.config.embedding_size), np.float32)
+    bar = tqdm(total=len(pick), desc=f"embed {name} {part.key}", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(pick), 64):
+        idx = pick[start:start + 64]
+        imgs = [load_image(rows[i].path) for i in idx]
+        pts = image_points(imgs, marks["landmarks"][idx], frame, fg, points)
+        chips = np.stack([warp_face(img, p, part.size, part.chip) for img, p in zip(imgs, pts, strict=True)])
+        vecs[idx] = embed(model, chips, flip=True)
+        bar.update(len(idx))
+    bar.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as fh:
+        np.savez(fh, vectors=vecs)
+    return vecs
 
 
 def main() -> None:

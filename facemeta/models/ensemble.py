@@ -8,10 +8,17 @@ the members' cosines (equal weights by default; weights can be chosen on source 
 
 One checkpoint (:func:`save_ensemble`): one safetensors file holding every member's tensors under
 ``members.<i>.`` and the JSON document of facemeta's checkpoints whose config is
-``{"kind": "ensemble", "members": [{"config", "chip", "align_size", "weight"}, ...]}``; so it has one
+``{"kind": "ensemble", "members": [{"config", "chip", "align_size", "weight"[, "prior"]}, ...]}``; so it has one
 fingerprint (the file's sha256, as galleries record) and one calibrated threshold in its meta. A loader that
 knows only single models refuses it in one line (its config has unknown keys). :func:`load_model` loads
 either kind.
+
+Referenced members: a member whose tensors are exactly an installed prior's (dlib's encoder or SFace, converted
+from their packages' files by facemeta.models.backbone.installed_weights) is stored as a reference, not as
+tensors: its entry's ``prior`` names the converted file (``<backbone>-v<converter>-<sha16 of the package's
+file>``), so the file never redistributes weights facemeta did not train, the fingerprint still pins the exact
+source file, and loading rebuilds the member from the installed package (a one-line error naming the install
+when it is missing or holds another file). A member that was trained or adapted is stored in full.
 
 What the embedder does with an ensemble (``model.chips`` present): warp each face onto every ``(chip, size)`` of
 ``model.chips`` from the landmarks it found (``model.chip_batches([(image, landmarks), ...], warp_face)``), and
@@ -49,6 +56,7 @@ class Member:
     chip: str
     align_size: int
     weight: float = 1.0
+    prior: str | None = None  # the installed prior's converted file (stem) this member's tensors equal, if any
 
     def __post_init__(self) -> None:
         if self.chip not in CHIP_NAMES:
@@ -84,9 +92,14 @@ class EnsembleModel(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """The checkpoint's config: kind and, per member, its model config, chip, chip size and weight."""
-        return {"kind": KIND, "members": [{"config": m.config.to_dict(), "chip": s.chip,
-                                           "align_size": int(s.align_size), "weight": float(s.weight)}
-                                          for m, s in zip(self.members, self.specs, strict=True)]}
+        entries = []
+        for m, s in zip(self.members, self.specs, strict=True):
+            entry = {"config": m.config.to_dict(), "chip": s.chip, "align_size": int(s.align_size),
+                     "weight": float(s.weight)}
+            if s.prior:
+                entry["prior"] = s.prior
+            entries.append(entry)
+        return {"kind": KIND, "members": entries}
 
     def combine(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Members' unit vectors [B, E_i] -> the ensemble's [B, sum E_i] (a unit vector when each part is)."""
@@ -146,20 +159,61 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
-def save_ensemble(model: EnsembleModel, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+def prior_state(config: ModelConfig) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(stem of the installed prior's converted file, the state of a model of `config` built from it) when
+    `config`'s backbone has an installed prior (dlib's encoder, SFace); None otherwise or when it is not installed."""
+    from facemeta.models.backbone import installed_weights
+
+    try:
+        path = installed_weights(config.backbone)
+    except CheckpointError:  # the package is not installed: nothing to reference
+        return None
+    if path is None:
+        return None
+    return path.stem, FaceEmbeddingModel(config, pretrained_path=path).state_dict()
+
+
+def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].detach().cpu(), b[k].detach().cpu()) for k in a)
+
+
+def reference_priors(model: EnsembleModel) -> EnsembleModel:
+    """Mark every member whose tensors equal its installed prior's, bit for bit, as a reference to it (their
+    ``prior``; see the module's docstring); other members' marks are cleared. Returns `model`."""
+    for i, member in enumerate(model.members):
+        found = prior_state(member.config)
+        same = found is not None and _equal_states(member.state_dict(), found[1])
+        spec = model.specs[i]
+        model.specs[i] = Member(spec.chip, spec.align_size, spec.weight, found[0] if same else None)
+    return model
+
+
+def save_ensemble(model: EnsembleModel, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                  reference: bool = True, half: bool = False) -> Path:
     """Write the ensemble as one checkpoint (`path` .safetensors + .json sidecar, both atomic); returns the
-    weights path. `meta` (JSON-ready) carries the calibrated ``threshold`` and ``threshold_far``."""
+    weights path. `meta` (JSON-ready) carries the calibrated ``threshold`` and ``threshold_far``. With
+    `reference`, members equal to an installed prior are stored as references to it (:func:`reference_priors`),
+    not as tensors; `half` stores the other members' floating tensors as float16 (loading casts them back)."""
     from safetensors.torch import save
 
     from facemeta.atomic import atomic_write
 
+    if reference:
+        reference_priors(model)
+    else:
+        model.specs = [Member(s.chip, s.align_size, s.weight) for s in model.specs]
     weights, sidecar = _paths(path)
-    doc = {"format": FORMAT, "version": VERSION, "config": model.config_dict(), "meta": dict(meta or {})}
+    meta = {**dict(meta or {}), **({"weights_dtype": "float16"} if half else {})}
+    doc = {"format": FORMAT, "version": VERSION, "config": model.config_dict(), "meta": meta}
     try:
         text = json.dumps(doc, indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"ensemble meta is not JSON-serialisable: {exc}") from exc
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    skipped = tuple(f"members.{i}." for i, s in enumerate(model.specs) if s.prior)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+               if not k.startswith(skipped)}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     blob = save(tensors, metadata={META_KEY: text})
     with atomic_write(weights, "wb") as fh:
         fh.write(blob)
@@ -184,14 +238,34 @@ def load_ensemble(path: str | os.PathLike, map_location: str = "cpu") -> tuple[E
         raise CheckpointError(f"{weights.name} is a single model, not an ensemble")
     try:
         entries = list(doc["config"]["members"])
-        specs = [Member(str(e["chip"]), int(e["align_size"]), float(e.get("weight", 1.0))) for e in entries]
-        model = EnsembleModel([FaceEmbeddingModel(ModelConfig.from_dict(e["config"])) for e in entries], specs)
+        specs = [Member(str(e["chip"]), int(e["align_size"]), float(e.get("weight", 1.0)),
+                        str(e["prior"]) if e.get("prior") else None) for e in entries]
+        configs = [ModelConfig.from_dict(e["config"]) for e in entries]
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"bad ensemble config in {weights}: {one_line(exc)}") from exc
+    members, referenced = [], {}
+    for i, (spec, config) in enumerate(zip(specs, configs, strict=True)):
+        if spec.prior:  # rebuilt from the installed package: it must be the very file the ensemble was made with
+            found = prior_state(config)
+            if found is None:
+                raise CheckpointError(f"{weights.name} uses the installed {config.backbone} prior, which is not "
+                                      "installed: pip install 'facemeta[prior]'")
+            if found[0] != spec.prior:
+                raise CheckpointError(f"{weights.name} was made with {spec.prior}, but the installed "
+                                      f"{config.backbone} prior converts to {found[0]}: install the package "
+                                      "version it was made with")
+            referenced[i] = found[1]
+        try:
+            members.append(FaceEmbeddingModel(config))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"bad ensemble member {i} in {weights}: {one_line(exc)}") from exc
+    model = EnsembleModel(members, specs)
     try:
         state = load_bytes(weights.read_bytes())
     except Exception as exc:  # safetensors errors have many types
         raise CheckpointError(f"corrupt checkpoint {weights}: {one_line(exc)}") from exc
+    for i, member_state in referenced.items():
+        state.update({f"members.{i}.{k}": v for k, v in member_state.items()})
     problems = check_state_dict(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"ensemble {weights.name} does not match its members: {problems}")
