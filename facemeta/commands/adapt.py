@@ -28,8 +28,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "OUT.md is a model card. --domain NAME (with --unlabelled DIR2 of any people's photos of that\n"
                     "domain, else the labelled new-domain photos) also stores the domain's statistics and a\n"
                     "threshold for vectors normalised by them. An ONNX export cannot be adapted: adapt its\n"
-                    ".safetensors, then export again. Galleries must be enrolled again with the new model.")
-    p.add_argument("model", metavar="MODEL", help="the base model checkpoint (.safetensors)")
+                    ".safetensors, then export again. Galleries must be enrolled again with the new model.\n\n"
+                    "An ensemble (e.g. dlib's prior with SFace) is adapted member by member, each on its own chip\n"
+                    "of the same photos (only dlib's ResNet has residual blocks to fine-tune; other members train\n"
+                    "their embedding layer), the weights of the combination kept; --members 0,1 picks the\n"
+                    "members to adapt (default all; the others stay as they are). The result is an ensemble with\n"
+                    "its own fingerprint and a threshold calibrated on the ensemble's vectors.")
+    p.add_argument("model", metavar="MODEL", help="the base model checkpoint (.safetensors): a model or an ensemble")
     p.add_argument("--labelled", required=True, metavar="DIR", help="folder of identity folders (see above)")
     p.add_argument("--out", required=True, metavar="NEW.safetensors", help="the adapted model to write")
     p.add_argument("--domain", metavar="NAME", help="name of the new domain (stored, with its statistics)")
@@ -39,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tail-blocks", type=int, help="trailing residual blocks fine-tuned (default 4; 0: head only)")
     p.add_argument("--interpolate", type=float,
                    help="share of the change kept, 0..1 (default 0.5: halfway back to the base)")
+    p.add_argument("--members", metavar="I,J", help="an ensemble's members to adapt, numbered from 0 (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the flip augmentation")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     summary = adapt_model(args.model, args.labelled, args.out, settings, domain=args.domain,
-                          unlabelled=args.unlabelled, progress=not args.no_progress and not args.json)
+                          unlabelled=args.unlabelled, progress=not args.no_progress and not args.json,
+                          members=args.members)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -73,4 +80,6 @@ def run(args: argparse.Namespace) -> int:
           f"{a['people']} people, {a['photos']['new']} new-domain + {a['photos']['enrolled']} enrolment photos, "
           f"{a['steps']} steps in {a['seconds']} s; threshold {summary['threshold']:.4f} at FAR "
           f"{summary['threshold_far']:g}")
+    if "members" in a:
+        print("members adapted: " + ", ".join(f"{m['member']} ({m['backbone']})" for m in a["members"] if m["adapted"]))
     return 0

@@ -10,7 +10,8 @@ where it stays within about a point of the base model on the other people of the
 1. align every photo once, through the product's route (the embedder's MTCNN and fallback routes, warped onto
    the model's chip), and run the FROZEN front of the network once over the faces and their mirror images;
 2. fine-tune the TAIL (the last ``tail_blocks`` residual blocks of the dlib-prior ResNet and the embedding
-   layer; only the embedding layer for other backbones) on the cached features, ``steps`` full-batch steps of
+   layer; only the embedding layer, e.g. SFace's, for other backbones, their batch norms' running statistics
+   frozen) on the cached features, ``steps`` full-batch steps of
    plain SGD on a prototype CosFace loss over the k people (class centres = each person's current mean
    embedding; a centre needs no weights, so the same loss serves as the inner loop of meta-training,
    facemeta.train.adapt_episodes);
@@ -22,13 +23,19 @@ With a domain (``domain``, optionally ``unlabelled`` photos of it), the domain's
 (facemeta.gallery.domain_stats, mean kind) are estimated from the base model's vectors, subtracted from the
 new-domain embeddings inside the loss, re-estimated with the adapted model and stored in the meta
 (``domains.<name>``) with a threshold calibrated on vectors normalised the same way.
+
+An ensemble (facemeta.models.ensemble, e.g. dlib's prior and SFace) is adapted member by member: each chosen
+member by steps 1-3 on its own chip of the same photos (a domain's mean removed in that member's space), the
+others and the weights of the combination kept; step 4 runs on the ensemble's vectors, and the result is an
+ensemble checkpoint (every member's tensors in the file) with its own fingerprint. The photos are read and aligned
+by facemeta.train.adapt_faces.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facemeta.errors import CheckpointError, ConfigError, FacemetaError, NoFaceError
-
-ENROLLED = "enrolled"  # DIR/<person>/enrolled/: the person's photos from the enrolment domain
-NEW, ENROL = 0, 1  # domain codes of a labelled photo
+from facemeta.errors import CheckpointError, ConfigError
+from facemeta.train.adapt_faces import (  # noqa: F401  (re-exported: the benchmark aligns through align_photos)
+    ENROL,
+    ENROLLED,
+    NEW,
+    LabelledFaces,
+    align_chips,
+    align_photos,
+    labelled_faces,
+    progress_bar,
+    read_labelled,
+    unlabelled_faces,
+)
 
 
 @dataclass
@@ -77,49 +93,7 @@ class AdaptSettings:
                 raise ConfigError(msg)
 
 
-@dataclass
-class LabelledFaces:
-    """Aligned faces of the labelled people: uint8 [N,S,S,3], a label (index into people) and a domain code
-    (NEW or ENROL) each, the source paths, and the photos that could not be used (path, why)."""
-
-    faces: np.ndarray
-    labels: np.ndarray
-    domains: np.ndarray
-    people: list[str]
-    paths: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------- input
-def _images(folder: Path) -> list[Path]:
-    from facemeta.data.folder import IMAGE_SUFFIXES
-
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_labelled(folder: str | os.PathLike) -> dict[str, tuple[list[Path], list[Path]]]:
-    """DIR -> {person: (new-domain photos, enrolment-domain photos)}; one-line errors for a DIR that is not
-    a folder of identity folders or that holds fewer than two people."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ConfigError(f"--labelled {root} is not a folder")
-    people: dict[str, tuple[list[Path], list[Path]]] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        new = _images(d)
-        enrolled = _images(d / ENROLLED) if (d / ENROLLED).is_dir() else []
-        if new or enrolled:
-            people[d.name] = (new, enrolled)
-    if not people:
-        loose = _images(root)
-        what = f"holds {len(loose)} photos but no identity folders" if loose else "has no identity folders with photos"
-        raise ConfigError(f"--labelled {root} {what}: put each person's photos in {root}/<person>/ "
-                          f"(enrolment-domain photos in {root}/<person>/{ENROLLED}/)")
-    if len(people) < 2:
-        raise ConfigError(f"--labelled {root} holds one person only ({next(iter(people))}); adapting needs at least "
-                          "2 labelled people, one folder each")
-    return people
-
-
 def check_base_model(path: str | os.PathLike) -> Path:
     """The base checkpoint's path; an ONNX export is refused (its graph cannot be fine-tuned here), and so is a
     file that is not a facemeta checkpoint (a one-line CheckpointError)."""
@@ -136,49 +110,6 @@ def check_base_model(path: str | os.PathLike) -> Path:
     except CheckpointError as exc:
         raise CheckpointError(f"{p} is not a facemeta model: {exc}") from None
     return p
-
-
-def align_photos(embedder, paths: list[Path], progress: bool = False, desc: str = "align"
-                 ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
-    """Align photos through the product's one route (FaceEmbedder.files_faces: its detector, routes, face
-    policy, chip and size), one face each -> (the aligned crop or None per path, [(path, why)] for the others)."""
-    faces: list[np.ndarray | None] = [None] * len(paths)
-    skipped: list[tuple[str, str]] = []
-    bar = _bar(len(paths), desc, "img", progress)
-    for i, (path, found) in enumerate(embedder.files_faces(list(paths))):
-        if isinstance(found, FacemetaError):
-            skipped.append((str(path), str(found)))
-        elif not found:
-            skipped.append((str(path), "no face found"))
-        else:
-            faces[i] = found[0].crop
-        bar.update(1)
-    bar.close()
-    return faces, skipped
-
-
-def labelled_faces(embedder, folder: str | os.PathLike, progress: bool = False) -> LabelledFaces:
-    """Read DIR (:func:`read_labelled`) and align every photo once; refuses (one line) when fewer than two
-    people keep a photo with a face."""
-    people = read_labelled(folder)
-    rows = [(name, path, code) for name, (new, enr) in people.items()
-            for code, paths in ((NEW, new), (ENROL, enr)) for path in paths]
-    faces, skipped = align_photos(embedder, [r[1] for r in rows], progress)
-    kept = [(r, f) for r, f in zip(rows, faces, strict=True) if f is not None]
-    names = sorted({r[0] for r, _ in kept})
-    if len(names) < 2:
-        found = f"only {names[0]} has" if names else "none of the people has"
-        raise NoFaceError(f"--labelled {folder}: {found} a photo with a face ({len(skipped)} of {len(rows)} photos "
-                          f"without one, e.g. {Path(skipped[0][0]).name}); adapting needs 2 people with faces")
-    index = {n: i for i, n in enumerate(names)}
-    return LabelledFaces(np.stack([f for _, f in kept]), np.array([index[r[0]] for r, _ in kept]),
-                         np.array([r[2] for r, _ in kept]), names, [str(r[1]) for r, _ in kept], skipped)
-
-
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)
 
 
 # ---------------------------------------------------------------- the network split into frozen front and tail
@@ -272,17 +203,28 @@ def draw_views(feats: torch.Tensor, flipped: torch.Tensor, generator: torch.Gene
     return torch.where(pick.view(-1, *([1] * (feats.dim() - 1))), flipped, feats)
 
 
+def train_mode(tail: nn.Module) -> None:
+    """Training mode for the tail, with its batch norms (SFace's head) kept in eval mode: a batch of a few
+    labelled photos would replace their running statistics (which the interpolation does not take back) and
+    normalise the loss's embeddings by batch statistics the adapted model never uses. dlib's ResNet has none."""
+    tail.train()
+    for m in tail.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def fit_tail(tail: Tail, feats: torch.Tensor, flipped: torch.Tensor, labels: torch.Tensor,
-             settings: AdaptSettings, shift: torch.Tensor | None = None, progress: bool = False) -> list[float]:
+             settings: AdaptSettings, shift: torch.Tensor | None = None, progress: bool = False,
+             desc: str = "adapt") -> list[float]:
     """`settings.steps` full-batch SGD steps of :func:`prototype_cosface_loss` on the tail's parameters, then
     the interpolation back toward where they started. Returns the loss of each step."""
     params = [p for p in tail.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
-    tail.train()
+    train_mode(tail)
     losses = []
-    bar = _bar(settings.steps, "adapt", "step", progress)
+    bar = progress_bar(settings.steps, desc, "step", progress)
     centres = None
     if settings.centres == "start":
         with torch.no_grad():
@@ -327,28 +269,27 @@ def _domain_shift(vectors: np.ndarray | None, n: int, domains: np.ndarray) -> to
     return torch.where(torch.from_numpy(domains == NEW)[:, None], mean[None, :], torch.zeros(n, mean.numel()))
 
 
-def _unlabelled_faces(embedder, data: LabelledFaces, domain: str | None, unlabelled: str | os.PathLike | None,
-                      progress: bool) -> tuple[np.ndarray | None, str]:
-    """Faces that estimate the new domain's statistics: the --unlabelled photos, else (with a domain) the
-    labelled new-domain photos, else None -> (faces, where they came from)."""
-    if unlabelled is None:
-        if domain is None or not (data.domains == NEW).any():
-            return None, ""
-        faces = data.faces[data.domains == NEW]
-        return faces, f"{len(faces)} labelled new-domain photos"
-    from facemeta.data.folder import IMAGE_SUFFIXES
-
-    if not Path(unlabelled).is_dir():
-        raise ConfigError(f"--unlabelled {unlabelled} is not a folder")
-    loose = sorted(p for p in Path(unlabelled).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    found = [f for f in align_photos(embedder, loose, progress, desc="unlabelled")[0] if f is not None]
-    if not found:
-        raise NoFaceError(f"--unlabelled {unlabelled}: no face found in any of its {len(loose)} photos")
-    return np.stack(found), f"{len(found)} unlabelled photos"
+def parse_members(text: str | None, count: int) -> list[int]:
+    """'0,2' -> [0, 2]: the members of an ensemble of `count` to adapt (None: all); a one-line ConfigError for
+    anything else, and for a choice on a single model (count 1)."""
+    if text is None:
+        return list(range(count))
+    if count == 1:
+        raise ConfigError("--members chooses members of an ensemble; this model is a single model (adapt it whole)")
+    try:
+        chosen = sorted({int(t) for t in str(text).split(",") if t.strip()})
+    except ValueError:
+        raise ConfigError(f"--members: expected member numbers like 0,1, got {text!r}") from None
+    if not chosen or chosen[0] < 0 or chosen[-1] >= count:
+        raise ConfigError(f"--members: this ensemble's members are 0..{count - 1}, got {text!r}")
+    return chosen
 
 
-def _check_request(model_path, out, settings: AdaptSettings, domain, unlabelled) -> tuple[Path, Path]:
-    """Every argument checked before anything is aligned -> (base checkpoint, out)."""
+def _check_request(model_path, out, settings: AdaptSettings, domain, unlabelled, members
+                   ) -> tuple[Path, Path, list[int]]:
+    """Every argument checked before anything is aligned -> (base checkpoint, out, members to adapt)."""
+    from facemeta.models.checkpoint import read_checkpoint_info
+
     settings.check()
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -358,11 +299,13 @@ def _check_request(model_path, out, settings: AdaptSettings, domain, unlabelled)
     base_path = check_base_model(model_path)
     if out.resolve() == base_path.resolve():
         raise ConfigError(f"--out {out} is the base model itself; write the adapted model to a new file")
-    return base_path, out
+    config = read_checkpoint_info(base_path).get("config") or {}
+    count = len(config.get("members") or ()) if config.get("kind") == "ensemble" else 1
+    return base_path, out, parse_members(members, count)
 
 
 def adapt_in_place(model: nn.Module, faces: np.ndarray, labels: np.ndarray, settings: AdaptSettings,
-                   shift: torch.Tensor | None = None, progress: bool = False) -> list[float]:
+                   shift: torch.Tensor | None = None, progress: bool = False, desc: str = "adapt") -> list[float]:
     """The adapt procedure on a loaded model (changed in place): cache the frozen front's features of the
     aligned `faces`, fit the tail on `labels` (0..k-1), interpolate back. Returns the step losses."""
     tail = Tail(model, settings.tail_blocks)
@@ -372,35 +315,60 @@ def adapt_in_place(model: nn.Module, faces: np.ndarray, labels: np.ndarray, sett
         p.requires_grad_(True)
     try:
         feats, flipped = front_features(tail, faces)
-        return fit_tail(tail, feats, flipped, torch.as_tensor(labels).long(), settings, shift, progress)
+        return fit_tail(tail, feats, flipped, torch.as_tensor(labels).long(), settings, shift, progress, desc)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
         model.eval()
 
 
+def _vectors(model: nn.Module, chips: list[np.ndarray]) -> np.ndarray:
+    """Flip-TTA unit vectors of faces given on every chip the model reads (an ensemble: one batch per member)."""
+    from facemeta.models.backbone import embed
+
+    if hasattr(model, "chips"):
+        return model.embed(chips, flip=True)
+    return embed(model, chips[0], flip=True)
+
+
+def _member_settings(model: nn.Module, settings: AdaptSettings) -> AdaptSettings:
+    """The settings a model (or member) is adapted with: only dlib's ResNet has residual blocks to fine-tune;
+    other backbones train their embedding head (tail_blocks 0)."""
+    if settings.tail_blocks and not hasattr(model.backbone, "stem_conv"):
+        return replace(settings, tail_blocks=0)
+    return settings
+
+
 def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out: str | os.PathLike,
                 settings: AdaptSettings | None = None, domain: str | None = None,
-                unlabelled: str | os.PathLike | None = None, progress: bool = False) -> dict:
+                unlabelled: str | os.PathLike | None = None, progress: bool = False,
+                members: str | None = None) -> dict:
     """Adapt the checkpoint at `model_path` to the photos of `labelled` (see the module docstring) and write
-    `out` (.safetensors + .json + .md). Returns the summary (the meta's "adapted_on" section and more)."""
+    `out` (.safetensors + .json + .md). Returns the summary (the meta's "adapted_on" section and more).
+
+    An ensemble (facemeta.models.ensemble) is adapted member by member, each by the same procedure on its own
+    chip of the same photos (`members`: '0,1', the ones to adapt; default all); the others are kept as they are,
+    the weights too, and the threshold is calibrated on the ensemble's vectors."""
     from facemeta.embedder import FaceEmbedder, file_fingerprint
-    from facemeta.models.backbone import embed
-    from facemeta.models.checkpoint import save_checkpoint
 
     settings = settings or AdaptSettings()
-    base_path, out = _check_request(model_path, out, settings, domain, unlabelled)
+    base_path, out, chosen = _check_request(model_path, out, settings, domain, unlabelled, members)
     t0 = time.perf_counter()
     embedder = FaceEmbedder(base_path)
     model, base_meta = embedder.model, embedder.meta
-    if settings.tail_blocks and not hasattr(model.backbone, "stem_conv"):  # not the dlib-prior ResNet: head only
-        settings = replace(settings, tail_blocks=0)
+    ensemble = hasattr(model, "chips")
+    parts = list(model.members) if ensemble else [model]
     data = labelled_faces(embedder, labelled, progress)
-    unl, unl_from = _unlabelled_faces(embedder, data, domain, unlabelled, progress)
-    shift = _domain_shift(None if unl is None else embed(model, unl, flip=True), len(data.labels), data.domains)
-    losses = adapt_in_place(model, data.faces, data.labels, settings, shift, progress)
+    unl, unl_from = unlabelled_faces(embedder, data, domain, unlabelled, progress)
+    runs = []
+    for i in chosen:
+        part, part_settings = parts[i], _member_settings(parts[i], settings)
+        shift = _domain_shift(None if unl is None else _vectors(part, [unl[i]]), len(data.labels), data.domains)
+        losses = adapt_in_place(part, data.chips[i], data.labels, part_settings, shift, progress,
+                                desc=f"adapt member {i}" if ensemble else "adapt")
+        runs.append((i, part_settings, losses))
     far = float(base_meta.get("threshold_far") or 1e-3)
-    vectors = embed(model, data.faces, flip=True)
+    vectors = _vectors(model, data.chips)
     threshold, impostors = calibrate(vectors, data.labels, far)
     adapted_on = {
         "domain": domain or "unnamed", "people": len(data.people),
@@ -408,25 +376,37 @@ def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out:
         "photos_skipped": len(data.skipped), "steps": settings.steps,
         "base_model": {"file": base_path.name, "fingerprint": embedder.fingerprint,
                        "threshold": base_meta.get("threshold"), "threshold_far": base_meta.get("threshold_far")},
-        "settings": asdict(settings), "loss": {"first": losses[0], "last": losses[-1]},
         "threshold_from": f"{impostors} impostor pairs (different people) among the labelled photos, adapted model, "
                           f"flip TTA, at the base model's FAR {far:g}",
         "labelled_folder": Path(labelled).name,
     }
-    meta = {"align_size": embedder.align_size, "align_chip": embedder.align_chip, "method": "adapt",
-            "align_template": base_meta.get("align_template"),
-            "threshold": threshold, "threshold_far": far, "adapted_on": adapted_on}
+    if ensemble:
+        done = {i: (s, losses) for i, s, losses in runs}
+        adapted_on["settings"] = asdict(settings)
+        adapted_on["members"] = [
+            {"member": i, "backbone": p.config.backbone, "chip": chip, "align_size": size, "adapted": i in done,
+             **({"tail_blocks": done[i][0].tail_blocks,
+                 "loss": {"first": done[i][1][0], "last": done[i][1][-1]}} if i in done else {})}
+            for i, (p, (chip, size)) in enumerate(zip(parts, model.chips, strict=True))]
+        meta = {"method": "adapt", "threshold": threshold, "threshold_far": far, "adapted_on": adapted_on}
+    else:
+        _, used, losses = runs[0]
+        adapted_on["settings"] = asdict(used)
+        adapted_on["loss"] = {"first": losses[0], "last": losses[-1]}
+        meta = {"align_size": embedder.align_size, "align_chip": embedder.align_chip, "method": "adapt",
+                "align_template": base_meta.get("align_template"),
+                "threshold": threshold, "threshold_far": far, "adapted_on": adapted_on}
     if unl is not None:
         from facemeta.gallery.domain_stats import estimate, normalise
 
-        stats = estimate(embed(model, unl, flip=True), "mean")
+        stats = estimate(_vectors(model, unl), "mean")
         normed = vectors.copy()
         normed[data.domains == NEW] = normalise(vectors[data.domains == NEW], stats)
         meta["domains"] = {domain: {"stats": stats.to_dict(), "threshold": calibrate(normed, data.labels, far)[0],
                                     "threshold_far": far, "from": unl_from}}
     adapted_on["seconds"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, out, meta)
+    _save(model, out, meta)
     from facemeta.atomic import atomic_write
 
     summary = {"model": str(out), "fingerprint": file_fingerprint(out), "threshold": threshold,
@@ -437,12 +417,43 @@ def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out:
     return summary
 
 
+def _save(model: nn.Module, out: Path, meta: dict) -> None:
+    """Write the adapted checkpoint: a single model, or an ensemble (facemeta.models.ensemble.save_ensemble: an
+    adapted member's tensors are stored in full; a member left equal to an installed prior may stay a reference
+    to it, where the ensemble module stores such references)."""
+    if not hasattr(model, "chips"):
+        from facemeta.models.checkpoint import save_checkpoint
+
+        save_checkpoint(model, out, meta)
+        return
+    from facemeta.models.ensemble import save_ensemble
+
+    save_ensemble(model, out, meta)
+
+
+def _what(tail_blocks: int) -> str:
+    return f"the last {tail_blocks} residual blocks and the embedding layer" if tail_blocks else "the embedding layer"
+
+
 def model_card(summary: dict) -> str:
     """The Markdown model card written beside an adapted model (OUT.md)."""
     a = summary["adapted_on"]
     base, s = a["base_model"], a["settings"]
-    what = (f"the last {s['tail_blocks']} residual blocks and the embedding layer" if s["tail_blocks"]
-            else "the embedding layer")
+    recipe = (f"full-batch SGD steps (lr {s['lr']:g}), prototype CosFace (s {s['scale']:g}, m {s['margin']:g}); "
+              f"{s['interpolate']:g} of the change kept")
+    if "members" in a:
+        trained = [m for m in a["members"] if m["adapted"]]
+        steps = [f"- Steps: {a['steps']} {recipe}; {a['seconds']} s. An ensemble: each member adapted by itself, "
+                 "on its own chip of the same photos, the weights of the combination kept:"]
+        steps += [f"  - member {m['member']} ({m['backbone']}, {m['chip']} chip {m['align_size']} px): "
+                  + (f"{_what(m['tail_blocks'])}, loss {m['loss']['first']:.3f} -> {m['loss']['last']:.3f}"
+                     if m["adapted"] else "kept as it was") for m in a["members"]]
+        if not trained:
+            steps.append("  - (no member adapted: only the threshold is new)")
+    else:
+        steps = [f"- Steps: {a['steps']} full-batch SGD steps (lr {s['lr']:g}) of {_what(s['tail_blocks'])}, "
+                 f"prototype CosFace (s {s['scale']:g}, m {s['margin']:g}); {s['interpolate']:g} of the change kept; "
+                 f"loss {a['loss']['first']:.3f} -> {a['loss']['last']:.3f}; {a['seconds']} s"]
     lines = [
         f"# {Path(summary['model']).stem}: adapted facemeta model", "",
         f"`{Path(summary['model']).name}` (fingerprint `{summary['fingerprint']}`), written by `facemeta adapt`.", "",
@@ -450,9 +461,7 @@ def model_card(summary: dict) -> str:
         f"- Domain: {a['domain']} (labelled folder `{a['labelled_folder']}`)",
         f"- People: {a['people']}; photos: {a['photos']['new']} from the new domain, {a['photos']['enrolled']} from "
         f"the enrolment domain ({a['photos_skipped']} skipped: unreadable or no face)",
-        f"- Steps: {a['steps']} full-batch SGD steps (lr {s['lr']:g}) of {what}, prototype CosFace "
-        f"(s {s['scale']:g}, m {s['margin']:g}); {s['interpolate']:g} of the change kept; "
-        f"loss {a['loss']['first']:.3f} -> {a['loss']['last']:.3f}; {a['seconds']} s",
+        *steps,
         f"- Base model: `{base['file']}` (fingerprint `{base['fingerprint']}`, threshold {base['threshold']})",
         "",
         "## Threshold", "",
