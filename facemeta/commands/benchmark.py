@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     from facemeta.errors import ConfigError
     from facemeta.experiments.lodo import finished_results, run_benchmark
-    from facemeta.experiments.presets import ZERO_SHOT, check_grid, load_bench_preset
+    from facemeta.experiments.presets import check_grid, known_methods, load_bench_preset
     from facemeta.experiments.summary import write_summary
-    from facemeta.train.methods import METHODS
 
     preset = load_bench_preset(args.preset)
     if args.methods:
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         preset.seeds = args.seeds
     if args.runs:
         preset.runs = args.runs
-    check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
+    check_grid(preset.methods, preset.targets, preset.seeds, known_methods(preset))
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / preset.name
     if args.summary_only:
         results = finished_results(preset)

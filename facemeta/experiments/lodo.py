@@ -41,22 +41,31 @@ def _lfw_pairs(k: int | None, root: str | None = None) -> list:
     return out
 
 
-def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str) -> dict[str, Any]:
-    """Metrics of one trained model on its unseen target (and MFR2's pairs) and LFW folds 6-10."""
+def evaluate_run(model_path: Path, cfg, preset: BenchPreset, target: str, given: bool = False) -> dict[str, Any]:
+    """Metrics of one model (a single one or an ensemble) on its unseen target (and MFR2's pairs) and LFW folds
+    6-10. A model trained by the run reads the run's chip (cfg.data), a `given` checkpoint the chip it records;
+    an ensemble's members read their own chips of the same faces (a face counts when every chip was aligned)."""
     from facemeta.data.sets import read_pairs
-    from facemeta.eval.benchmark import evaluate_rows
-    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.models.ensemble import load_model
 
-    model, _ = load_checkpoint(model_path)
-    size, chip, root, cache = cfg.data.align_size, cfg.data.align_chip, cfg.data.root, cfg.data.cache
+    model, meta = load_model(model_path)
+    root, cache, workers = cfg.data.root, cfg.data.cache, cfg.data.align_workers
+    if hasattr(model, "chips"):
+        chips = model.chips
+    elif given:
+        chips = [(str(meta.get("align_chip", "arcface")), int(meta.get("align_size", 112)))]
+    else:
+        chips = [(cfg.data.align_chip, cfg.data.align_size)]
     out: dict[str, Any] = {}
-    rows, _ = prepare_set(target, size, chip, RowSelection(limit_per_identity=preset.target_limit_per_identity), root,
-                          cache, cfg.data.align_workers)
-    out[target] = evaluate_rows(model, rows, flip=preset.flip)
+    rows = _matched([prepare_set(target, size, chip, RowSelection(limit_per_identity=preset.target_limit_per_identity),
+                                 root, cache, workers)[0] for chip, size in chips])
+    out[target] = _evaluate(model, rows, None, preset.flip)
     if target == "mfr2":
-        out["mfr2-pairs"] = evaluate_rows(model, rows, pairs=read_pairs("mfr2", root), flip=preset.flip)
-    pairs, lfw_rows = _lfw_eval_rows(preset.lfw_pairs_per_fold, root, cache, size, cfg.data.align_workers, chip)
-    out["lfw"] = evaluate_rows(model, lfw_rows, pairs=pairs, flip=preset.flip)
+        out["mfr2-pairs"] = _evaluate(model, rows, read_pairs("mfr2", root), preset.flip)
+    pairs = _lfw_pairs(preset.lfw_pairs_per_fold, root)
+    lfw_rows = _matched([_lfw_eval_rows(preset.lfw_pairs_per_fold, root, cache, size, workers, chip)[1]
+                         for chip, size in chips])
+    out["lfw"] = _evaluate(model, lfw_rows, pairs, preset.flip)
     return out
 
 
@@ -69,10 +78,44 @@ def _lfw_eval_rows(k: int | None, root: str | None, cache: str | None, size: int
     return pairs, rows
 
 
+def _matched(per_chip: list[list]) -> list[list]:
+    """Aligned rows of one set on each chip -> the rows of the faces aligned on every chip, in the first chip's
+    order (matched by source photo); one chip: its rows as they are."""
+    if len(per_chip) == 1:
+        return per_chip
+    keys = [{r.get("source", r.path): r for r in rows} for rows in per_chip]
+    common = [k for k in keys[0] if all(k in other for other in keys[1:])]
+    return [[chip_rows[k] for k in common] for chip_rows in keys]
+
+
+def _evaluate(model, rows_per_chip: list[list], pairs, flip: bool) -> dict[str, Any]:
+    """facemeta.eval.benchmark.evaluate_rows for a single model, or for an ensemble on its members' embeddings of
+    the same faces (combined as the ensemble combines them)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from facemeta.eval.benchmark import embed_rows, evaluate_rows
+
+    if not hasattr(model, "chips"):
+        return evaluate_rows(model, rows_per_chip[0], pairs=pairs, flip=flip)
+    t0 = time.perf_counter()
+    parts = [torch.from_numpy(embed_rows(m, rows, flip=flip)) for m, rows in zip(model.members, rows_per_chip,
+                                                                                 strict=True)]
+    emb = F.normalize(model.combine(parts), dim=1).numpy().astype(np.float32)
+    seconds = time.perf_counter() - t0
+    out = evaluate_rows(model.members[0], rows_per_chip[0], pairs=pairs, flip=flip, embeddings=emb)
+    out.update({"backbone": "+".join(m.config.backbone for m in model.members),
+                "image_size": [size for _, size in model.chips], "chips": [c for c, _ in model.chips],
+                "embed_seconds": seconds, "images_per_s": len(emb) / seconds if seconds > 0 else None})
+    return out
+
+
 def run_one(preset: BenchPreset, target: str, method: str, seed: int, data_root: str | None = None,
             progress: bool = False) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; returns its result (cached in result.json)."""
     from facemeta.atomic import atomic_write
+    from facemeta.errors import CheckpointError
     from facemeta.train.state import STATE_FILE
     from facemeta.train.trainer import Trainer
 
@@ -80,17 +123,22 @@ def run_one(preset: BenchPreset, target: str, method: str, seed: int, data_root:
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    cfg = run_config(preset, target, method, seed, data_root)
+    given = method in preset.checkpoints  # a zero-shot row of a given checkpoint: evaluated, not trained
+    final = Path(preset.checkpoints[method]) if given else folder / "model.safetensors"
+    if given and not final.is_file():
+        raise CheckpointError(f"benchmark row {method}: checkpoint {final} not found (the preset's `checkpoints` "
+                              "says how it is made)")
+    cfg = run_config(preset, target, "erm" if given else method, seed, data_root)  # given: its data settings only
+    steps = 0 if given else cfg.steps
     t0 = time.perf_counter()
-    final = folder / "model.safetensors"
     if not final.is_file():
         resume = (folder / "checkpoints" / STATE_FILE).is_file()
         final = Trainer(cfg, prepare_data(cfg), resume=resume, progress=progress).fit()
     t_train = time.perf_counter() - t0
-    metrics = evaluate_run(final, cfg, preset, target)
+    metrics = evaluate_run(final, cfg, preset, target, given)
     result = {"target": target, "method": method, "seed": seed, "train_seconds": t_train,
-              "eval_seconds": time.perf_counter() - t0 - t_train, "steps": cfg.steps,
-              "images_seen": cfg.steps * len(cfg.data.sources) * cfg.sampler.identities_per_domain * 2,
+              "eval_seconds": time.perf_counter() - t0 - t_train, "steps": steps,
+              "images_seen": steps * len(cfg.data.sources) * cfg.sampler.identities_per_domain * 2,
               "metrics": metrics}
     with atomic_write(done) as fh:
         json.dump(result, fh, indent=1)

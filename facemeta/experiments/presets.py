@@ -44,7 +44,10 @@ class BenchPreset:
     extra_sources: synthetic source specs (``{set: lfw, style: harsh_light}``, facemeta.data.styles) added to
     every run's sources; one made from the run's target is left out;
     method_overrides: dotted settings for one method's runs only, applied after ``overrides``
-    (``{cdt: {meta.alpha: 0.0}}``: a setting chosen for that method, e.g. by benchmarks/heldout_select.py).
+    (``{cdt: {meta.alpha: 0.0}}``: a setting chosen for that method, e.g. by benchmarks/heldout_select.py);
+    checkpoints: zero-shot rows of given checkpoint files, name -> path (a single model or an ensemble, read with
+    facemeta.models.ensemble.load_model; each on its own chips): evaluated on each target, never trained, once
+    per target like ``teacher``; a row runs only when its name is in ``methods``.
     """
 
     name: str = ""
@@ -60,6 +63,7 @@ class BenchPreset:
     flip: bool = True
     extra_sources: list[dict[str, Any]] = field(default_factory=list)
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpoints: dict[str, str] = field(default_factory=dict)
 
 
 def load_bench_preset(name_or_path: str) -> BenchPreset:
@@ -77,13 +81,22 @@ def load_bench_preset(name_or_path: str) -> BenchPreset:
             raise ConfigError(f"benchmark preset {path.name}: unknown key '{key}' (allowed: {', '.join(sorted(known))})")
     data.setdefault("name", path.stem)
     preset = BenchPreset(**data)
-    check_grid(preset.methods, preset.targets, preset.seeds, (*METHODS, ZERO_SHOT))
+    for name, ckpt in preset.checkpoints.items():
+        if name in METHODS or name == ZERO_SHOT or not isinstance(ckpt, str) or not ckpt:
+            raise ConfigError(f"benchmark preset {path.name}: checkpoints takes a row name that is not a method "
+                              f"and a checkpoint path, got {name!r}: {ckpt!r}")
+    check_grid(preset.methods, preset.targets, preset.seeds, known_methods(preset))
     for method, over in preset.method_overrides.items():
         if method not in METHODS or not isinstance(over, dict):
             raise ConfigError(f"benchmark preset {path.name}: method_overrides takes a method of "
                               f"{', '.join(METHODS)} and a mapping of settings, got {method!r}: {over!r}")
     resolve_config_path(preset.train)
     return preset
+
+
+def known_methods(preset: BenchPreset) -> tuple[str, ...]:
+    """The row names a preset's grid may hold: the training methods, the zero-shot teacher, its checkpoints."""
+    return (*METHODS, ZERO_SHOT, *preset.checkpoints)
 
 
 def check_grid(methods: list[str], targets: list[str], seeds: list[int], known: tuple[str, ...]) -> None:
@@ -127,6 +140,7 @@ def run_config(preset: BenchPreset, target: str, method: str, seed: int, data_ro
 
 
 def grid(preset: BenchPreset) -> list[tuple[str, str, int]]:
-    """(target, method, seed) of every run of the preset; the zero-shot row runs with the first seed only."""
+    """(target, method, seed) of every run of the preset; zero-shot rows (the teacher, the checkpoints) run with
+    the first seed only."""
     return [(t, m, s) for t in preset.targets for m in preset.methods
-            for s in (preset.seeds[:1] if m == ZERO_SHOT else preset.seeds)]
+            for s in (preset.seeds[:1] if m == ZERO_SHOT or m in preset.checkpoints else preset.seeds)]
