@@ -3,13 +3,15 @@
 LFW is measured on its pairs.txt (10 folds of 300 + 300 pairs; --folds picks some, e.g. 6-10, the
 folds whose people the presets never train on) and MFR2 on its pairs.txt (or every pair with
 --protocol all); YaleB, ORL and image folders on every pair of their images. Faces are aligned
-(MTCNN, cached under the cache folder) at the size the model was trained with.
+(MTCNN, cached under the cache folder) at the size the model was trained with; for an ensemble
+(facemeta.models.ensemble) onto each member's chip, and the faces aligned on every chip are scored.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
@@ -20,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on a shared set (lfw, yaleb, mfr2, orl) or on a folder of images "
                     "(one sub-folder per identity) or an aligned manifest CSV: TAR at FAR 1e-2 and 1e-3, "
                     "ROC AUC, 10-fold accuracy on pair lists, rank-1 identification.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="model checkpoint (.safetensors)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="model checkpoint (.safetensors): a model or an ensemble (each member's chip is aligned)")
     p.add_argument("--set", dest="set_name", required=True, metavar="lfw|yaleb|mfr2|orl|PATH",
                    help="a shared set, an image folder (identity sub-folders) or an aligned manifest .csv")
     p.add_argument("--protocol", choices=["auto", "pairs", "all"], default="auto",
@@ -81,21 +84,33 @@ def run(args: argparse.Namespace) -> int:
     from facemeta.checks import check_device
     from facemeta.embedder import check_model_meta
     from facemeta.errors import ConfigError
-    from facemeta.eval.benchmark import evaluate_rows
-    from facemeta.eval.sets import load_eval_rows
-    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.eval.benchmark import embed_chip_rows, evaluate_rows
+    from facemeta.eval.sets import load_eval_chip_rows, load_eval_rows
+    from facemeta.models.ensemble import load_model
 
     args.device = check_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, map_location=args.device)
+    model, meta = load_model(args.checkpoint, map_location=args.device)  # a single model or an ensemble
     model.to(args.device)
     settings = check_model_meta(meta, args.checkpoint)
-    rows, pairs, label = load_eval_rows(args.set_name, settings["align_size"], args.protocol,
-                                        parse_folds(args.folds), args.limit_per_identity, args.data, args.cache,
-                                        chip=settings["align_chip"])
+    chips = getattr(model, "chips", None)
+    query = (args.protocol, parse_folds(args.folds), args.limit_per_identity, args.data, args.cache)
+    if chips:  # an ensemble: the set aligned onto each member's chip, the faces every chip has
+        per_chip, pairs, label = load_eval_chip_rows(args.set_name, chips, *query)
+        rows = per_chip[0]
+    else:
+        rows, pairs, label = load_eval_rows(args.set_name, settings["align_size"], *query,
+                                            chip=settings["align_chip"])
     if len({r.identity for r in rows}) < 2 and pairs is None:
         raise ConfigError(f"--set {args.set_name}: need images of at least two identities")
     try:
-        res = evaluate_rows(model, rows, pairs=pairs, flip=not args.no_flip)
+        if chips:
+            t0 = time.perf_counter()
+            emb = embed_chip_rows(model, per_chip, flip=not args.no_flip)
+            seconds = time.perf_counter() - t0
+            res = evaluate_rows(model, rows, pairs=pairs, flip=not args.no_flip, embeddings=emb)
+            res["embed_seconds"], res["images_per_s"] = seconds, len(rows) / seconds if seconds > 0 else None
+        else:
+            res = evaluate_rows(model, rows, pairs=pairs, flip=not args.no_flip)
     except ValueError as exc:
         raise ConfigError(f"cannot evaluate {args.set_name}: {exc}") from exc
     res["set"] = label

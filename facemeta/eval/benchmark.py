@@ -57,6 +57,29 @@ def embed_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], flip: boo
     return np.concatenate(parts)
 
 
+def embed_chip_rows(model, rows_per_chip: Sequence[Sequence[ManifestRow]], flip: bool = True,
+                    batch_size: int = 64) -> np.ndarray:
+    """An ensemble's (facemeta.models.ensemble) unit vectors of faces aligned onto each member's chip:
+    ``rows_per_chip[k][i]`` is face i on member k's chip (same faces, same order); read batch by batch -> [N, E]."""
+    counts = {len(rows) for rows in rows_per_chip}
+    if len(counts) != 1:
+        raise ValueError(f"every chip needs the same faces; got {sorted(counts)} rows")
+    n = counts.pop()
+    parts = [model.embed([[read_aligned(r.path) for r in rows[i:i + batch_size]] for rows in rows_per_chip],
+                         flip=flip, batch_size=batch_size) for i in range(0, n, batch_size)]
+    if not parts:
+        return np.zeros((0, model.embedding_size), np.float32)
+    return np.concatenate(parts)
+
+
+def describe_model(model) -> dict[str, Any]:
+    """The model's backbone and input size for reports; an ensemble's members joined by '+'."""
+    if hasattr(model, "chips"):
+        return {"image_size": [m.config.image_size for m in model.members],
+                "backbone": "+".join(m.config.backbone for m in model.members)}
+    return {"image_size": model.config.image_size, "backbone": model.config.backbone}
+
+
 def identification_split(identities: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(gallery, probe) row indices: the first row of each identity is enrolled, the others probe."""
     seen: set[str] = set()
@@ -101,6 +124,7 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
                   far_levels: Sequence[float] = FAR_LEVELS, thresholds: dict[str, float] | None = None,
                   embeddings: np.ndarray | None = None) -> dict[str, Any]:
     """Embed aligned `rows` and measure verification and rank-1 identification; returns a JSON-ready dict.
+    An ensemble (its members read other chips than `rows` hold) needs `embeddings` (:func:`embed_chip_rows`).
 
     Verification uses `pairs` (objects with a, b, same, fold, e.g. LFW pairs.txt) when given, with
     10-fold accuracy over the pairs' folds, else every pair of the rows (same identity = positive).
@@ -114,6 +138,8 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
         raise ValueError("no rows to evaluate")
     t0 = time.perf_counter()
     if embeddings is None:
+        if hasattr(model, "chips"):
+            raise ValueError("an ensemble reads one chip per member: embed its rows with embed_chip_rows first")
         emb = embed_rows(model, rows, flip=flip, batch_size=batch_size, channels_last=channels_last)
     elif len(embeddings) != len(rows):
         raise ValueError(f"{len(embeddings)} embeddings for {len(rows)} rows")
@@ -122,8 +148,7 @@ def evaluate_rows(model: FaceEmbeddingModel, rows: Sequence[ManifestRow], pairs:
     t_embed = time.perf_counter() - t0
     ids = np.asarray([r.identity for r in rows])
     result: dict[str, Any] = {"n_images": len(rows), "n_identities": int(np.unique(ids).size),
-                              "flip": bool(flip), "image_size": model.config.image_size,
-                              "backbone": model.config.backbone}
+                              "flip": bool(flip), **describe_model(model)}
     if pairs is not None:
         m = match_pairs(rows, pairs)
         if m.ia.size == 0 or m.same.all() or not m.same.any():

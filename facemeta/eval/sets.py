@@ -54,3 +54,23 @@ def load_eval_rows(set_name: str, align_size: int, protocol: str = "auto", folds
         return rows, None, f"{path.name} all pairs"
     raise ConfigError(f"--set must be one of {', '.join(SET_NAMES)}, an image folder or a manifest .csv; "
                       f"{set_name!r} is none of these")
+
+
+def load_eval_chip_rows(set_name: str, chips: list[tuple[str, int]], protocol: str = "auto",
+                        folds: set[int] | None = None, limit_per_identity: int | None = None, data: str | None = None,
+                        cache: str | None = None, progress: bool = False) -> tuple[list[list], list | None, str]:
+    """:func:`load_eval_rows` for an ensemble: the set aligned onto every ``(chip, size)`` its members read ->
+    (rows per chip, the same faces in the same order: the ones aligned on every chip; pairs or None; label).
+    An aligned manifest holds one chip only, so it is refused in one line."""
+    path = Path(set_name).expanduser()
+    if set_name not in SET_NAMES and path.is_file():
+        raise ConfigError(f"--set {set_name}: an aligned manifest holds faces on one chip, and an ensemble reads "
+                          f"{len(chips)} ({', '.join(f'{c} {s} px' for c, s in chips)}); give the set's name or a "
+                          "folder of images")
+    per_chip, pairs, label = [], None, ""
+    for chip, size in chips:
+        rows, pairs, label = load_eval_rows(set_name, size, protocol, folds, limit_per_identity, data, cache,
+                                            progress, chip)
+        per_chip.append({r.extra.get("source") or r.path: r for r in rows})
+    order = [k for k in per_chip[0] if all(k in rows for rows in per_chip[1:])]
+    return [[rows[k] for k in order] for rows in per_chip], pairs, label
