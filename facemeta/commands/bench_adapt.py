@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = ("adapt: `facemeta adapt` from k labelled people of a target condition (AR neutral vs scarf or "
-               "sunglasses, MFR2 unmasked vs masked), scored on the target's OTHER people (TAR@FAR=1e-2 of every "
-               "enrolment-vs-target pair), against the base model and statistics only; --targets picks protocols, "
-               "--ks the numbers of people, --seeds the draws.")
-PROTOCOLS = ("ar-scarf", "ar-sunglasses", "mfr2-mask")  # facemeta.experiments.adapt_bench.PROTOCOLS
+               "sunglasses, MFR2 unmasked vs masked, Yale B frontal vs side light, thermal gallery vs probes), scored "
+               "on the target's OTHER people (TAR@FAR=1e-2 of every enrolment-vs-target pair), against the base model "
+               "and statistics only; --targets picks protocols, --ks the numbers of people, --seeds the draws, "
+               "--base the start (e.g. the dlib prior's zero-shot checkpoint). Resumable: cells already in --out "
+               "(same model and settings) are kept and not run again.")
+PROTOCOLS = ("ar-scarf", "ar-sunglasses", "mfr2-mask", "yaleb-side", "thermal")  # adapt_bench.PROTOCOLS
 
 
 def add_options(group: argparse._ArgumentGroup) -> None:
