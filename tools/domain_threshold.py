@@ -51,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--far", type=float, action="append", help="false-accept rates (default 1e-3 and 1e-2)")
     ap.add_argument("--write", metavar="MODEL.json", help="store the entry in this checkpoint's meta")
+    ap.add_argument("--model", default="shipped",
+                    help="the model scored: shipped (default) or a checkpoint file (single model or ensemble)")
     args = ap.parse_args()
     fars = args.far or [1e-3, 1e-2]
 
@@ -59,8 +61,8 @@ def main() -> None:
     from facemeta.gallery.domain_stats import estimate, normalise, offset_stats
 
     rows, source = benchmark_rows("lfw"), benchmark_rows("lfw-source")
-    held = embed_set("lfw", rows, ("shipped",))["shipped"]
-    photos = embed_set("lfw", source, ("shipped",))["shipped"]
+    held = embed_set("lfw", rows, (args.model,))[args.model]
+    photos = embed_set("lfw", source, (args.model,))[args.model]
     reference = estimate(photos)
     # the held-out LFW domain's statistics from other unlabelled photos of it: the source photos themselves
     rules = {"offset": offset_stats(photos, reference), "mean": estimate(photos, "mean")}
