@@ -16,7 +16,7 @@ k + 2 such people exist: the scored side needs genuine pairs of at least two peo
 the role of DIR/<person>/enrolled/); every cross-condition pair among the OTHER people is scored (genuine: same
 person; impostor: different people) and TAR@FAR=1e-2 reported. Rows: the base model; statistics only (each
 condition's mean, estimated from the k people's photos without their labels, removed: facemeta.gallery.domain_stats);
-adapt with a setting. Faces are aligned once through the product's route (facemeta.train.adapt.align_photos) and
+adapt with a setting. Faces are aligned once through the product's route (facemeta.train.adapt_faces.align_photos) and
 cached in cache_root()/adapt_bench/.
 """
 
@@ -90,7 +90,6 @@ def aligned_protocol(name: str, embedder, data=None, progress: bool = False) -> 
     the product's route (photos without a face dropped); Yale B and thermal are aligned as the cross-domain
     benchmark aligns them (:func:`cross_domain_faces`), every photo kept."""
     from facemeta.paths import cache_root
-    from facemeta.train.adapt import align_photos
 
     route = "xd" if name in CROSS_DOMAIN_ALIGNED else "route2"  # route2: FaceEmbedder.files_faces
     path = cache_root() / "adapt_bench" / f"{name}-{embedder.align_chip}{embedder.align_size}-{route}.npz"
@@ -102,6 +101,8 @@ def aligned_protocol(name: str, embedder, data=None, progress: bool = False) -> 
         faces = cross_domain_faces(name, [r[0] for r in rows], embedder.align_chip, embedder.align_size, data,
                                    progress)
     else:
+        from facemeta.train.adapt_faces import align_photos
+
         faces = align_photos(embedder, [Path(r[0]) for r in rows], progress, desc=name)[0]
     keep = [i for i, f in enumerate(faces) if f is not None]
     out = {"faces": np.stack([faces[i] for i in keep]), "people": np.array([rows[i][1] for i in keep]),
