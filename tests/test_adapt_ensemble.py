@@ -186,3 +186,40 @@ def test_eval_scores_an_ensemble_on_every_members_chip(adapted, data_dir, tmp_pa
     vectors = embed_chip_rows(model, per_chip, batch_size=5)
     direct = model.embed([[read_aligned(r.path) for r in rows] for rows in per_chip])
     assert vectors.shape == (res["n_images"], 256) and np.allclose(vectors, direct, atol=1e-5)
+
+
+def test_distil_an_ensemble_into_one_student(base, data_dir, tmp_path):
+    """distill.teacher: the ensemble as the teacher of a timm student (a few steps on a small slice of the smoke
+    preset's sources): the teacher's vectors are the ensemble's (256-d; its dlib part is the prior's own teacher
+    vector, scaled by sqrt(1/2)), the projection maps the student onto them, the steps are finite."""
+    import json as _json
+
+    import torch
+
+    from facemeta.models.checkpoint import load_checkpoint
+    from facemeta.train.config import load_config
+    from facemeta.train.data import prepare_data
+    from facemeta.train.teacher import teacher_embeddings
+    from facemeta.train.trainer import Trainer
+
+    sources = [{"set": "lfw", "people_folds": [1, 2, 3, 4, 5], "min_images": 4, "max_identities": 8,
+                "limit_per_identity": 4}, {"set": "orl", "max_identities": 8, "limit_per_identity": 4}]
+    cfg = load_config("smoke", overrides={
+        "data.root": str(data_dir), "output": str(tmp_path / "student"), "threads": 1, "steps": 2,
+        "checkpoint_every": 0, "log_every": 1, "data.sources": sources, "sampler.identities_per_domain": 4,
+        "distill.weight": 1.0, "distill.pair_weight": 1.0, "distill.teacher": str(base)})
+    data = prepare_data(cfg)
+    trainer = Trainer(cfg, data, progress=False)
+    model, _ = load_checkpoint(trainer.fit())
+    assert model.config.backbone == "mobilenetv3_small_050"
+    teacher = trainer.teacher.numpy()
+    ok = np.isfinite(teacher).all(axis=1)
+    assert teacher.shape == (len(data.train), 256) and ok.mean() > 0.9
+    assert np.allclose(np.linalg.norm(teacher[ok], axis=1), 1.0, atol=1e-4)
+    assert trainer.distill.projection.weight.shape == torch.Size([256, 128])
+    prior = teacher_embeddings(data.train, cfg.data.cache, workers=1)  # the default teacher: dlib's prior
+    both = ok & np.isfinite(prior).all(axis=1)
+    assert both.sum() > 0.9 * len(prior) and np.allclose(teacher[both, :128] * np.sqrt(2), prior[both], atol=1e-4)
+    logs = [_json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "loss" in r]
+    assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)

@@ -141,10 +141,14 @@ class DistillSection:
     ``weight``: the embedding-match term (through a learned projection to the teacher's 128 dimensions);
     ``pair_weight``: the batch's pairwise-similarity structure. Both 0 (the default): no teacher. The teacher's
     embeddings of the training faces are computed once on dlib's chips and cached (facemeta.train.teacher).
+    ``teacher``: a facemeta checkpoint to distil instead of the prior (a single model or an ensemble, e.g. dlib's
+    prior with SFace, distilled into one student; each chip it reads is aligned from the faces' sources); null:
+    the prior.
     """
 
     weight: float = 0.0
     pair_weight: float = 0.0
+    teacher: str | None = None
 
 
 @dataclass
@@ -279,6 +283,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(lo.s > 0, "loss.s", "must be > 0", lo.s)
     for key, value in (("distill.weight", cfg.distill.weight), ("distill.pair_weight", cfg.distill.pair_weight)):
         _check(math.isfinite(value) and 0 <= value <= 100, key, "must be in [0, 100]", value)
+    _check(cfg.distill.teacher is None or bool(cfg.distill.weight or cfg.distill.pair_weight), "distill.teacher",
+           "needs distill.weight or distill.pair_weight above 0", cfg.distill.teacher)
     _check(0 <= lo.m < 1.5, "loss.m", "must be in [0, 1.5)", lo.m)
     _check(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}", cfg.method)
     try:

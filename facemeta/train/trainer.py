@@ -353,12 +353,12 @@ class Trainer:
         cfg = self.cfg
         self.distill, self.teacher = None, None
         if cfg.distill.weight or cfg.distill.pair_weight:
-            from facemeta.models.dlib_resnet import PRIOR_EMBEDDING_SIZE
             from facemeta.objectives.distill import DistillationLoss
             from facemeta.train.teacher import teacher_embeddings
 
-            self.teacher = torch.from_numpy(teacher_embeddings(self.data.train, cfg.data.cache, cfg.data.align_workers))
-            self.distill = DistillationLoss(cfg.model.embedding_size, PRIOR_EMBEDDING_SIZE, cfg.distill.weight,
+            self.teacher = torch.from_numpy(teacher_embeddings(self.data.train, cfg.data.cache, cfg.data.align_workers,
+                                                               teacher=cfg.distill.teacher))
+            self.distill = DistillationLoss(cfg.model.embedding_size, self.teacher.shape[1], cfg.distill.weight,
                                             cfg.distill.pair_weight).to(device)
 
     def _optimizer(self, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
