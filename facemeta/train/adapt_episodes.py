@@ -15,10 +15,22 @@ adapt steps on some people turn into a better model for the others. The outer lo
   separate outer loss: the last step of the trajectory plays its part); like the ``reptile`` method, θ − θ̃
   is divided by (steps x inner_lr) so the outer optimiser acts on it as on a gradient.
 
-Both meta-learn the part `adapt` changes (the tail: the last ``TAIL_BLOCKS`` blocks and the embedding layer);
+- ``adapt-stats`` (the statistics variant; the idea of Decomposed Meta Batch Normalization for fast domain
+  adaptation in face recognition, at the level facemeta's domains work: the embedding's domain mean, since the
+  dlib-prior ResNet has no normalisation statistics to re-estimate): per source domain, the INNER people's photos
+  are unlabelled photos of the domain, their mean embedding is the domain's statistics estimated from a few
+  photos (facemeta.gallery.domain_stats, kind mean: normalise(v) = (v - mean) / |v - mean|), and the OUTER
+  people's embeddings, each normalised by its own domain's estimate, are classified together across domains
+  (prototype CosFace: people of different domains must stay apart after each domain is centred by a few-photo
+  estimate, as a gallery with domains compares them). The gradient flows through the estimate, so the network
+  learns features whose few-photo centring works; ``meta.gamma`` keeps that share of the same loss on the raw
+  (uncentred) embeddings, so the model still works without domains. Trains the whole network (like ERM).
+
+Both adapt methods meta-learn the part `adapt` changes (the tail: the last ``TAIL_BLOCKS`` blocks and the embedding layer);
 the front of the network is run without gradient once per domain and step and is not trained by these methods.
 k = half of the domain's identities in the batch (``sampler.identities_per_domain``), at least one each side.
-Registered in facemeta.train.methods; presets facemeta/configs/adapt-maml-fo.yaml and adapt-reptile.yaml.
+Registered in facemeta.train.methods; presets facemeta/configs/adapt-maml-fo.yaml, adapt-reptile.yaml and
+adapt-stats.yaml.
 """
 
 from __future__ import annotations
@@ -177,3 +189,37 @@ def adapt_reptile_grad(joint: nn.Module, batch, settings) -> dict[str, float]:
         if p.grad is not None:
             p.grad.mul_(scale)
     return {"loss": out["inner_loss"]}
+
+
+def stats_episode_loss(joint: nn.Module, batch, settings, step_seed: int) -> tuple[Tensor, dict[str, float]]:
+    """The statistics variant's loss on one EpisodeBatch (see the module docstring): per domain, the inner
+    people's photos give the domain mean (no labels used), the outer people's embeddings are centred by it;
+    every domain's outer people in one prototype CosFace -> (γ · raw loss + (1 − γ) · centred loss, logs)."""
+    import torch.nn.functional as F
+
+    s = AdaptSettings()
+    rng = np.random.default_rng([0x57A7, step_seed])
+    raw, centred, labels = [], [], []
+    offset = 0
+    for d in batch.domains:
+        (xi, _), (xo, yo) = inner_outer(d.gallery, d.probe, d.labels, rng)
+        emb = F.normalize(joint(torch.cat([xi, xo])), dim=1)
+        mean = emb[:len(xi)].mean(dim=0, keepdim=True)
+        out = emb[len(xi):]
+        raw.append(out)
+        centred.append(F.normalize(out - mean, dim=1))
+        labels.append(yo + offset)
+        offset += int(yo.max()) + 1
+    y = torch.cat(labels)
+    loss_raw = prototype_cosface_loss(torch.cat(raw), y, s.scale, s.margin)
+    loss_centred = prototype_cosface_loss(torch.cat(centred), y, s.scale, s.margin)
+    loss = settings.gamma * loss_raw + (1 - settings.gamma) * loss_centred
+    return loss, {"loss_raw": float(loss_raw.detach()), "loss_centred": float(loss_centred.detach())}
+
+
+def adapt_stats_grad(joint: nn.Module, batch, settings) -> dict[str, float]:
+    """The statistics variant (``adapt-stats``): the gradient of :func:`stats_episode_loss` into every
+    parameter of the network (the heads are not used)."""
+    loss, logs = stats_episode_loss(joint, batch, settings, int(batch.domains[0].labels.sum()))
+    loss.backward()
+    return {"loss": float(loss.detach()), **logs}

@@ -40,7 +40,7 @@ from facemeta.objectives.cdt import cross_domain_triplet_loss, pair_covariances
 from facemeta.objectives.mfr import CosineSoftmaxHead, domain_alignment_loss, hard_pair_attention_loss
 from facemeta.objectives.triplet import triplet_loss
 from facemeta.registry import Registry
-from facemeta.train.adapt_episodes import adapt_maml_fo_grad, adapt_reptile_grad
+from facemeta.train.adapt_episodes import adapt_maml_fo_grad, adapt_reptile_grad, adapt_stats_grad
 
 
 @dataclass
@@ -430,6 +430,7 @@ def reptile_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) ->
 # Meta-training for `facemeta adapt` (issue 26): episodes that simulate it, facemeta.train.adapt_episodes.
 register_method("adapt-maml-fo")(adapt_maml_fo_grad)
 register_method("adapt-reptile")(adapt_reptile_grad)
+register_method("adapt-stats")(adapt_stats_grad)  # the statistics variant (domain means from few photos)
 
 
 @dataclass
