@@ -145,6 +145,18 @@ def test_bad_member_choices_are_refused_in_one_line(base, labelled, tmp_path, ca
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+def test_training_from_an_ensemble_is_refused_in_one_line(base):
+    """model.pretrained_path: a run trains one model; an ensemble is refused in one line naming the ways that work."""
+    from facemeta.errors import ConfigError
+    from facemeta.train.config import load_config
+    from facemeta.train.start import pretrained_file
+
+    cfg = load_config("prior", overrides={"model.pretrained": False, "model.pretrained_path": str(base)})
+    with pytest.raises(ConfigError, match="is an ensemble of 2 models") as info:
+        pretrained_file(cfg)
+    assert "\n" not in str(info.value) and "distill.teacher" in str(info.value)
+
+
 def test_adapted_ensemble_enrolls_and_identifies(adapted, labelled, tmp_path):
     """Through FaceRecognizer: the neutral photos enrolled, every labelled sunglasses photo identified; the strong
     base models, barely moved by 5 steps, get most right among 4 people."""

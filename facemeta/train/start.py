@@ -34,6 +34,7 @@ def pretrained_file(cfg: TrainConfig) -> str | None:
     from facemeta.models.backbone import installed_weights
 
     if cfg.model.pretrained_path:
+        _refuse_ensemble(cfg.model.pretrained_path)
         return cfg.model.pretrained_path
     if not cfg.model.pretrained:
         return None
@@ -42,6 +43,25 @@ def pretrained_file(cfg: TrainConfig) -> str | None:
         raise ConfigError(f"model.pretrained: no installed weights for '{cfg.model.backbone}' (facemeta never "
                           "downloads); use backbone dlib_resnet29 or sface, or give model.pretrained_path")
     return str(path)
+
+
+def _refuse_ensemble(path: str) -> None:
+    """A one-line ConfigError when `path` is an ensemble checkpoint (facemeta.models.ensemble): a run trains one
+    model, so it cannot start from several."""
+    from facemeta.errors import CheckpointError
+    from facemeta.models.checkpoint import read_checkpoint_info
+
+    if not str(path).endswith(".safetensors"):
+        return
+    try:
+        config = read_checkpoint_info(path).get("config") or {}
+    except CheckpointError:  # not a facemeta checkpoint: read as plain weights
+        return
+    if config.get("kind") == "ensemble":
+        raise ConfigError(f"model.pretrained_path {path} is an ensemble of {len(config.get('members') or ())} models; "
+                          "a run trains one: start each member from its own weights (model.pretrained: true with "
+                          "its backbone) and join them with tools/make_ensemble.py, or distil the ensemble into "
+                          "one student (distill.teacher)")
 
 
 def freeze(model: nn.Module, prefixes: list[str]) -> int:
