@@ -13,7 +13,8 @@ checkpoint (meta ``threshold`` at false-accept rate ``threshold_far``).
 ``runtime="onnx"`` runs the embedding network through ONNX Runtime instead (detection and alignment stay in
 torch): a graph exported by :func:`export_checkpoint_onnx` (``facemeta export``), given as ``onnx_path`` or
 built on first use into ``cache_root()/onnx/<fingerprint>.onnx``. The fingerprint stays the checkpoint's, so a
-gallery works with either runtime.
+gallery works with either runtime. An ensemble's graph takes one input per member (each face warped onto every
+member's chip, as with torch), and with the graph in the cache no torch is imported.
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ def synthetic_faces(align_size: int, count: int = CHECK_FACES, seed: int = 0) ->
     return np.stack([cv2.resize(c, (align_size, align_size), interpolation=cv2.INTER_CUBIC) for c in coarse])
 
 
-def check_faces(align_size: int, chip: str, images: list[str | os.PathLike] | None = None,
-                count: int = CHECK_FACES) -> tuple[np.ndarray, str]:
-    """Aligned faces for the ONNX parity check -> (uint8 [N,S,S,3], where they came from).
+def check_faces(chips: list[tuple[str, int]], images: list[str | os.PathLike] | None = None,
+                count: int = CHECK_FACES) -> tuple[list[np.ndarray], str]:
+    """Aligned faces for the ONNX parity check -> (one uint8 batch [N,S,S,3] per (chip, size) of `chips`: the
+    same faces on each, where they came from).
 
     `images`: photos (one face each, the subject) aligned through facemeta's one route (facemeta.align.route);
     without them, :func:`synthetic_faces` (the shared data is never read for this)."""
     if images is None:
-        return synthetic_faces(align_size, count), f"{count} synthetic images (pass photos to check on real faces)"
+        return [synthetic_faces(size, count) for _, size in chips], \
+            f"{count} synthetic images (pass photos to check on real faces)"
     from facemeta.align.detect import FaceDetector
     from facemeta.align.route import find_faces
     from facemeta.align.warp import warp_face
@@ -66,31 +69,33 @@ def check_faces(align_size: int, chip: str, images: list[str | os.PathLike] | No
 
     loaded = [load_image(p) for p in images]
     found = find_faces(loaded, FaceDetector())
-    faces = [warp_face(image, f.faces[0].landmarks, align_size, chip)
-             for image, f in zip(loaded, found, strict=True) if f is not None][:count]
+    faces = [(image, f.faces[0].landmarks) for image, f in zip(loaded, found, strict=True) if f is not None][:count]
     if not faces:
         raise NoFaceError("no face found in the images of the ONNX parity check")
-    return np.stack(faces), f"{len(faces)} faces of the images given, aligned by facemeta"
+    return [np.stack([warp_face(image, points, size, chip) for image, points in faces]) for chip, size in chips], \
+        f"{len(faces)} faces of the images given, aligned by facemeta"
 
 
 def export_checkpoint_onnx(model_path: str | os.PathLike | None, out: str | os.PathLike, opset: int | None = None,
                            flip: bool = True, images: list[str | os.PathLike] | None = None) -> dict:
     """Export a checkpoint's embedding network to `out` (.onnx) with its JSON contract beside it, after checking
     ONNX Runtime against torch (cosine >= 0.9999) on real aligned faces (see :func:`check_faces`); returns the
-    contract. Nothing is written when the check fails (a one-line CheckpointError)."""
-    from facemeta.models.checkpoint import load_checkpoint
-    from facemeta.models.onnx_export import DEFAULT_OPSET, build_contract, export_onnx
+    contract. An ensemble's graph takes one input per member (facemeta.models.onnx_contract). Nothing is written
+    when the check fails (a one-line CheckpointError)."""
+    from facemeta.models.ensemble import load_model
+    from facemeta.models.onnx_export import DEFAULT_OPSET, export_onnx, model_contract
 
     if Path(out).suffix != ".onnx":
         raise CheckpointError(f"the ONNX file must end in .onnx, got {out}")
     path = checkpoint_path(model_path)
-    model, meta = load_checkpoint(path)
+    model, meta = load_model(path)
     settings = check_model_meta(meta, path.with_suffix(".json"))
-    contract = build_contract(model.config, settings, file_fingerprint(path), opset or DEFAULT_OPSET, flip,
+    contract = model_contract(model, settings, file_fingerprint(path), opset or DEFAULT_OPSET, flip,
                               checkpoint=path.name)
-    faces, source = check_faces(settings["align_size"], settings["align_chip"], images)
+    chips = getattr(model, "chips", None) or [(settings["align_chip"], settings["align_size"])]
+    faces, source = check_faces(chips, images)
     contract["parity"] = {"source": source}
-    return export_onnx(model, out, contract, faces, opset=opset or DEFAULT_OPSET)
+    return export_onnx(model, out, contract, faces if len(chips) > 1 else faces[0], opset=opset or DEFAULT_OPSET)
 
 
 @dataclass(frozen=True)
@@ -173,9 +178,6 @@ class FaceEmbedder:
             self.model.to(device).eval()
         else:  # the graph's contract must name these weights; thresholds come from the (recalibratable) sidecar
             info = read_checkpoint_info(self.model_path)
-            if (info.get("config") or {}).get("kind") == "ensemble":
-                raise CheckpointError(f"{self.model_path.name} is an ensemble of several models: ONNX Runtime runs "
-                                      "single models only; use --runtime torch")
             self.model, self.meta = None, dict(info.get("meta") or {})
             self._config = info.get("config") or {}
         self.device = device
@@ -183,8 +185,8 @@ class FaceEmbedder:
         self.flip = flip
         settings = check_model_meta(self.meta, self.model_path.with_suffix(".json"))
         # the chips the faces are warped onto: one per member of an ensemble, else the checkpoint's own
-        self.chips: list[tuple[str, int]] = list(getattr(self.model, "chips", None) or
-                                                 [(settings["align_chip"], settings["align_size"])])
+        self.chips: list[tuple[str, int]] = list(getattr(self.model, "chips", None) or _config_chips(
+            self._config, self.model_path) or [(settings["align_chip"], settings["align_size"])])
         self.align_chip, self.align_size = self.chips[0]
         self._threshold = settings["threshold"]
         self._threshold_far = settings["threshold_far"]
@@ -212,7 +214,11 @@ class FaceEmbedder:
                 _export_with_faces(self.model_path, cached, faces)
                 model = OnnxEmbeddingModel(cached, fingerprint=self.fingerprint, config=self._config)
         c = model.contract
-        if (c.get("align_size"), c.get("align_chip")) != (self.align_size, self.align_chip):
+        if model.ensemble or self.ensemble:
+            if model.chips != self.chips:
+                raise CheckpointError(f"{model.path.name} expects faces aligned onto {model.chips} (chip, px), the "
+                                      f"checkpoint onto {self.chips}; export it again")
+        elif (c.get("align_size"), c.get("align_chip")) != (self.align_size, self.align_chip):
             raise CheckpointError(f"{model.path.name} expects faces aligned at {c.get('align_size')} px onto the "
                                   f"{c.get('align_chip')} chip, the checkpoint at {self.align_size} px onto "
                                   f"{self.align_chip}; export it again")
@@ -257,6 +263,8 @@ class FaceEmbedder:
         if self.onnx_model is not None:
             return self.onnx_model.embedding_size
         if self.model is None:
+            if self.ensemble:
+                return sum(int(e["config"]["embedding_size"]) for e in self._config["members"])
             return int(self._config["embedding_size"])
         return int(self.model.embedding_size if self.ensemble else self.model.config.embedding_size)
 
@@ -277,18 +285,19 @@ class FaceEmbedder:
         """Faces warped by :meth:`warp` (one list of chips per face) -> float32 unit vectors [N,E]."""
         if not self.ensemble:
             return self.embed_aligned(np.stack([c[0] for c in crops]))
-        batches = [np.stack([c[k] for c in crops]) for k in range(len(self.chips))]
-        return self.model.embed(batches, flip=self.flip)
+        return self.embed_aligned([np.stack([c[k] for c in crops]) for k in range(len(self.chips))])
 
     def embed_aligned(self, faces: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """Aligned uint8 RGB faces [N,S,S,3] -> float32 unit vectors [N,E] (torch or ONNX Runtime). For an
         ensemble: one such batch per member, on that member's chip (:attr:`chips`), in a list."""
         if self.ensemble:
-            return self.model.embed(list(faces), flip=self.flip)
+            faces = [np.asarray(f) for f in faces]
         if self._onnx_pending:
-            self._onnx_model(None, np.asarray(faces))
+            self._onnx_model(None, faces if self.ensemble else np.asarray(faces))
         if self.onnx_model is not None:
             return self.onnx_model.embed(faces, flip=self.flip)
+        if self.ensemble:
+            return self.model.embed(faces, flip=self.flip)
         from facemeta.models.backbone import embed
 
         return embed(self.model, faces, flip=self.flip)
@@ -414,16 +423,36 @@ class FaceEmbedder:
         return self.decide(self.face_in_file(path_a), self.face_in_file(path_b), threshold)
 
 
-def _export_with_faces(model_path: Path, out: Path, faces: np.ndarray) -> None:
+def _export_with_faces(model_path: Path, out: Path, faces: np.ndarray | list[np.ndarray]) -> None:
     """Export a checkpoint to `out` for ``runtime="onnx"``, its parity checked on `faces` (the first faces the
-    embedder aligned, with their mirror images), never on the shared data."""
-    from facemeta.models.checkpoint import load_checkpoint
-    from facemeta.models.onnx_export import DEFAULT_OPSET, build_contract, export_onnx
+    embedder aligned, with their mirror images; an ensemble's: a list, one batch per member's chip), never on
+    the shared data."""
+    from facemeta.models.ensemble import load_model
+    from facemeta.models.onnx_export import DEFAULT_OPSET, export_onnx, model_contract
 
-    model, meta = load_checkpoint(model_path)
+    model, meta = load_model(model_path)
     settings = check_model_meta(meta, model_path.with_suffix(".json"))
-    contract = build_contract(model.config, settings, file_fingerprint(model_path), DEFAULT_OPSET, True,
+    contract = model_contract(model, settings, file_fingerprint(model_path), DEFAULT_OPSET, True,
                               checkpoint=model_path.name)
-    check = np.concatenate([faces, faces[:, :, ::-1]])[:2 * CHECK_FACES]
-    contract["parity"] = {"source": f"{len(check)} faces of the first photos embedded, and their mirror images"}
-    export_onnx(model, out, contract, np.ascontiguousarray(check), opset=DEFAULT_OPSET)
+    batches = list(faces) if hasattr(model, "chips") else [faces]
+    checks = [np.ascontiguousarray(np.concatenate([f, f[:, :, ::-1]])[:2 * CHECK_FACES]) for f in batches]
+    contract["parity"] = {"source": f"{len(checks[0])} faces of the first photos embedded, and their mirror images"}
+    export_onnx(model, out, contract, checks if hasattr(model, "chips") else checks[0], opset=DEFAULT_OPSET)
+
+
+def _config_chips(config: dict, where: Path) -> list[tuple[str, int]] | None:
+    """The (chip, size) each member of an ensemble checkpoint's config reads (torch-free, for the ONNX runtime);
+    None for a single model; a one-line CheckpointError for members that name no known chip."""
+    from facemeta.align.warp import CHIPS
+
+    if config.get("kind") != "ensemble":
+        return None
+    try:
+        chips = [(e["chip"], e["align_size"]) for e in config["members"]]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"bad ensemble config in {where.name}: each member needs chip and align_size") from exc
+    for chip, size in chips:
+        bad_size = isinstance(size, bool) or not isinstance(size, int) or not ALIGN_SIZES[0] <= size <= ALIGN_SIZES[1]
+        if chip not in CHIPS or bad_size:
+            raise CheckpointError(f"bad ensemble config in {where.name}: member chip {chip!r} at {size!r} px")
+    return chips

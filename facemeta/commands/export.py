@@ -22,6 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "OUT.json, written beside OUT.onnx, is the contract that says all of this: input name and\n"
                     "shape, image size, mean/std, the aligned chip (align_size, align_chip), embedding size,\n"
                     "threshold and threshold_far, the checkpoint's fingerprint, opset and facemeta version.\n\n"
+                    "An ensemble (several members, each reading its own chip of the same landmarks) exports as one\n"
+                    "graph with one input per member (input_0, input_1, ...: that member's chip, size, mean/std)\n"
+                    "and one output, the ensemble's unit vector; its contract lists the members with their weights\n"
+                    "and scales, and says how flip TTA combines per member.\n\n"
                     f"Before writing, ONNX Runtime is checked against torch on the faces of --check-images\n"
                     f"(aligned by facemeta), or on synthetic images: below cosine {PARITY_MIN_COSINE} the\n"
                     "export is refused and nothing is written. `facemeta verify --runtime onnx --onnx OUT.onnx`\n"
@@ -49,8 +53,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"onnx": args.onnx, "contract": str(contract_path(args.onnx)), **contract}))
     else:
         parity = contract["parity"]
+        if contract.get("kind") == "ensemble":
+            ins = " + ".join(f"{m['image_size']} px ({m['align_chip']} chip)" for m in contract["members"])
+            what = f"ensemble of {len(contract['members'])}: {ins} in"
+        else:
+            what = f"{contract['image_size']} px in"
         print(f"wrote {args.onnx} and {contract_path(args.onnx)} (opset {contract['opset']}, "
-              f"{contract['image_size']} px in, {contract['embedding_size']}-d out, checkpoint "
+              f"{what}, {contract['embedding_size']}-d out, checkpoint "
               f"{contract['checkpoint']['fingerprint']})")
         print(f"ONNX Runtime vs torch on {parity['source']}: min cosine {parity['min_cosine']:.6f}")
     return 0
