@@ -269,3 +269,32 @@ def test_a_contract_that_lies_is_refused_in_one_line(exported, ensemble_file, tm
         assert words in err, (words, err)
     graph.with_suffix(".json").write_text(json.dumps(good))  # the honest contract works again
     assert FaceEmbedder(ensemble_file, runtime="onnx", onnx_path=graph).onnx_model.ensemble
+
+
+def test_export_says_what_it_wrote(exported, ensemble_file, tmp_path, capsys, monkeypatch):
+    """Without --json: one line naming the members' inputs, one with the parity check (synthetic faces here)."""
+    from facemeta.models import onnx_export
+
+    monkeypatch.setattr(onnx_export, "export_graph", lambda model, opset=18: exported.read_bytes())
+    code, out, err = run_cli(capsys, "export", ensemble_file, "--onnx", tmp_path / "e.onnx")
+    assert code == 0, err
+    assert "ensemble of 2: 150 px (dlib chip) + 112 px (arcface chip) in, 256-d out" in out
+    assert "on 8 synthetic images" in out and (tmp_path / "e.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ slow
+@pytest.mark.slow
+def test_a_weighted_ensemble_exports_into_the_cache_for_real(ensemble_file, tmp_path, photos):
+    """Members weighed 3:1 (scales sqrt(3/4) and sqrt(1/4)): torch's exporter runs for real on the first faces,
+    and the flip TTA per member still matches torch."""
+    from facemeta.models.ensemble import ensemble_of, load_model, save_ensemble
+
+    model, meta = load_model(ensemble_file)
+    path = save_ensemble(ensemble_of(list(model.members), model.chips, weights=[3.0, 1.0]),
+                         tmp_path / "weighted.safetensors", meta=meta)
+    onnx_emb, torch_emb = FaceEmbedder(path, runtime="onnx"), FaceEmbedder(path)
+    ours, theirs = onnx_emb.embed_files(photos), torch_emb.embed_files(photos)
+    assert min(float(a @ b) for a, b in zip(ours, theirs, strict=True)) >= 0.9999
+    members = onnx_emb.onnx_model.contract["members"]
+    assert [m["weight"] for m in members] == [3.0, 1.0]
+    assert [round(m["scale"] ** 2, 6) for m in members] == [0.75, 0.25]
