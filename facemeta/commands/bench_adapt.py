@@ -20,6 +20,9 @@ def add_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--base", metavar="MODEL", help="adapt: the model adapted (default: the shipped model)")
     group.add_argument("--choices", action="store_true",
                        help="adapt: compare the candidate settings adapt's defaults were chosen from instead")
+    group.add_argument("--no-adapt", action="store_true",
+                       help="adapt: score the base model and statistics only (no fine-tuning; e.g. to compare starts "
+                            "trained for statistics)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ks must be a comma list of integers >= 0, got {args.ks!r}")
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / "adapt"
     base = args.base or default_model_path()
-    run_adapt_bench(base, protocols, ks, args.seeds or [0, 1, 2], choices() if args.choices else {"adapt": AdaptSettings()}, out, data=args.data,
+    settings = {} if args.no_adapt else choices() if args.choices else {"adapt": AdaptSettings()}
+    run_adapt_bench(base, protocols, ks, args.seeds or [0, 1, 2], settings, out, data=args.data,
                     progress=args.progress)
     print((out / "results.md").read_text(encoding="utf-8"))
     return 0
