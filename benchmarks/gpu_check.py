@@ -420,6 +420,19 @@ def vectors_on(tail, feats, flipped) -> np.ndarray:
     return e.float().cpu().numpy()
 
 
+def stats_only_np(vectors: np.ndarray, conditions: np.ndarray, adapt_idx: np.ndarray) -> np.ndarray:
+    """adapt_bench.stats_only (each condition centred on its mean over the adapting people's photos, renormalised:
+    facemeta.gallery.domain_stats, kind mean) in numpy here: facemeta.gallery imports FAISS, which the device
+    machine does not have. tests/test_gpu_check.py checks that both give the same vectors."""
+    out = vectors.astype(np.float32).copy()
+    for c in (0, 1):
+        mask = conditions == c
+        mean = vectors[np.intersect1d(adapt_idx, np.flatnonzero(mask))].astype(np.float64).mean(axis=0)
+        y = vectors[mask] - mean.astype(np.float32)
+        out[mask] = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-6)  # domain_stats.EPS
+    return out
+
+
 def adapt_cell(model, data: dict, k: int, seed: int, settings, device) -> dict:
     """One adapt run on the device, scored as adapt_bench.run_cell scores it -> {base, stats-only, adapt}."""
     import copy
@@ -427,7 +440,7 @@ def adapt_cell(model, data: dict, k: int, seed: int, settings, device) -> dict:
     import torch
 
     import facemeta.train.adapt as adapt
-    from facemeta.experiments.adapt_bench import FAR, draw, score, stats_only
+    from facemeta.experiments.adapt_bench import FAR, draw, score
 
     adapt_idx, other = draw(data, k, seed)
     sub = {key: data[key][other] for key in ("people", "conditions")}
@@ -440,7 +453,7 @@ def adapt_cell(model, data: dict, k: int, seed: int, settings, device) -> dict:
     feats, flipped = front_on(tail, data["faces"], device)
     base = vectors_on(tail, feats, flipped)
     rows = {"base": score(base[other], **sub),
-            "stats-only": score(stats_only(base, data["conditions"], adapt_idx)[other], **sub)}
+            "stats-only": score(stats_only_np(base, data["conditions"], adapt_idx)[other], **sub)}
     labels = torch.as_tensor(np.unique(data["people"][adapt_idx], return_inverse=True)[1]).long().to(device)
     ix = torch.as_tensor(adapt_idx, device=device)
     original = adapt.draw_views

@@ -71,3 +71,24 @@ def test_whole_dry_run_of_the_shell_script(tmp_path):
     parts = {p.stem for p in (tmp_path / "parts").glob("*.json")}
     assert parts == {"env", "train", "embed", "adapt"}
     assert "## Training throughput per method" in (tmp_path / "results.md").read_text()
+
+
+def test_device_side_helpers_match_the_product():
+    """stats_only_np (the device machine has no FAISS, so no facemeta.gallery) gives adapt_bench.stats_only's
+    vectors; model_configs finds a single model's config and an ensemble's members' configs in a checkpoint JSON."""
+    import numpy as np
+
+    from facemeta.experiments.adapt_bench import stats_only
+
+    gc = _module()
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(20, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    conditions = np.array([0, 1] * 10)
+    adapt_idx = np.arange(6)
+    np.testing.assert_allclose(gc.stats_only_np(v, conditions, adapt_idx), stats_only(v, conditions, adapt_idx),
+                               atol=1e-6)
+    single = {"config": {"backbone": "dlib_resnet29", "image_size": 150}, "meta": {}}
+    ensemble = {"config": {"members": [{"config": {"backbone": "dlib_resnet29"}}, {"config": {"backbone": "sface"}}]}}
+    assert [c["backbone"] for c in gc.model_configs(single)] == ["dlib_resnet29"]
+    assert [c["backbone"] for c in gc.model_configs(ensemble)] == ["dlib_resnet29", "sface"]
