@@ -407,7 +407,8 @@ def write_results(results: dict, out: Path) -> None:
         lines.append(f"| {r['protocol']} | {r['k']} | {r['row']} | {r['n']} | {100 * r['mean']:.1f} ± "
                      f"{100 * r['std']:.1f} | {fmt_diff(r['vs stats-only'], r['vs stats-only ci'])} | "
                      f"{fmt_diff(r['vs base'], r['vs base ci'])} | {far} |")
-    lines += ["", "Settings: " + "; ".join(f"`{n}` {s}" for n, s in results["settings"].items())]
+    lines += ["", "Settings: " + ("; ".join(f"`{n}` {s}" for n, s in results["settings"].items())
+                                   or "none (--no-adapt: the base model and statistics only)")]
     skipped = sorted({(c["protocol"], c["k"], c["why"]) for c in results.get("skipped", [])})
     if skipped:
         lines += ["", "Not run (too few people): " + "; ".join(f"{p} k = {k} ({why})" for p, k, why in skipped)]
