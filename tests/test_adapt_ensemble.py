@@ -198,6 +198,12 @@ def test_eval_scores_an_ensemble_on_every_members_chip(adapted, data_dir, tmp_pa
     vectors = embed_chip_rows(model, per_chip, batch_size=5)
     direct = model.embed([[read_aligned(r.path) for r in rows] for rows in per_chip])
     assert vectors.shape == (res["n_images"], 256) and np.allclose(vectors, direct, atol=1e-5)
+    manifest = tmp_path / "aligned.csv"
+    manifest.write_text("path,identity,domain\n")
+    from facemeta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds faces on one chip"):
+        load_eval_chip_rows(str(manifest), model.chips)
 
 
 def test_distil_an_ensemble_into_one_student(base, data_dir, tmp_path):

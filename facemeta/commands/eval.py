@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="measure a model on a face set (TAR@FAR, AUC, 10-fold accuracy, rank-1)",
         description="Evaluate a checkpoint on a shared set (lfw, yaleb, mfr2, orl) or on a folder of images "
                     "(one sub-folder per identity) or an aligned manifest CSV: TAR at FAR 1e-2 and 1e-3, "
-                    "ROC AUC, 10-fold accuracy on pair lists, rank-1 identification.")
+                    "ROC AUC, 10-fold accuracy on pair lists, rank-1 identification. An ensemble is evaluated on "
+                    "each member's own chip of the same faces (a set or a folder: an aligned manifest holds one chip).")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="model checkpoint (.safetensors): a model or an ensemble (each member's chip is aligned)")
     p.add_argument("--set", dest="set_name", required=True, metavar="lfw|yaleb|mfr2|orl|PATH",
