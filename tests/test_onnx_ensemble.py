@@ -147,8 +147,9 @@ def test_onnx_runtime_matches_torch_with_and_without_flip(exported, torch_embedd
     e, m = runtime.run(xs), runtime.run([x[:, :, :, ::-1] for x in xs])
     whole = (e + m) / np.linalg.norm(e + m, axis=1, keepdims=True)
     assert not np.allclose(whole, torch_embedder.model.embed(batches, flip=True), atol=1e-6)
-    with pytest.raises(ValueError, match="one per chip"):
-        runtime.embed(batches[:1])
+    for wrong in (batches[:1], batches[1][:2]):  # one batch only; two faces that are not two batches
+        with pytest.raises(ValueError, match="one per chip"):
+            runtime.embed(wrong)
 
 
 def test_verify_runtime_onnx_agrees_with_torch(exported, ensemble_file, torch_embedder, data_dir, capsys):

@@ -282,9 +282,9 @@ class OnnxEmbeddingModel:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.ensemble:
-            if len(faces) != len(self.inputs):
-                raise ValueError(f"the ensemble needs {len(self.inputs)} batches of faces (one per chip), got "
-                                 f"{len(faces)}")
+            if not isinstance(faces, list | tuple) or len(faces) != len(self.inputs):
+                raise ValueError(f"the ensemble needs a list of {len(self.inputs)} batches of faces (one per chip), "
+                                 f"got {type(faces).__name__} of {len(faces)}")
             xs = [self._inputs(f, g.preprocessing) for f, g in zip(faces, self.inputs, strict=True)]
             if len({len(x) for x in xs}) != 1:
                 raise ValueError(f"every member needs the same faces; got batches of sizes {[len(x) for x in xs]}")
