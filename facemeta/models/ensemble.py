@@ -243,20 +243,27 @@ def load_ensemble(path: str | os.PathLike, map_location: str = "cpu") -> tuple[E
         configs = [ModelConfig.from_dict(e["config"]) for e in entries]
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"bad ensemble config in {weights}: {one_line(exc)}") from exc
-    members, referenced = [], {}
+    from facemeta.models.backbone import installed_weights
+
+    members = []
     for i, (spec, config) in enumerate(zip(specs, configs, strict=True)):
-        if spec.prior:  # rebuilt from the installed package: it must be the very file the ensemble was made with
-            found = prior_state(config)
-            if found is None:
+        try:
+            if not spec.prior:
+                members.append(FaceEmbeddingModel(config))
+                continue
+            # built from the installed package: it must be the very file the ensemble was made with
+            try:
+                source = installed_weights(config.backbone)
+            except CheckpointError:
+                source = None
+            if source is None:
                 raise CheckpointError(f"{weights.name} uses the installed {config.backbone} prior, which is not "
                                       "installed: pip install 'facemeta[prior]'")
-            if found[0] != spec.prior:
+            if source.stem != spec.prior:
                 raise CheckpointError(f"{weights.name} was made with {spec.prior}, but the installed "
-                                      f"{config.backbone} prior converts to {found[0]}: install the package "
+                                      f"{config.backbone} prior converts to {source.stem}: install the package "
                                       "version it was made with")
-            referenced[i] = found[1]
-        try:
-            members.append(FaceEmbeddingModel(config))
+            members.append(FaceEmbeddingModel(config, pretrained_path=source))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"bad ensemble member {i} in {weights}: {one_line(exc)}") from exc
     model = EnsembleModel(members, specs)
@@ -264,12 +271,12 @@ def load_ensemble(path: str | os.PathLike, map_location: str = "cpu") -> tuple[E
         state = load_bytes(weights.read_bytes())
     except Exception as exc:  # safetensors errors have many types
         raise CheckpointError(f"corrupt checkpoint {weights}: {one_line(exc)}") from exc
-    for i, member_state in referenced.items():
-        state.update({f"members.{i}.{k}": v for k, v in member_state.items()})
-    problems = check_state_dict(model.state_dict(), state)
+    referenced = tuple(f"members.{i}." for i, s in enumerate(specs) if s.prior)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(referenced)}
+    problems = check_state_dict(own, state)
     if problems:
         raise CheckpointError(f"ensemble {weights.name} does not match its members: {problems}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=False)  # the referenced members' keys came from their packages
     model.to(torch.device(map_location)).eval()
     return model, dict(doc.get("meta") or {})
 
