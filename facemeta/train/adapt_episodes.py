@@ -20,11 +20,12 @@ adapt steps on some people turn into a better model for the others. The outer lo
   dlib-prior ResNet has no normalisation statistics to re-estimate): per source domain, the INNER people's photos
   are unlabelled photos of the domain, their mean embedding is the domain's statistics estimated from a few
   photos (facemeta.gallery.domain_stats, kind mean: normalise(v) = (v - mean) / |v - mean|), and the OUTER
-  people's embeddings, each normalised by its own domain's estimate, are classified together across domains
-  (prototype CosFace: people of different domains must stay apart after each domain is centred by a few-photo
-  estimate, as a gallery with domains compares them). The gradient flows through the estimate, so the network
-  learns features whose few-photo centring works; ``meta.gamma`` keeps that share of the same loss on the raw
-  (uncentred) embeddings, so the model still works without domains. Trains the whole network (like ERM).
+  people's embeddings, each normalised by its own domain's estimate, are classified by the method's head (ERM's
+  margin head over every source identity), so people of different domains must stay apart after each domain is
+  centred by a few-photo estimate, as a gallery with domains compares them. The gradient flows through the
+  estimate. ``meta.gamma`` weighs ERM's loss on every raw embedding against the centred term (gamma 1: ERM).
+  Trains the whole network and the head. ``adapt-stats-proto``, the first form measured, used adapt's prototype
+  CosFace (s 30, m 0.2) instead of the head, on the outer people only (:func:`stats_prototype_loss`).
 
 Both adapt methods meta-learn the part `adapt` changes (the tail: the last ``TAIL_BLOCKS`` blocks and the embedding layer);
 the front of the network is run without gradient once per domain and step and is not trained by these methods.
@@ -191,8 +192,8 @@ def adapt_reptile_grad(joint: nn.Module, batch, settings) -> dict[str, float]:
     return {"loss": out["inner_loss"]}
 
 
-def stats_episode_loss(joint: nn.Module, batch, settings, step_seed: int) -> tuple[Tensor, dict[str, float]]:
-    """The statistics variant's loss on one EpisodeBatch (see the module docstring): per domain, the inner
+def stats_prototype_loss(joint: nn.Module, batch, settings, step_seed: int) -> tuple[Tensor, dict[str, float]]:
+    """The first form of the statistics variant (``adapt-stats-proto``): per domain, the inner
     people's photos give the domain mean (no labels used), the outer people's embeddings are centred by it;
     every domain's outer people in one prototype CosFace -> (γ · raw loss + (1 − γ) · centred loss, logs)."""
     import torch.nn.functional as F
@@ -217,9 +218,47 @@ def stats_episode_loss(joint: nn.Module, batch, settings, step_seed: int) -> tup
     return loss, {"loss_raw": float(loss_raw.detach()), "loss_centred": float(loss_centred.detach())}
 
 
+def adapt_stats_proto_grad(joint: nn.Module, batch, settings) -> dict[str, float]:
+    """``adapt-stats-proto``: the gradient of :func:`stats_prototype_loss` into every parameter of the network
+    (the heads are not used)."""
+    loss, logs = stats_prototype_loss(joint, batch, settings, int(batch.domains[0].labels.sum()))
+    loss.backward()
+    return {"loss": float(loss.detach()), **logs}
+
+
+def stats_episode_loss(joint: nn.Module, batch, settings, step_seed: int) -> tuple[Tensor, dict[str, float]]:
+    """The statistics variant's loss (``adapt-stats``) on one EpisodeBatch: per domain, a split of its people
+    (:func:`split_people`) into inner people, whose photos' mean embedding (labels unused) is the domain's
+    few-photo statistics, and outer people, whose embeddings are centred by it and renormalised. The loss is the
+    method's classification head (ERM's: the config's margin head over every source identity) on the raw
+    embeddings of every photo, weight ``meta.gamma``, plus on the outer people's centred embeddings, weight
+    1 − gamma: gamma 1 is ERM's loss on the same batch, exactly. -> (loss, logs)."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng([0x57A7, step_seed])
+    raw, raw_y, centred, centred_y = [], [], [], []
+    for d in batch.domains:
+        split = split_people(len(d.labels), None, rng)
+        inner = torch.as_tensor(split.inner, dtype=torch.long, device=d.gallery.device)
+        outer = torch.as_tensor(split.outer, dtype=torch.long, device=d.gallery.device)
+        xi, xo = (torch.cat([d.gallery[ix], d.probe[ix]]) for ix in (inner, outer))
+        yi, yo = (torch.cat([d.labels[ix], d.labels[ix]]) for ix in (inner, outer))
+        emb = joint(torch.cat([xi, xo]))
+        mean = F.normalize(emb[:len(xi)], dim=1).mean(dim=0, keepdim=True)
+        raw.append(emb)
+        raw_y.append(torch.cat([yi, yo]))
+        centred.append(F.normalize(F.normalize(emb[len(xi):], dim=1) - mean, dim=1))
+        centred_y.append(yo)
+    head = joint.heads["cls"]
+    loss_raw = head.loss(torch.cat(raw).float(), torch.cat(raw_y))
+    loss_centred = head.loss(torch.cat(centred).float(), torch.cat(centred_y))
+    loss = settings.gamma * loss_raw + (1 - settings.gamma) * loss_centred
+    return loss, {"loss_raw": float(loss_raw.detach()), "loss_centred": float(loss_centred.detach())}
+
+
 def adapt_stats_grad(joint: nn.Module, batch, settings) -> dict[str, float]:
     """The statistics variant (``adapt-stats``): the gradient of :func:`stats_episode_loss` into every
-    parameter of the network (the heads are not used)."""
+    parameter of the network and the classification head."""
     loss, logs = stats_episode_loss(joint, batch, settings, int(batch.domains[0].labels.sum()))
     loss.backward()
     return {"loss": float(loss.detach()), **logs}

@@ -40,7 +40,12 @@ from facemeta.objectives.cdt import cross_domain_triplet_loss, pair_covariances
 from facemeta.objectives.mfr import CosineSoftmaxHead, domain_alignment_loss, hard_pair_attention_loss
 from facemeta.objectives.triplet import triplet_loss
 from facemeta.registry import Registry
-from facemeta.train.adapt_episodes import adapt_maml_fo_grad, adapt_reptile_grad, adapt_stats_grad
+from facemeta.train.adapt_episodes import (
+    adapt_maml_fo_grad,
+    adapt_reptile_grad,
+    adapt_stats_grad,
+    adapt_stats_proto_grad,
+)
 
 
 @dataclass
@@ -431,6 +436,7 @@ def reptile_grad(joint: Joint, batch: EpisodeBatch, settings: MethodSettings) ->
 register_method("adapt-maml-fo")(adapt_maml_fo_grad)
 register_method("adapt-reptile")(adapt_reptile_grad)
 register_method("adapt-stats")(adapt_stats_grad)  # the statistics variant (domain means from few photos)
+register_method("adapt-stats-proto")(adapt_stats_proto_grad)  # its first form (adapt's prototype loss)
 
 
 @dataclass
