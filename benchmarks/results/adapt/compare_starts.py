@@ -16,7 +16,8 @@ STARTS = {"shipped": (HERE, HERE / "ar-sunglasses"), "prior": (HERE / "start-pri
           "sface": (HERE / "start-sface",)}
 STATS = {"erm": (HERE / "stats-variant" / "start-erm",),
          "adapt-stats": (HERE / "stats-variant" / "start-adapt-stats",),
-         "adapt-stats-gamma1": (HERE / "stats-variant" / "start-adapt-stats-gamma1",)}
+         "adapt-stats-proto": (HERE / "stats-variant" / "start-adapt-stats-proto",),
+         "adapt-stats-proto-gamma1": (HERE / "stats-variant" / "start-adapt-stats-proto-gamma1",)}
 
 
 def load(folders: tuple[Path, ...]) -> dict | None:
@@ -79,8 +80,10 @@ def main() -> None:
         out += ["## The statistics variant: statistics only from adapt-stats starts − from the ERM start", "",
                 "Every start: 20 steps from the prior on MFR2 and ORL (same preset, data and budget; AR, Yale B and "
                 "thermal never seen); scored with `--no-adapt` (base model and statistics only). `adapt-stats`: "
-                "meta.gamma 0.5 (half the loss on the raw embeddings, half on the few-photo-centred ones); "
-                "`adapt-stats-gamma1`: the same loss on the raw embeddings only (no centring: the ablation that "
+                "ERM's head and loss on every raw embedding (weight meta.gamma 0.5) plus on the outer people's "
+                "embeddings centred by their domain's few-photo mean (0.5). `adapt-stats-proto`, the first form: "
+                "adapt's prototype CosFace (s 30, m 0.2) instead of the head, 0.5 raw + 0.5 centred; "
+                "`adapt-stats-proto-gamma1`: that loss on the raw embeddings only (no centring: the ablation that "
                 "separates the centring from the loss itself).", "", *table(stats), ""]
         for name in stats:
             if name != "erm":
