@@ -20,6 +20,10 @@ STATS = {"erm": (HERE / "stats-variant" / "start-erm",),
          "adapt-stats-proto-gamma1": (HERE / "stats-variant" / "start-adapt-stats-proto-gamma1",)}
 
 
+STATS_ADAPT = {"erm": (HERE / "stats-variant" / "adapt-start-erm",),
+               "adapt-stats": (HERE / "stats-variant" / "adapt-start-adapt-stats",)}
+
+
 def load(folders: tuple[Path, ...]) -> dict | None:
     """The results of one start, its folders' cells together (None when none has results)."""
     docs = [json.loads((f / "results.json").read_text(encoding="utf-8")) for f in folders
@@ -89,6 +93,11 @@ def main() -> None:
             if name != "erm":
                 out += [f"Paired, statistics only (k = 0: base models), {name} − erm:", "",
                         *paired(stats["erm"], stats[name], "stats-only", f"{name} − erm"), ""]
+    labelled = {n: d for n, f in STATS_ADAPT.items() if (d := load(f)) is not None}
+    if len(labelled) == 2:
+        out += ["## The same two starts with labelled adaptation (adapt's defaults)", "", *table(labelled), "",
+                "Paired, adapt, adapt-stats start − ERM start:", "",
+                *paired(labelled["erm"], labelled["adapt-stats"], "adapt", "adapt-stats − erm"), ""]
     (HERE / "starts.md").write_text("\n".join(out) + "\n", encoding="utf-8")
     print("\n".join(out))
 
