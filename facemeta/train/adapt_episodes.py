@@ -13,8 +13,7 @@ adapt steps on some people turn into a better model for the others. The outer lo
 - ``adapt-reptile``: Reptile through facemeta.meta.Reptile; the trajectory is ``reptile_inner_steps`` adapt
   steps on the inner people followed by one step on the outer people after adaptation (Reptile has no
   separate outer loss: the last step of the trajectory plays its part); like the ``reptile`` method, θ − θ̃
-  is divided by (steps x inner_lr) so the outer optimiser acts on it as on a gradient.
-
+  is divided by (steps x inner_lr) so the outer optimiser acts on it as on a gradient;
 - ``adapt-stats`` (the statistics variant; the idea of Decomposed Meta Batch Normalization for fast domain
   adaptation in face recognition, at the level facemeta's domains work: the embedding's domain mean, since the
   dlib-prior ResNet has no normalisation statistics to re-estimate): per source domain, the INNER people's photos
@@ -27,8 +26,9 @@ adapt steps on some people turn into a better model for the others. The outer lo
   Trains the whole network and the head. ``adapt-stats-proto``, the first form measured, used adapt's prototype
   CosFace (s 30, m 0.2) instead of the head, on the outer people only (:func:`stats_prototype_loss`).
 
-Both adapt methods meta-learn the part `adapt` changes (the tail: the last ``TAIL_BLOCKS`` blocks and the embedding layer);
-the front of the network is run without gradient once per domain and step and is not trained by these methods.
+adapt-maml-fo and adapt-reptile meta-learn the part `adapt` changes (the tail: the last ``TAIL_BLOCKS`` blocks
+and the embedding layer); the front of the network is run without gradient once per domain and step and is not
+trained by them.
 k = half of the domain's identities in the batch (``sampler.identities_per_domain``), at least one each side.
 Registered in facemeta.train.methods; presets facemeta/configs/adapt-maml-fo.yaml, adapt-reptile.yaml and
 adapt-stats.yaml.
