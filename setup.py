@@ -9,9 +9,10 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-# What the package carries from weights/: the model, its settings, and its card (MANIFEST.in puts the same files
-# in the sdist).
-SHIPPED = ("default.safetensors", "default.json", "MODEL_CARD.md", "model-card.json")
+# What the package carries from weights/: the model, its settings, its card, and SFace's NOTICE and licence (SFace
+# is a member of the shipped model). MANIFEST.in puts the same files in the sdist.
+SHIPPED = ("default.safetensors", "default.json", "MODEL_CARD.md", "model-card.json", "NOTICE",
+           "LICENSE-Apache-2.0.txt")
 
 
 class BuildPyWithWeights(build_py):

@@ -32,7 +32,7 @@ def raw_cells(results: dict, model: str) -> dict[str, float]:
             continue
         for row in p["rows"]:
             if row["statistic"] == "raw" and row.get("count", 0) == 0:
-                out[f"{p['protocol']} / {row['probe']}"] = round(100 * row["tar@far=1e-2"], 1)
+                out[f"{p['protocol']} / {row['probe']}"] = round(row["tar@far=1e-2"], 1)  # already in %
     return out
 
 

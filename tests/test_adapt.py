@@ -13,7 +13,6 @@ import pytest
 
 from facemeta.cli import main
 
-BASE = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
 PEOPLE = ("JustinTrudeau", "XiJinping", "GavinNewsom")  # MFR2 people with 2 unmasked and >= 3 masked photos
 pytestmark = pytest.mark.usefixtures("module_on_one_torch_thread")
 
@@ -42,37 +41,44 @@ def labelled(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapted(labelled, tmp_path_factory, capsys_module=None) -> tuple[Path, dict]:
-    """The default model adapted on `labelled` with few steps, through the command line (--json)."""
+def base_path(prior_model) -> Path:
+    """A single model to adapt: dlib's prior zero-shot (conftest's prior_model; the shipped model is an ensemble,
+    whose adaptation tests/test_adapt_ensemble.py covers)."""
+    return prior_model.model_path
+
+
+@pytest.fixture(scope="module")
+def adapted(labelled, tmp_path_factory, base_path) -> tuple[Path, dict]:
+    """A single model adapted on `labelled` with few steps, through the command line (--json)."""
     import io
     from contextlib import redirect_stdout
 
     out = tmp_path_factory.mktemp("adapted") / "masked.safetensors"
     buf = io.StringIO()
     with redirect_stdout(buf):
-        code = main(["adapt", str(BASE), "--labelled", str(labelled), "--out", str(out), "--domain", "masked",
+        code = main(["adapt", str(base_path), "--labelled", str(labelled), "--out", str(out), "--domain", "masked",
                      "--steps", "5", "--json"])
     assert code == 0
     return out, json.loads(buf.getvalue())
 
 
-def test_adapted_model_file_fingerprint_threshold_and_card(adapted):
+def test_adapted_model_file_fingerprint_threshold_and_card(adapted, base_path):
     from facemeta.embedder import file_fingerprint
     from facemeta.models.checkpoint import load_checkpoint
 
     out, summary = adapted
     assert out.is_file() and out.with_suffix(".json").is_file() and out.with_suffix(".md").is_file()
-    assert summary["fingerprint"] == file_fingerprint(out) != file_fingerprint(BASE)
+    assert summary["fingerprint"] == file_fingerprint(out) != file_fingerprint(base_path)
     model, meta = load_checkpoint(out)
     assert -1.0 <= meta["threshold"] <= 1.0 and meta["threshold_far"] > 0
     card = meta["adapted_on"]
     assert card["domain"] == "masked" and card["people"] == len(PEOPLE) and card["steps"] == 5
     assert card["photos"] == {"new": 2 * len(PEOPLE), "enrolled": 2 * len(PEOPLE)}
-    assert card["base_model"]["fingerprint"] == file_fingerprint(BASE)
+    assert card["base_model"]["fingerprint"] == file_fingerprint(base_path)
     assert "masked" in meta["domains"] and len(meta["domains"]["masked"]["stats"]["mean"]) == 128
     text = out.with_suffix(".md").read_text()
-    assert "## Adapted on" in text and file_fingerprint(BASE) in text
-    base, _ = load_checkpoint(BASE)
+    assert "## Adapted on" in text and file_fingerprint(base_path) in text
+    base, _ = load_checkpoint(base_path)
     changed = [k for k, v in model.state_dict().items() if not np.allclose(v.numpy(), base.state_dict()[k].numpy())]
     assert changed and all(k.startswith(("backbone.blocks.", "fc.")) for k in changed)  # the tail only
 
@@ -84,16 +90,16 @@ def _refused(args: list[str], capsys) -> str:
     return err
 
 
-def test_bad_inputs_are_refused_in_one_line(labelled, data_dir, tmp_path, capsys):
+def test_bad_inputs_are_refused_in_one_line(labelled, data_dir, tmp_path, capsys, base_path):
     out = tmp_path / "new.safetensors"
     one = tmp_path / "one"
     shutil.copytree(labelled / PEOPLE[0], one / PEOPLE[0])
-    assert "one person only" in _refused([str(BASE), "--labelled", str(one), "--out", str(out)], capsys)
+    assert "one person only" in _refused([str(base_path), "--labelled", str(one), "--out", str(out)], capsys)
     flat = tmp_path / "flat"
     flat.mkdir()
     for p in sorted((labelled / PEOPLE[0]).glob("*.png")):
         shutil.copy(p, flat / p.name)
-    assert "no identity folders" in _refused([str(BASE), "--labelled", str(flat), "--out", str(out)], capsys)
+    assert "no identity folders" in _refused([str(base_path), "--labelled", str(flat), "--out", str(out)], capsys)
     faceless = tmp_path / "faceless"
     from PIL import Image
 
@@ -103,16 +109,16 @@ def test_bad_inputs_are_refused_in_one_line(labelled, data_dir, tmp_path, capsys
         for i in range(2):
             Image.fromarray(np.full((120, 120, 3), 90 + 40 * i, np.uint8)).save(faceless / name / f"{i}.png")
     Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(faceless / "b" / "noise.png")
-    assert "a photo with a face" in _refused([str(BASE), "--labelled", str(faceless), "--out", str(out)], capsys)
+    assert "a photo with a face" in _refused([str(base_path), "--labelled", str(faceless), "--out", str(out)], capsys)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a model at all" * 10)
     assert "not a facemeta model" in _refused([str(junk), "--labelled", str(labelled), "--out", str(out)], capsys)
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07")
     assert "ONNX export" in _refused([str(onnx), "--labelled", str(labelled), "--out", str(out)], capsys)
-    assert "needs --domain" in _refused([str(BASE), "--labelled", str(labelled), "--out", str(out), "--unlabelled",
+    assert "needs --domain" in _refused([str(base_path), "--labelled", str(labelled), "--out", str(out), "--unlabelled",
                                          str(labelled)], capsys)
-    assert "base model itself" in _refused([str(BASE), "--labelled", str(labelled), "--out", str(BASE)], capsys)
+    assert "base model itself" in _refused([str(base_path), "--labelled", str(labelled), "--out", str(base_path)], capsys)
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 

@@ -56,15 +56,18 @@ def test_product_and_training_alignment_warp_the_same_face(photos, data_dir):
     from facemeta.align.pipeline import align_batch
     from facemeta.embedder import FaceEmbedder
 
-    embedder = FaceEmbedder()  # the shipped model: dlib chip, 150 px
+    embedder = FaceEmbedder()  # the shipped model (v3: an ensemble; its first chip is dlib's, 150 px)
     ours = embedder.faces_in_images(photos)
-    training = align_batch(photos, embedder.detector, embedder.align_size, chip=embedder.align_chip)
-    for found, res in zip(ours, training, strict=True):
-        assert len(found) == 1 and res.face is not None
-        assert np.array_equal(found[0].crop, res.face)
-        assert np.allclose(found[0].face.landmarks, res.landmarks)
-    # the crops are what was embedded
-    again = embedder.embed_aligned(np.stack([f[0].crop for f in ours]))
+    per_chip = []
+    for chip, size in embedder.chips:  # every chip of an ensemble: what the training folder job saves for it
+        training = align_batch(photos, embedder.detector, size, chip=chip)
+        for found, res in zip(ours, training, strict=True):
+            assert len(found) == 1 and res.face is not None
+            assert np.allclose(found[0].face.landmarks, res.landmarks)
+        per_chip.append(np.stack([r.face for r in training]))
+    assert all(np.array_equal(f[0].crop, c) for f, c in zip(ours, per_chip[0], strict=True))  # the first chip's
+    # the crops (of every chip) are what was embedded
+    again = embedder.embed_aligned(per_chip if embedder.ensemble else per_chip[0])
     assert np.allclose(again, np.stack([f[0].vector for f in ours]), atol=1e-5)
     # identify (every face) gives each of these faces the very crop verify and enroll give it
     every = embedder.faces_in_images(photos, every=True)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("default.safetensors", "default.json", "MODEL_CARD.md", "model-card.json")
+SHIPPED = ("default.safetensors", "default.json", "MODEL_CARD.md", "model-card.json", "NOTICE",
+           "LICENSE-Apache-2.0.txt")
 
 
 def _can_build() -> bool:

@@ -172,7 +172,8 @@ def _plots(result: dict, out: Path) -> None:
         axes.ravel()[0].legend(fontsize=7)
         fig.suptitle(f"cross-domain, {model} model")
         fig.tight_layout()
-        fig.savefig(out / f"tar_by_count_{model}.png", dpi=80)
+        safe = "".join(c if c.isalnum() or c in "+-_" else "_" for c in Path(model).stem)  # a checkpoint's path
+        fig.savefig(out / f"tar_by_count_{safe}.png", dpi=80)
         plt.close(fig)
 
 
