@@ -30,14 +30,10 @@ def _ar(data_dir: Path, person: str, number: str) -> Path:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """dlib's prior (dlib chip, 150 px) and SFace (ArcFace chip, 112 px), zero-shot, as one ensemble checkpoint."""
-    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
+    from facemeta.models.backbone import build_prior
     from facemeta.models.ensemble import ensemble_of, save_ensemble
 
-    models = []
-    for backbone, size, head in (("dlib_resnet29", 150, "linear"), ("sface", 112, "insightface")):
-        mean, std = default_normalisation(backbone)
-        config = ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean, std=std)
-        models.append(build_model(config, pretrained_path=installed_weights(backbone)).eval())
+    models = [build_prior(name)[0] for name in ("prior", "sface")]
     path = tmp_path_factory.mktemp("base") / "ensemble.safetensors"
     return save_ensemble(ensemble_of(models, [("dlib", 150), ("arcface", 112)]), path,
                          meta={"method": "ensemble", "threshold": 0.5, "threshold_far": 1e-3})

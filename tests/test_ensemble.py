@@ -14,13 +14,9 @@ pytest.importorskip("onnx", reason="SFace's converter reads its file with the on
 @pytest.fixture(scope="module")
 def members():
     """dlib's prior (dlib chip, 150 px) and SFace (ArcFace chip, 112 px), zero-shot."""
-    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
+    from facemeta.models.backbone import build_prior
 
-    models = []
-    for backbone, size, head in (("dlib_resnet29", 150, "linear"), ("sface", 112, "insightface")):
-        mean, std = default_normalisation(backbone)
-        config = ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean, std=std)
-        models.append(build_model(config, pretrained_path=installed_weights(backbone)).eval())
+    models = [build_prior(name)[0] for name in ("prior", "sface")]
     return models
 
 

@@ -45,14 +45,10 @@ def lfw(data_dir, name: str, k: int) -> str:
 @pytest.fixture(scope="module")
 def ensemble_file(tmp_path_factory):
     """dlib's prior + SFace, zero-shot, as one ensemble checkpoint (members referenced to the installed priors)."""
-    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
+    from facemeta.models.backbone import build_prior
     from facemeta.models.ensemble import ensemble_of, save_ensemble
 
-    models = []
-    for backbone, size, head in (("dlib_resnet29", 150, "linear"), ("sface", 112, "insightface")):
-        mean, std = default_normalisation(backbone)
-        config = ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean, std=std)
-        models.append(build_model(config, pretrained_path=installed_weights(backbone)).eval())
+    models = [build_prior(name)[0] for name in ("prior", "sface")]
     path = tmp_path_factory.mktemp("ensemble") / "prior-sface.safetensors"
     save_ensemble(ensemble_of(models, [("dlib", 150), ("arcface", 112)]), path,
                   meta={"threshold": THRESHOLD, "threshold_far": 1e-3})

@@ -73,21 +73,14 @@ def member_model(spec: str):
     """A member given on the command line -> (model, (chip, size), fingerprint): a facemeta checkpoint, or ``prior``
     / ``sface`` for dlib's encoder / SFace zero-shot from the installed packages (stored as references)."""
     from facemeta.embedder import file_fingerprint
-    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
+    from facemeta.models.backbone import PRIORS, build_prior, installed_weights
     from facemeta.models.checkpoint import load_checkpoint
 
     if spec in PRIORS:
-        backbone, chip, size, head = PRIORS[spec]
-        mean, std = default_normalisation(backbone)
-        path = installed_weights(backbone)
-        model = build_model(ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean,
-                                        std=std), pretrained_path=path)
-        return model.eval(), (chip, size), path.stem
+        model, chip = build_prior(spec)
+        return model, chip, installed_weights(PRIORS[spec][0]).stem
     model, meta = load_checkpoint(spec)
     return model, (str(meta.get("align_chip", "arcface")), int(meta.get("align_size", 112))), file_fingerprint(spec)
-
-
-PRIORS = {"prior": ("dlib_resnet29", "dlib", 150, "linear"), "sface": ("sface", "arcface", 112, "insightface")}
 
 
 def per_set_tar(vectors: np.ndarray, ids: np.ndarray) -> dict[str, float]:

@@ -162,16 +162,6 @@ class Part:
     build: Callable[[], object]
 
 
-def _prior(backbone: str):
-    """dlib's encoder or SFace, zero-shot, as the installed package gives it."""
-    from facemeta.models.backbone import ModelConfig, build_model, default_normalisation, installed_weights
-
-    size, head = (112, "insightface") if backbone == "sface" else (SIZE, "linear")
-    mean, std = default_normalisation(backbone)
-    return build_model(ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean,
-                                   std=std), pretrained_path=installed_weights(backbone)).eval()
-
-
 def _digest(model) -> str:
     """sha256[:12] of a network's tensors (float32, sorted keys): the cache key of a trained network, so the same
     weights share vectors whether they come alone or as an ensemble's member."""
@@ -184,7 +174,6 @@ def _digest(model) -> str:
     return "w" + h.hexdigest()[:12]
 
 
-NAMED_PARTS = {"prior": ("dlib_resnet29", CHIP, SIZE), "sface": ("sface", "arcface", 112)}
 
 
 def model_parts(which: str) -> list[Part]:
@@ -192,12 +181,13 @@ def model_parts(which: str) -> list[Part]:
     import functools
 
     from facemeta.errors import CheckpointError
+    from facemeta.models.backbone import PRIORS, build_prior
     from facemeta.models.ensemble import load_model
 
-    if which in NAMED_PARTS:
-        backbone, chip, size = NAMED_PARTS[which]
-        return [Part(which, chip, size, 1.0, functools.partial(_prior, backbone))]
-    if "+" in which and all(w in NAMED_PARTS for w in which.split("+")):
+    if which in PRIORS:
+        _, chip, size, _ = PRIORS[which]
+        return [Part(which, chip, size, 1.0, lambda: build_prior(which)[0])]
+    if "+" in which and all(w in PRIORS for w in which.split("+")):
         return [p for w in which.split("+") for p in model_parts(w)]
     if which == "shipped":
         from facemeta.model_files import default_model_path
@@ -213,7 +203,7 @@ def model_parts(which: str) -> list[Part]:
         return [Part(_digest(model), *chip, 1.0, lambda: model.eval())]
     parts = []
     for member, spec in zip(model.members, model.specs, strict=True):
-        named = [n for n, (b, c, s) in NAMED_PARTS.items()
+        named = [n for n, (b, c, s, _) in PRIORS.items()
                  if spec.prior and member.config.backbone == b and (spec.chip, spec.align_size) == (c, s)]
         key = named[0] if named else _digest(member)
         parts.append(Part(key, spec.chip, int(spec.align_size), float(spec.weight),

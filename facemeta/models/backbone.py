@@ -226,6 +226,20 @@ def build_model(config: ModelConfig | None = None, pretrained_path: str | os.Pat
     return FaceEmbeddingModel(config or ModelConfig(), pretrained_path=pretrained_path)
 
 
+# The installed priors by short name: backbone, the chip and size they read, their head.
+PRIORS = {"prior": (dlib_resnet.PRIOR_NAME, "dlib", 150, "linear"), "sface": (sface.SFACE_NAME, "arcface", 112,
+                                                                            "insightface")}
+
+
+def build_prior(name: str) -> tuple[FaceEmbeddingModel, tuple[str, int]]:
+    """dlib's encoder (``prior``) or SFace (``sface``), zero-shot from the installed package, in eval mode, with
+    the (chip, side) it reads; a CheckpointError naming the install when the package is missing."""
+    backbone, chip, size, head = PRIORS[name]
+    mean, std = default_normalisation(backbone)
+    config = ModelConfig(backbone=backbone, embedding_size=128, image_size=size, head=head, mean=mean, std=std)
+    return build_model(config, pretrained_path=installed_weights(backbone)).eval(), (chip, size)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read tensors from a local weight file without unpickling arbitrary objects.
 
