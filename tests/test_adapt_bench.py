@@ -83,3 +83,37 @@ def test_intervals_widen_with_spread_and_starts_pair_by_draw():
     out = ab.compare_starts(doc([0.5, 0.6, 0.7]), doc([0.55, 0.65, 0.75, 0.9]))  # seed 3 only in b: not paired
     assert len(out) == 1 and out[0]["n"] == 3 and out[0]["mean"] == pytest.approx(0.05)
     assert out[0]["std"] == pytest.approx(0.0)
+
+
+def test_run_resumes_skips_infeasible_k_and_runs_without_adapt(tmp_path, monkeypatch):
+    """The runner on a random dlib-architecture checkpoint and random faces (no alignment): cells are written,
+    a rerun computes nothing it already holds, an infeasible k is listed, and --no-adapt (no settings) gives the
+    base and statistics-only rows only."""
+    import torch
+
+    from facemeta.models.backbone import ModelConfig, build_model
+    from facemeta.models.checkpoint import save_checkpoint
+    from facemeta.train.adapt import AdaptSettings
+
+    torch.manual_seed(0)
+    model_path = save_checkpoint(build_model(ModelConfig(backbone="dlib_resnet29", head="linear", embedding_size=128,
+                                                         image_size=150)), tmp_path / "m.safetensors",
+                                 {"align_chip": "dlib", "align_size": 150})
+    rng = np.random.default_rng(0)
+    data = {**_data({f"p{i}": [1, 0, 0] for i in range(5)}),
+            "faces": rng.integers(0, 255, (15, 150, 150, 3), dtype=np.uint8)}
+    monkeypatch.setattr(ab, "aligned_protocol", lambda *a, **k: data)
+    calls = []
+    real = ab.run_cell
+    monkeypatch.setattr(ab, "run_cell", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
+    settings = {"adapt": AdaptSettings(steps=2)}
+    out = tmp_path / "out"
+    doc = ab.run_adapt_bench(model_path, ["thermal"], [0, 2, 4], [0], settings, out)
+    assert sorted(calls) == [(0, 0), (2, 0)] and {c["k"] for c in doc["skipped"]} == {4}
+    assert set(doc["cells"][1]["rows"]) == {"base", "stats-only", "adapt"}
+    calls.clear()
+    again = ab.run_adapt_bench(model_path, ["thermal"], [0, 2], [0, 1], settings, out)
+    assert calls == [(0, 1), (2, 1)] and len(again["cells"]) == 4  # only the new draws ran
+    bare = ab.run_adapt_bench(model_path, ["thermal"], [2], [0], {}, tmp_path / "bare")
+    assert set(bare["cells"][0]["rows"]) == {"base", "stats-only"}
+    assert "none (--no-adapt" in (tmp_path / "bare" / "results.md").read_text()
