@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from facemeta.experiments.adapt_bench import PROTOCOLS, compare_starts, fmt_diff, summarise
 
 HERE = Path(__file__).resolve().parent
@@ -65,8 +67,42 @@ def paired(a: dict, b: dict, row: str, label: str) -> list[str]:
     return lines
 
 
+def curves(docs: dict[str, dict], path: Path) -> None:
+    """curves.png: TAR against k per target, for each start's base, statistics only and adapt (mean ± std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for name, doc in docs.items() for r in summarise(doc) for r in [{**r, "start": name}]]
+    targets = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets), 3.2), squeeze=False)
+    styles = {"base": ":", "stats-only": "--", "adapt": "-"}
+    colours = {"shipped": "C0", "prior": "C1", "sface": "C2"}
+    for ax, target in zip(axes[0], targets, strict=True):
+        for name in docs:
+            for row, style in styles.items():
+                pts = sorted((r["k"], r["mean"], r["std"]) for r in rows if r["start"] == name
+                             and r["protocol"] == target and (r["row"] == row or (r["k"] == 0 and row == "adapt"
+                                                                                   and r["row"] == "base")))
+                if len(pts) < 2:
+                    continue
+                k, m, sd = (np.array(v) for v in zip(*pts, strict=True))
+                ax.errorbar(k, 100 * m, yerr=100 * sd, linestyle=style, color=colours.get(name), marker="o",
+                            markersize=3, capsize=2, label=f"{name} {row}")
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("labelled people k")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("TAR@FAR=1e-2 on the other people (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=6)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
-    """Write starts.md from whatever results the folders hold."""
+    """Write starts.md (and curves.png) from whatever results the folders hold."""
     docs = {n: d for n, f in STARTS.items() if (d := load(f)) is not None}
     out = ["# Starts compared (paired over the same draws of people)", "",
            "TAR at FAR=1e-2 (%) of every enrolment-vs-target pair among the people who did not adapt the model; mean ± "
@@ -99,6 +135,7 @@ def main() -> None:
                 "Paired, adapt, adapt-stats start − ERM start:", "",
                 *paired(labelled["erm"], labelled["adapt-stats"], "adapt", "adapt-stats − erm"), ""]
     (HERE / "starts.md").write_text("\n".join(out) + "\n", encoding="utf-8")
+    curves(docs, HERE / "curves.png")
     print("\n".join(out))
 
 
