@@ -26,35 +26,43 @@ import numpy as np
 from results_files import machine, write_results
 
 
-def _faces(model: str, n: int, folder: Path, seed: int = 0) -> np.ndarray:
-    """n LFW photos aligned by facemeta onto the model's chip (uint8 [n,S,S,3])."""
+def _faces(embedder, n: int, folder: Path, seed: int = 0) -> list[np.ndarray]:
+    """n LFW photos aligned by facemeta onto each chip the model reads (one uint8 [n,S,S,3] batch per chip: one for
+    a single model, one per member for an ensemble; the same photos in the same order)."""
     from facemeta.align.pipeline import align_rows
     from facemeta.data.sets import read_set
-    from facemeta.embedder import check_model_meta
     from facemeta.images import load_image
-    from facemeta.models.checkpoint import read_checkpoint_info
 
-    settings = check_model_meta(read_checkpoint_info(model)["meta"], model)
     rows = random.Random(seed).sample(sorted(read_set("lfw"), key=lambda r: r.path), n + 16)
-    aligned, _ = align_rows(rows, folder, size=settings["align_size"], chip=settings["align_chip"], workers=2,
-                            progress=False)
-    return np.stack([load_image(r.path) for r in sorted(aligned, key=lambda r: r.path)[:n]])
+    found = []
+    for chip, size in embedder.chips:
+        aligned, _ = align_rows(rows, folder / f"{chip}{size}", size=size, chip=chip, workers=2, progress=False)
+        found.append({r.extra.get("source", r.path): r.path for r in aligned})
+    common = sorted(set.intersection(*(set(f) for f in found)))[:n]
+    return [np.stack([load_image(f[src]) for src in common]) for f in found]
 
 
-def _pass(embedder, faces: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
+def _batch(embedder, faces: list[np.ndarray], i: int, batch: int):
+    """Faces i..i+batch as embed_aligned takes them (a list per chip for an ensemble)."""
+    part = [f[i:i + batch] for f in faces]
+    return part if embedder.ensemble else part[0]
+
+
+def _pass(embedder, faces: list[np.ndarray], batch: int) -> tuple[float, np.ndarray]:
     """Seconds of one pass over `faces` in batches of `batch`, and the vectors."""
     t0 = time.perf_counter()
-    out = np.concatenate([embedder.embed_aligned(faces[i:i + batch]) for i in range(0, len(faces), batch)])
+    out = np.concatenate([embedder.embed_aligned(_batch(embedder, faces, i, batch))
+                          for i in range(0, len(faces[0]), batch)])
     return time.perf_counter() - t0, out
 
 
-def _compare(arms: dict, faces: np.ndarray, batch: int, repeats: int) -> dict:
+def _compare(arms: dict, faces: list[np.ndarray], batch: int, repeats: int) -> dict:
     """One table row: each arm warmed up, then `repeats` passes taken in turn (arm A, arm B, A, B...) so that
     both see the same machine; the median pass per arm."""
     times: dict[str, list[float]] = {name: [] for name in arms}
     vectors = {}
     for embedder in arms.values():
-        embedder.embed_aligned(faces[:batch])
+        embedder.embed_aligned(_batch(embedder, faces, 0, batch))
     for _ in range(repeats):
         for name, embedder in arms.items():
             seconds, vectors[name] = _pass(embedder, faces, batch)
@@ -62,7 +70,7 @@ def _compare(arms: dict, faces: np.ndarray, batch: int, repeats: int) -> dict:
     row: dict = {"batch": batch}
     for name in arms:
         seconds = statistics.median(times[name])
-        row[name] = {"seconds": round(seconds, 3), "images_per_s": round(len(faces) / seconds, 1),
+        row[name] = {"seconds": round(seconds, 3), "images_per_s": round(len(faces[0]) / seconds, 1),
                      "passes_s": [round(t, 3) for t in times[name]]}
     row["ratio"] = round(row["onnx"]["images_per_s"] / row["torch"]["images_per_s"], 2)
     row["min_cosine"] = round(float((vectors["torch"] * vectors["onnx"]).sum(axis=1).min()), 7)
@@ -87,19 +95,22 @@ def main() -> None:
     flip = not args.no_flip
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
-        faces = _faces(model, args.faces, Path(tmp) / "aligned")
         t0 = time.perf_counter()
         contract = export_checkpoint_onnx(model, Path(tmp) / "model.onnx")
         export_s = time.perf_counter() - t0
         arms = {"torch": FaceEmbedder(model, flip=flip),
                 "onnx": FaceEmbedder(model, flip=flip, runtime="onnx", onnx_path=Path(tmp) / "model.onnx")}
+        faces = _faces(arms["torch"], args.faces, Path(tmp) / "aligned")
         rows = []
         for batch in args.batches:
             rows.append(_compare(arms, faces, batch, args.repeats))
             print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": Path(model).name,
-              "fingerprint": contract["checkpoint"]["fingerprint"], "backbone": contract["checkpoint"]["backbone"],
-              "image_size": contract["image_size"], "faces": len(faces), "flip": flip, "repeats": args.repeats,
+              "fingerprint": contract["checkpoint"]["fingerprint"], "backbone": contract["checkpoint"].get("backbone")
+              or "+".join(contract["checkpoint"].get("backbones", [])),
+              "image_size": contract.get("image_size") or "+".join(str(m["image_size"])
+                                                                  for m in contract.get("members", [])),
+              "faces": len(faces[0]), "flip": flip, "repeats": args.repeats,
               "threads": torch.get_num_threads(), "opset": contract["opset"], "export_seconds": round(export_s, 1),
               "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
               "machine": machine(),
