@@ -117,3 +117,14 @@ def test_run_resumes_skips_infeasible_k_and_runs_without_adapt(tmp_path, monkeyp
     bare = ab.run_adapt_bench(model_path, ["thermal"], [2], [0], {}, tmp_path / "bare")
     assert set(bare["cells"][0]["rows"]) == {"base", "stats-only"}
     assert "none (--no-adapt" in (tmp_path / "bare" / "results.md").read_text()
+
+
+def test_an_ensemble_base_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from facemeta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="adapts a single model") as err:
+        ab.check_base(SimpleNamespace(members=[1, 2]))
+    assert "\n" not in str(err.value)
+    ab.check_base(SimpleNamespace(backbone=None))  # a single model passes

@@ -236,8 +236,9 @@ def check_base(model) -> None:
     from facemeta.errors import ConfigError
 
     if hasattr(model, "members"):
-        raise ConfigError("benchmark adapt adapts a single model; the base is an ensemble: pass --base with one of "
-                          "its members' checkpoints")
+        raise ConfigError("benchmark adapt adapts a single model and the base is an ensemble (the shipped v3 is "
+                          "one): pass --base a single model, e.g. a member written by `facemeta train prior --steps "
+                          "0 --out runs/prior` or `facemeta train sface --steps 0 --out runs/sface`")
 
 
 def for_backbone(model, settings_list: dict) -> dict:
