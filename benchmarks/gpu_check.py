@@ -180,7 +180,8 @@ def embed_models(args) -> list[tuple[str, object, str]]:
     except Exception as exc:  # rebuild the architectures from the sidecar JSON
         why = f"{type(exc).__name__}: {exc}"[:120]
         try:
-            configs = list(model_configs(json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))))
+            sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            configs = list(model_configs(sidecar.get("config")))  # the model's, or each member's
         except Exception:  # noqa: BLE001 - no sidecar: say why the model itself failed
             configs = []
         if not configs:

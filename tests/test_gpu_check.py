@@ -88,7 +88,11 @@ def test_device_side_helpers_match_the_product():
     adapt_idx = np.arange(6)
     np.testing.assert_allclose(gc.stats_only_np(v, conditions, adapt_idx), stats_only(v, conditions, adapt_idx),
                                atol=1e-6)
-    single = {"config": {"backbone": "dlib_resnet29", "image_size": 150}, "meta": {}}
+    single = {"config": {"backbone": "dlib_resnet29", "image_size": 150}, "meta": {"validation": {"backbone": "x"}}}
     ensemble = {"config": {"members": [{"config": {"backbone": "dlib_resnet29"}}, {"config": {"backbone": "sface"}}]}}
-    assert [c["backbone"] for c in gc.model_configs(single)] == ["dlib_resnet29"]
-    assert [c["backbone"] for c in gc.model_configs(ensemble)] == ["dlib_resnet29", "sface"]
+    assert [c["backbone"] for c in gc.model_configs(single["config"])] == ["dlib_resnet29"]
+    assert [c["backbone"] for c in gc.model_configs(ensemble["config"])] == ["dlib_resnet29", "sface"]
+    for path in (ROOT / "weights").glob("*.json"):  # the shipped model's sidecar, single or ensemble
+        doc = json.loads(path.read_text())
+        if "config" in doc:
+            assert all(c["backbone"] for c in gc.model_configs(doc["config"]))
