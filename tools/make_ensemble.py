@@ -99,17 +99,14 @@ def per_set_tar(vectors: np.ndarray, ids: np.ndarray) -> dict[str, float]:
 def choose_weight(model, crops, ids: np.ndarray, candidates: list[float], flip: bool) -> tuple[float, dict]:
     """The first member's weight (the others share the rest equally) with the highest mean over the source sets of
     the held-out TAR@FAR=1e-2; ties keep 1/2 first, then the order given. -> (weight, score per candidate)."""
+    from facemeta.experiments.cross_domain_embed import combine
     from facemeta.models.backbone import embed
 
-    parts = [embed(m, c, flip=flip) for m, c in zip(model.members, crops, strict=True)]
+    parts = [embed(m, c, flip=flip) for m, c in zip(model.members, crops, strict=True)]  # once per member
     scores = {}
     for w in candidates:
         rest = (1.0 - w) / (len(parts) - 1)
-        weights = [w] + [rest] * (len(parts) - 1)
-        total = sum(weights)
-        v = np.concatenate([p * np.sqrt(x / total) for p, x in zip(parts, weights, strict=True)], axis=1)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        per = per_set_tar(v, ids)
+        per = per_set_tar(combine(parts, [w] + [rest] * (len(parts) - 1)), ids)
         scores[f"{w:.4f}"] = {"mean": float(np.mean(list(per.values()))), **per}
     order = sorted(candidates, key=lambda w: (abs(w - 0.5) > 1e-9, candidates.index(w)))
     best = max(order, key=lambda w: round(scores[f"{w:.4f}"]["mean"], 6))
