@@ -101,8 +101,8 @@ def test_run_resumes_skips_infeasible_k_and_runs_without_adapt(tmp_path, monkeyp
                                  {"align_chip": "dlib", "align_size": 150})
     rng = np.random.default_rng(0)
     data = {**_data({f"p{i}": [1, 0, 0] for i in range(5)}),
-            "faces": rng.integers(0, 255, (15, 150, 150, 3), dtype=np.uint8)}
-    monkeypatch.setattr(ab, "aligned_protocol", lambda *a, **k: data)
+            "faces": [rng.integers(0, 255, (15, 150, 150, 3), dtype=np.uint8)]}
+    monkeypatch.setattr(ab, "aligned_parts", lambda *a, **k: data)
     calls = []
     real = ab.run_cell
     monkeypatch.setattr(ab, "run_cell", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
@@ -119,12 +119,38 @@ def test_run_resumes_skips_infeasible_k_and_runs_without_adapt(tmp_path, monkeyp
     assert "none (--no-adapt" in (tmp_path / "bare" / "results.md").read_text()
 
 
-def test_an_ensemble_base_is_refused_in_one_line():
-    from types import SimpleNamespace
+def test_an_ensemble_base_is_adapted_member_by_member_with_stats_rows(tmp_path, monkeypatch):
+    """An ensemble (two random dlib-architecture members, weights 1 and 3) runs through the grid: its base row's
+    vectors are the ensemble's own (EnsembleModel.embed), each member is adapted (its own loss per member), the
+    +stats rows are written, and a rerun without --with-stats is refused in one line."""
+    import torch
 
     from facemeta.errors import ConfigError
+    from facemeta.models.backbone import ModelConfig, build_model
+    from facemeta.models.ensemble import ensemble_of, save_ensemble
+    from facemeta.train.adapt import AdaptSettings
 
-    with pytest.raises(ConfigError, match="adapts a single model") as err:
-        ab.check_base(SimpleNamespace(members=[1, 2]))
+    torch.manual_seed(0)
+    members = [build_model(ModelConfig(backbone="dlib_resnet29", head="linear", embedding_size=128, image_size=150))
+               for _ in range(2)]
+    ens = ensemble_of(members, [("dlib", 150), ("dlib", 150)], weights=[1.0, 3.0])
+    model_path = tmp_path / "ens.safetensors"
+    save_ensemble(ens, model_path, {"threshold": 0.5, "threshold_far": 1e-3})
+    rng = np.random.default_rng(1)
+    faces = rng.integers(0, 255, (12, 150, 150, 3), dtype=np.uint8)
+    data = {**_data({f"p{i}": [1, 0, 0] for i in range(4)}), "faces": [faces, faces]}
+    monkeypatch.setattr(ab, "aligned_parts", lambda *a, **k: data)
+    settings = {"adapt": AdaptSettings(steps=2, tail_blocks=1)}
+    doc = ab.run_adapt_bench(model_path, ["thermal"], [0, 2], [0], settings, tmp_path / "out", stats_rows=True)
+    rows = doc["cells"][1]["rows"]
+    assert set(rows) == {"base", "stats-only", "adapt", "adapt+stats"}
+    assert len(rows["adapt"]["loss_first"]) == 2 and len(doc["members"]) == 2
+    parts, scales = ab.model_parts(ens)
+    cache = ab.part_cache(parts, data["faces"], settings)
+    ours = ab.combined([ab.tail_vectors(p, *c) for p, c in zip(parts, cache, strict=True)], scales)
+    theirs = ens.embed([faces, faces], flip=True)
+    assert (ours * theirs).sum(1).min() > 0.999
+    assert ab.score(ours, data["people"], data["conditions"])["tar"] == pytest.approx(doc["cells"][0]["rows"]["base"]["tar"])
+    with pytest.raises(ConfigError, match="with the \\+stats rows") as err:
+        ab.run_adapt_bench(model_path, ["thermal"], [2], [1], settings, tmp_path / "out")
     assert "\n" not in str(err.value)
-    ab.check_base(SimpleNamespace(backbone=None))  # a single model passes

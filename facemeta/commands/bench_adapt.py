@@ -9,7 +9,8 @@ DESCRIPTION = ("adapt: `facemeta adapt` from k labelled people of a target condi
                "sunglasses, MFR2 unmasked vs masked, Yale B frontal vs side light, thermal gallery vs probes), scored "
                "on the target's OTHER people (TAR@FAR=1e-2 of every enrolment-vs-target pair), against the base model "
                "and statistics only; --targets picks protocols, --ks the numbers of people, --seeds the draws, "
-               "--base the start (e.g. the dlib prior's zero-shot checkpoint). Resumable: cells already in --out "
+               "--base the start (a single model or an ensemble such as the shipped v3, adapted member by member), "
+               "--with-stats adds adapt with the domain statistics. Resumable: cells already in --out "
                "(same model and settings) are kept and not run again.")
 PROTOCOLS = ("ar-scarf", "ar-sunglasses", "mfr2-mask", "yaleb-side", "thermal")  # adapt_bench.PROTOCOLS
 
@@ -20,6 +21,10 @@ def add_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--base", metavar="MODEL", help="adapt: the model adapted (default: the shipped model)")
     group.add_argument("--choices", action="store_true",
                        help="adapt: compare the candidate settings adapt's defaults were chosen from instead")
+    group.add_argument("--with-stats", action="store_true",
+                       help="adapt: also score each setting with the domain statistics (rows '<setting>+stats': the "
+                            "target's mean removed inside adapt's loss, as `facemeta adapt --domain` does, then each "
+                            "condition centred as for statistics only)")
     group.add_argument("--no-adapt", action="store_true",
                        help="adapt: score the base model and statistics only (no fine-tuning; e.g. to compare starts "
                             "trained for statistics)")
@@ -47,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / "adapt"
     base = args.base or default_model_path()
     settings = {} if args.no_adapt else choices() if args.choices else {"adapt": AdaptSettings()}
+    if args.with_stats and not settings:
+        raise ConfigError("--with-stats scores adapt's settings with statistics; --no-adapt has none to score")
     run_adapt_bench(base, protocols, ks, args.seeds or [0, 1, 2], settings, out, data=args.data,
-                    progress=args.progress)
+                    progress=args.progress, stats_rows=args.with_stats)
     print((out / "results.md").read_text(encoding="utf-8"))
     return 0

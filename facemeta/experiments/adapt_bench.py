@@ -1,40 +1,37 @@
 """`facemeta benchmark adapt`: adaptation from k labelled people of a target domain, scored on its OTHER people.
 
-Protocols (cross-domain: an enrolment photo against a probe of the target condition), per shared set:
-- ``ar-scarf``: AR neutral (01, 14) vs scarf (11, 12, 13, 24, 25, 26), 100 people;
-- ``ar-sunglasses``: AR neutral vs sunglasses (08, 09, 10, 21, 22, 23);
-- ``mfr2-mask``: MFR2 unmasked vs masked (mfr2_labels.txt), 53 people;
-- ``yaleb-side``: Yale B frontal light vs side light (the cross-domain benchmark's "light >77" group: light more
-  than 77 degrees off the axis), 38 people, one enrolment photo each;
-- ``thermal``: thermal gallery vs probes (GalleryPristine vs ProbePristine), 41 enrolled people, with the 41
-  never-enrolled people's probes (ProbeNPristine) among the target photos: they only ever make impostor pairs.
-The Yale B and thermal splits are those of facemeta.experiments.cross_domain_protocols, and their faces are aligned as
-that benchmark aligns them (its cached landmarks; the set's template crop where none were found), since MTCNN finds
-few thermal faces; AR and MFR2 go through the product's route (FaceEmbedder.files_faces).
-For each seed, k people are drawn among the people with photos of both conditions (k is skipped where fewer than
-k + 2 such people exist: the scored side needs genuine pairs of at least two people); the model adapts on their photos of both conditions (the enrolment photos in
-the role of DIR/<person>/enrolled/); every cross-condition pair among the OTHER people is scored (genuine: same
-person; impostor: different people) and TAR@FAR=1e-2 reported. Rows: the base model; statistics only (each
-condition's mean, estimated from the k people's photos without their labels, removed: facemeta.gallery.domain_stats);
-adapt with a setting. Faces are aligned once through the product's route (facemeta.train.adapt_faces.align_photos) and
-cached in cache_root()/adapt_bench/.
+The protocols, their aligned faces and the draws are facemeta.experiments.adapt_protocols'. For each seed, k people
+are drawn among the people with photos of both conditions (k is skipped where fewer than k + 2 such people exist:
+the scored side needs genuine pairs of at least two people); the model adapts on their photos of both conditions
+(the enrolment photos in the role of DIR/<person>/enrolled/); every cross-condition pair among the OTHER people is
+scored (genuine: same person; impostor: different people) and TAR@FAR=1e-2 reported. Rows: the base model;
+statistics only (each condition's mean, estimated from the k people's photos without their labels, removed:
+facemeta.gallery.domain_stats); adapt with a setting; with ``stats_rows``, also each setting with the domain
+statistics ("<setting>+stats": adapted as `facemeta adapt --domain` adapts, the target condition's mean removed
+inside the loss, then scored as statistics only is, each condition centred with the adapted model's vectors).
+An ensemble base (the shipped v3) is adapted as `facemeta adapt` adapts it: member by member, each on its own chip,
+its vectors combined with the ensemble's weights.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-AR_NEUTRAL = (1, 14)
-AR_CONDITIONS = {"scarf": (11, 12, 13, 24, 25, 26), "sunglasses": (8, 9, 10, 21, 22, 23)}
-PROTOCOLS = ("ar-scarf", "ar-sunglasses", "mfr2-mask", "yaleb-side", "thermal")
-YALEB_SIDE = ("light >77",)  # facemeta.experiments.cross_domain_protocols.YALEB_GROUPS: the side light
-CROSS_DOMAIN_ALIGNED = ("yaleb-side", "thermal")  # aligned as facemeta.experiments.cross_domain_embed does
+from facemeta.experiments.adapt_protocols import (  # noqa: F401  (re-exported: the protocols and draws)
+    PROTOCOLS,
+    aligned_parts,
+    aligned_protocol,
+    draw,
+    eligible_people,
+    feasible,
+    protocol_rows,
+)
+
 FAR = 1e-2
 ROW_ORDER = ("base", "stats-only")
 
@@ -45,96 +42,6 @@ def choices() -> dict:
 
     return {"head-lr1e-2": S(tail_blocks=0, lr=1e-2), "head-lr1e-4": S(tail_blocks=0, lr=1e-4),
             "t4-lr1e-4": S(tail_blocks=4, lr=1e-4), "t4-lr1e-4-i.5": S(tail_blocks=4, lr=1e-4, interpolate=0.5)}
-
-
-def protocol_rows(name: str, data: str | os.PathLike | None = None) -> list[tuple[str, str, int]]:
-    """(path, person, condition) of a protocol: condition 1 = enrolment photos, 0 = the target condition."""
-    from facemeta.paths import data_root
-
-    root = data_root(data)
-    rows = []
-    if name.startswith("ar-"):
-        target = AR_CONDITIONS[name[3:]]
-        for d in sorted((root / "ar").iterdir()):
-            for n in AR_NEUTRAL + target:
-                p = d / f"face_{d.name}_{n:02d}.png"
-                if p.is_file():
-                    rows.append((str(p), d.name, 1 if n in AR_NEUTRAL else 0))
-    elif name == "mfr2-mask":
-        for line in (root / "mfr2" / "mfr2_labels.txt").read_text().splitlines():
-            parts = [t.strip() for t in line.split(",")]
-            if len(parts) == 3 and parts[1].isdigit():
-                p = root / "mfr2" / parts[0] / f"{parts[0]}_{int(parts[1]):04d}.png"
-                if p.is_file():
-                    rows.append((str(p), parts[0], 1 if parts[2].lower() == "no-mask" else 0))
-    elif name in ("yaleb-side", "thermal"):
-        from facemeta.experiments.cross_domain_protocols import benchmark_rows, protocols
-
-        which = name.split("-")[0]
-        found = benchmark_rows(which, root)
-        proto = protocols(which, found, root)[0]
-        if which == "yaleb":
-            target = np.any([proto.probes[g] for g in YALEB_SIDE], axis=0)
-        else:
-            target = proto.probes["probes"] | proto.open_set
-        for r, enrol, probe in zip(found, proto.gallery, target, strict=True):
-            if enrol or probe:
-                rows.append((r.path, r.identity, 1 if enrol else 0))
-    else:
-        raise ValueError(f"unknown protocol {name!r}; one of {', '.join(PROTOCOLS)}")
-    return rows
-
-
-def aligned_protocol(name: str, embedder, data=None, progress: bool = False) -> dict:
-    """Aligned faces of a protocol, cached: {faces, people (per face), conditions, paths}. AR and MFR2 go through
-    the product's route (photos without a face dropped); Yale B and thermal are aligned as the cross-domain
-    benchmark aligns them (:func:`cross_domain_faces`), every photo kept."""
-    from facemeta.paths import cache_root
-
-    route = "xd" if name in CROSS_DOMAIN_ALIGNED else "route2"  # route2: FaceEmbedder.files_faces
-    path = cache_root() / "adapt_bench" / f"{name}-{embedder.align_chip}{embedder.align_size}-{route}.npz"
-    if path.is_file():
-        z = np.load(path)
-        return {k: z[k] for k in z.files}
-    rows = protocol_rows(name, data)
-    if name in CROSS_DOMAIN_ALIGNED:
-        faces = cross_domain_faces(name, [r[0] for r in rows], embedder.align_chip, embedder.align_size, data,
-                                   progress)
-    else:
-        from facemeta.train.adapt_faces import align_photos
-
-        faces = align_photos(embedder, [Path(r[0]) for r in rows], progress, desc=name)[0]
-    keep = [i for i, f in enumerate(faces) if f is not None]
-    out = {"faces": np.stack([faces[i] for i in keep]), "people": np.array([rows[i][1] for i in keep]),
-           "conditions": np.array([rows[i][2] for i in keep]), "paths": np.array([rows[i][0] for i in keep])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
-    return out
-
-
-def cross_domain_faces(name: str, paths: list[str], chip: str, size: int, data=None, progress: bool = False
-                       ) -> list[np.ndarray]:
-    """Faces of a Yale B or thermal protocol warped as the cross-domain benchmark warps them
-    (facemeta.experiments.cross_domain_embed: the product's detection route, landmarks cached there; a photo
-    without landmarks gets the template crop with the set's median layout): a visible-light detector finds few
-    thermal faces (52 of 410 through FaceEmbedder), so the product's route alone would leave 7 people."""
-    from facemeta.align.warp import warp_face
-    from facemeta.experiments.cross_domain_embed import detect_landmarks, image_points, set_layout
-    from facemeta.experiments.cross_domain_protocols import benchmark_rows
-    from facemeta.images import load_image
-    from facemeta.paths import data_root
-
-    which = name.split("-")[0]
-    rows = benchmark_rows(which, data_root(data))
-    marks = detect_landmarks(which, rows, progress=progress)
-    index = {r.path: i for i, r in enumerate(rows)}
-    frame = set_layout(marks)
-    out = []
-    for p in paths:
-        img = load_image(p)
-        pts = image_points([img], marks["landmarks"][index[p]][None], frame)[0]
-        out.append(warp_face(img, pts, size, chip))
-    return out
 
 
 def cross_scores(vectors: np.ndarray, people: np.ndarray, conditions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,78 +89,114 @@ def tail_vectors(model, feats, flipped, blocks: int) -> np.ndarray:
     return e.numpy().astype(np.float32)
 
 
-def eligible_people(data: dict) -> np.ndarray:
-    """The people a draw picks from: those with photos of both conditions (sorted)."""
-    both = set(data["people"][data["conditions"] == 1]) & set(data["people"][data["conditions"] == 0])
-    return np.array(sorted(both))
+def model_parts(model) -> tuple[list, list[float]]:
+    """The networks adapt fine-tunes and their scales in the combined vector: an ensemble's members and its
+    sqrt-weights (facemeta.models.ensemble.EnsembleModel), or the model itself and 1."""
+    if hasattr(model, "members"):
+        return list(model.members), list(model.scales)
+    return [model], [1.0]
 
 
-def feasible(data: dict, k: int) -> bool:
-    """Whether k labelled people can be drawn and still leave two people with genuine pairs to score (k = 0, the
-    base model alone, always; k = 1 never: adapt needs two people)."""
-    return k == 0 or 2 <= k <= len(eligible_people(data)) - 2
+def combined(parts_vectors: list[np.ndarray], scales: list[float]) -> np.ndarray:
+    """Members' unit vectors -> the model's unit vectors (EnsembleModel.combine; a single model's unchanged)."""
+    if len(parts_vectors) == 1:
+        return parts_vectors[0]
+    v = np.concatenate([p * s for p, s in zip(parts_vectors, scales, strict=True)], axis=1)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def draw(data: dict, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw `seed` of k people among the eligible ones -> (indices of their photos, indices of everyone else's)."""
-    rng = np.random.default_rng([seed, k])
-    chosen = list(rng.choice(eligible_people(data), size=k, replace=False)) if k else []
-    inside = np.isin(data["people"], chosen)
-    return np.flatnonzero(inside), np.flatnonzero(~inside)
+def part_cache(parts: list, faces: list[np.ndarray], settings_list: dict) -> list[tuple]:
+    """Per part, (front features, mirrored ones, tail blocks) of every face on that part's chip, the front cut at
+    the most tail blocks any setting trains on it (:func:`for_backbone`)."""
+    from facemeta.train.adapt import Tail, front_features
+
+    out = []
+    for part, chip_faces in zip(parts, faces, strict=True):
+        blocks = max([s.tail_blocks for s in for_backbone(part, settings_list).values()] + [0])
+        out.append((*front_features(Tail(part, blocks), chip_faces), blocks))
+    return out
 
 
-def run_cell(model, data: dict, k: int, seed: int, settings_list: dict, cached: tuple | None = None) -> dict:
-    """One protocol, k and seed: base, stats-only and each named AdaptSettings -> {row: scores}. `cached`:
-    (front features, mirrored ones, tail blocks) of every face, so only the tail runs per setting."""
-    from facemeta.train.adapt import Tail, adapt_in_place, calibrate, front_features
+def _shift(vectors: np.ndarray, conditions: np.ndarray):
+    """Per labelled photo, the target condition's mean (over these photos) to remove inside adapt's loss; 0 for
+    the enrolment photos (as facemeta.train.adapt's --domain does)."""
+    import torch
 
-    blocks = max([s.tail_blocks for s in settings_list.values()] + [0])
-    if cached is None:
-        cached = (*front_features(Tail(model, blocks), data["faces"]), blocks)
-    feats, flipped, blocks = cached
+    from facemeta.gallery.domain_stats import estimate
+
+    mean = torch.from_numpy(estimate(vectors[conditions == 0], "mean").mean)
+    target = torch.from_numpy(conditions == 0)[:, None]
+    return torch.where(target, mean[None, :], torch.zeros(len(vectors), mean.numel()))
+
+
+def adapted_vectors(parts: list, scales: list[float], cache: list[tuple], faces: list[np.ndarray], data: dict,
+                    adapt_idx: np.ndarray, settings, with_shift: bool) -> tuple[np.ndarray, list[list[float]], float]:
+    """Each part adapted (a copy) on the adapting people's faces -> (every face's combined vectors, per part the
+    step losses, seconds). `with_shift`: the target condition's mean of the part's base vectors removed inside the
+    loss."""
+    from facemeta.train.adapt import adapt_in_place
+
+    labels = np.unique(data["people"][adapt_idx], return_inverse=True)[1]
+    conditions = data["conditions"][adapt_idx]
+    t0 = time.perf_counter()
+    vectors, losses = [], []
+    for part, (feats, flipped, blocks), chip_faces in zip(parts, cache, faces, strict=True):
+        s = for_backbone(part, {"s": settings})["s"]
+        shift = None
+        if with_shift:
+            shift = _shift(tail_vectors(part, feats[adapt_idx], flipped[adapt_idx], blocks), conditions)
+        m = copy.deepcopy(part)
+        losses.append(adapt_in_place(m, chip_faces[adapt_idx], labels, s, shift))
+        vectors.append(tail_vectors(m, feats, flipped, blocks))
+    return combined(vectors, scales), losses, time.perf_counter() - t0
+
+
+def run_cell(model, data: dict, k: int, seed: int, settings_list: dict, cached: list | None = None,
+             stats_rows: bool = False) -> dict:
+    """One protocol, k and seed: base, stats-only and each named AdaptSettings (and, with `stats_rows`, each with
+    the domain statistics) -> {row: scores}. `data["faces"]`: one array per chip the model reads; `cached`:
+    :func:`part_cache` of every face, so only the tails run per setting."""
+    from facemeta.train.adapt import calibrate
+
+    parts, scales = model_parts(model)
+    faces = data["faces"] if isinstance(data["faces"], list) else [data["faces"]]
+    cached = cached if cached is not None else part_cache(parts, faces, settings_list)
     adapt_idx, other = draw(data, k, seed)
     sub = {key: data[key][other] for key in ("people", "conditions")}
-    base_vectors = tail_vectors(model, feats, flipped, blocks)
+    base_vectors = combined([tail_vectors(p, *c) for p, c in zip(parts, cached, strict=True)], scales)
     rows = {"base": score(base_vectors[other], **sub)}
-    if k:
-        rows["stats-only"] = score(stats_only(base_vectors, data["conditions"], adapt_idx)[other], **sub)
+    if not k:
+        return rows
+    rows["stats-only"] = score(stats_only(base_vectors, data["conditions"], adapt_idx)[other], **sub)
+    labels = np.unique(data["people"][adapt_idx], return_inverse=True)[1]
     for name, settings in settings_list.items():
-        if not k:
-            continue
-        m = copy.deepcopy(model)
-        labels = np.unique(data["people"][adapt_idx], return_inverse=True)[1]
-        t0 = time.perf_counter()
-        losses = adapt_in_place(m, data["faces"][adapt_idx], labels, settings)
-        v = tail_vectors(m, feats, flipped, blocks)
-        thr = calibrate(v[adapt_idx], labels, FAR)[0]
-        rows[name] = {**score(v[other], **sub, threshold=thr), "seconds": round(time.perf_counter() - t0, 1),
-                      "loss_first": losses[0], "loss_last": losses[-1]}
+        for with_stats in (False, True) if stats_rows else (False,):
+            v, losses, seconds = adapted_vectors(parts, scales, cached, faces, data, adapt_idx, settings, with_stats)
+            if with_stats:
+                v = stats_only(v, data["conditions"], adapt_idx)
+            thr = calibrate(v[adapt_idx], labels, FAR)[0]
+            first = [ls[0] for ls in losses]
+            last = [ls[-1] for ls in losses]
+            rows[f"{name}+stats" if with_stats else name] = {
+                **score(v[other], **sub, threshold=thr), "seconds": round(seconds, 1),
+                "loss_first": first[0] if len(first) == 1 else first, "loss_last": last[0] if len(last) == 1 else last}
     return rows
 
 
-def check_base(model) -> None:
-    """ConfigError for a base the benchmark cannot adapt: an ensemble (adapt fine-tunes one network's tail)."""
-    from facemeta.errors import ConfigError
-
-    if hasattr(model, "members"):
-        raise ConfigError("benchmark adapt adapts a single model and the base is an ensemble (the shipped v3 is "
-                          "one): pass --base a single model, e.g. a member written by `facemeta train prior --steps "
-                          "0 --out runs/prior` or `facemeta train sface --steps 0 --out runs/sface`")
-
-
 def for_backbone(model, settings_list: dict) -> dict:
-    """The settings as adapt would run them on this model: tail_blocks 0 (the embedding layer only) for a backbone
-    other than the dlib-prior ResNet (as facemeta.train.adapt.adapt_model does)."""
+    """The settings as adapt would run them on this model (or ensemble member): tail_blocks 0 (the embedding layer
+    only) for a backbone other than the dlib-prior ResNet (as facemeta.train.adapt.adapt_model does); an ensemble's
+    settings are recorded as given and applied member by member."""
     from dataclasses import replace
 
-    if hasattr(model.backbone, "stem_conv"):
+    if hasattr(model, "members") or hasattr(model.backbone, "stem_conv"):
         return settings_list
     return {n: replace(s, tail_blocks=0) for n, s in settings_list.items()}
 
 
-def load_previous(out: Path, fingerprint: str, settings: dict) -> dict:
-    """The results document already in out/results.json when it holds the same model and settings (resume); {}
-    when there is none; ConfigError when it holds another model's or other settings' results (never
+def load_previous(out: Path, fingerprint: str, settings: dict, stats_rows: bool = False) -> dict:
+    """The results document already in out/results.json when it holds the same model, settings and rows (resume);
+    {} when there is none; ConfigError when it holds another model's or other settings' results (never
     overwritten)."""
     from facemeta.errors import ConfigError
 
@@ -265,33 +208,41 @@ def load_previous(out: Path, fingerprint: str, settings: dict) -> dict:
         raise ConfigError(f"{path} holds results of model {old.get('fingerprint')} with settings "
                           f"{sorted(old.get('settings', {}))}; pass another --out for model {fingerprint} and these "
                           "settings (the results there are kept)")
+    if bool(old.get("stats_rows")) != stats_rows:
+        said = "with" if old.get("stats_rows") else "without"
+        raise ConfigError(f"{path} holds results {said} the +stats rows; pass another --out, or run it "
+                          f"{said} --with-stats (the results there are kept)")
     return old
 
 
 def run_adapt_bench(model_path, protocols, ks, seeds, settings_list: dict, out: Path, data=None,
-                    progress: bool = False, on_cell=None) -> dict:
+                    progress: bool = False, on_cell=None, stats_rows: bool = False) -> dict:
     """The grid -> results dict, written as out/results.json and out/results.md after each cell. Resumable: the
-    cells already in out/results.json (same model fingerprint and settings) are kept and not run again; cells
-    whose k is not feasible on a protocol (:func:`feasible`) are listed under "skipped". `on_cell(results)` is
-    called after each cell is written (e.g. to commit it)."""
+    cells already in out/results.json (same model fingerprint, settings and rows) are kept and not run again;
+    cells whose k is not feasible on a protocol (:func:`feasible`) are listed under "skipped". `stats_rows`: also
+    each setting with the domain statistics (:func:`run_cell`). `on_cell(results)` is called after each cell is
+    written (e.g. to commit it)."""
     from facemeta.embedder import FaceEmbedder
-    from facemeta.train.adapt import Tail, front_features
 
     embedder = FaceEmbedder(model_path)
-    check_base(embedder.model)
     settings_list = for_backbone(embedder.model, settings_list)
     settings = {n: vars(s) for n, s in settings_list.items()}
-    old = load_previous(out, embedder.fingerprint, settings)
+    old = load_previous(out, embedder.fingerprint, settings, stats_rows)
     cells = list(old.get("cells", []))
     results: dict = {"model": old.get("model", str(model_path)), "fingerprint": embedder.fingerprint, "far": FAR,
                      "settings": settings, "cells": cells, "skipped": []}
+    if stats_rows:
+        results["stats_rows"] = True
+    if hasattr(embedder.model, "members"):
+        results["members"] = [f"{m.config.backbone} ({chip} {size})" for m, (chip, size)
+                              in zip(embedder.model.members, embedder.model.chips, strict=True)]
     done = {(c["protocol"], c["k"], c["seed"]) for c in cells}
+    parts = model_parts(embedder.model)[0]
     for proto in protocols:
         todo = [(k, s) for k in ks for s in seeds if (proto, k, s) not in done]
         if not todo:
             continue
-        data_p = aligned_protocol(proto, embedder, data, progress)
-        blocks = max([s.tail_blocks for s in settings_list.values()] + [0])
+        data_p = aligned_parts(proto, embedder, data, progress)
         cached = None
         for k, seed in todo:
             if not feasible(data_p, k):
@@ -299,8 +250,8 @@ def run_adapt_bench(model_path, protocols, ks, seeds, settings_list: dict, out: 
                                            "why": f"{len(eligible_people(data_p))} people with both conditions"})
                 continue
             if cached is None:
-                cached = (*front_features(Tail(embedder.model, blocks), data_p["faces"]), blocks)
-            rows = run_cell(embedder.model, data_p, k, seed, settings_list, cached)
+                cached = part_cache(parts, data_p["faces"], settings_list)
+            rows = run_cell(embedder.model, data_p, k, seed, settings_list, cached, stats_rows)
             results["cells"].append({"protocol": proto, "k": k, "seed": seed, "rows": rows})
             write_results(results, out)
             if on_cell is not None:
@@ -410,6 +361,12 @@ def write_results(results: dict, out: Path) -> None:
                      f"{fmt_diff(r['vs base'], r['vs base ci'])} | {far} |")
     lines += ["", "Settings: " + ("; ".join(f"`{n}` {s}" for n, s in results["settings"].items())
                                    or "none (--no-adapt: the base model and statistics only)")]
+    if results.get("stats_rows"):
+        lines += ["", "`<setting>+stats`: adapted as `facemeta adapt --domain` adapts (the target condition's mean over "
+                      "the k people's photos removed inside the loss), then each condition centred on its mean over the "
+                      "k people's photos with the adapted model's vectors, as statistics only is scored."]
+    if results.get("members"):
+        lines += ["", "An ensemble, adapted member by member (each on its own chip): " + ", ".join(results["members"])]
     skipped = sorted({(c["protocol"], c["k"], c["why"]) for c in results.get("skipped", [])})
     if skipped:
         lines += ["", "Not run (too few people): " + "; ".join(f"{p} k = {k} ({why})" for p, k, why in skipped)]
