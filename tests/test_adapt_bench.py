@@ -64,6 +64,10 @@ def test_results_resume_only_for_the_same_model_and_settings(tmp_path):
         ab.load_previous(tmp_path, "f2", settings)
     with pytest.raises(ConfigError):
         ab.load_previous(tmp_path, "f1", {"adapt": {"steps": 31}})
+    # a field added to AdaptSettings after the file was written resumes at its default, never at another value
+    assert ab.load_previous(tmp_path, "f1", {"adapt": {"steps": 30, "centres": "batch"}})
+    with pytest.raises(ConfigError):
+        ab.load_previous(tmp_path, "f1", {"adapt": {"steps": 30, "centres": "start"}})
     assert ab.load_previous(tmp_path / "none", "f1", settings) == {}
     md = (tmp_path / "results.md").read_text()
     assert "| thermal | 10 | adapt | 3 |" in md and "Not run (too few people): yaleb-side k = 20" in md

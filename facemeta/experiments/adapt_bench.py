@@ -194,6 +194,23 @@ def for_backbone(model, settings_list: dict) -> dict:
     return {n: replace(s, tail_blocks=0) for n, s in settings_list.items()}
 
 
+def _as_recorded(settings: dict, recorded: dict | None) -> dict:
+    """`settings` without the AdaptSettings fields a results file written before they existed lacks, where they
+    hold their defaults (the behaviour before the field existed), so such a file still resumes."""
+    from dataclasses import asdict
+
+    from facemeta.train.adapt import AdaptSettings
+
+    if not recorded:
+        return settings
+    defaults = asdict(AdaptSettings())
+    out = {}
+    for name, values in settings.items():
+        had = recorded.get(name, {})
+        out[name] = {f: v for f, v in values.items() if f in had or f not in defaults or v != defaults[f]}
+    return out
+
+
 def load_previous(out: Path, fingerprint: str, settings: dict, stats_rows: bool = False) -> dict:
     """The results document already in out/results.json when it holds the same model, settings and rows (resume);
     {} when there is none; ConfigError when it holds another model's or other settings' results (never
@@ -204,7 +221,7 @@ def load_previous(out: Path, fingerprint: str, settings: dict, stats_rows: bool 
     if not path.is_file():
         return {}
     old = json.loads(path.read_text(encoding="utf-8"))
-    if old.get("fingerprint") != fingerprint or old.get("settings") != settings:
+    if old.get("fingerprint") != fingerprint or old.get("settings") != _as_recorded(settings, old.get("settings")):
         raise ConfigError(f"{path} holds results of model {old.get('fingerprint')} with settings "
                           f"{sorted(old.get('settings', {}))}; pass another --out for model {fingerprint} and these "
                           "settings (the results there are kept)")
@@ -230,7 +247,7 @@ def run_adapt_bench(model_path, protocols, ks, seeds, settings_list: dict, out: 
     old = load_previous(out, embedder.fingerprint, settings, stats_rows)
     cells = list(old.get("cells", []))
     results: dict = {"model": old.get("model", str(model_path)), "fingerprint": embedder.fingerprint, "far": FAR,
-                     "settings": settings, "cells": cells, "skipped": []}
+                     "settings": old.get("settings", settings), "cells": cells, "skipped": []}
     if stats_rows:
         results["stats_rows"] = True
     if hasattr(embedder.model, "members"):
