@@ -46,6 +46,7 @@ from facemeta.train.adapt_episodes import (
     adapt_stats_grad,
     adapt_stats_proto_grad,
 )
+from facemeta.train.adapt_episodes_losses import adapt_cdt_grad, adapt_mfr_grad
 
 
 @dataclass
@@ -437,6 +438,8 @@ register_method("adapt-maml-fo")(adapt_maml_fo_grad)
 register_method("adapt-reptile")(adapt_reptile_grad)
 register_method("adapt-stats")(adapt_stats_grad)  # the statistics variant (domain means from few photos)
 register_method("adapt-stats-proto")(adapt_stats_proto_grad)  # its first form (adapt's prototype loss)
+register_method("adapt-mfr")(adapt_mfr_grad)  # MFR's hard-pair + domain alignment as the outer loss
+register_method("adapt-cdt")(adapt_cdt_grad)  # CDT's cross-domain triplet loss as the outer loss
 
 
 @dataclass
