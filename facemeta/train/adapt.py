@@ -9,12 +9,13 @@ The procedure (chosen on shared data, benchmarks/results/adapt/choice/; measured
 where it stays within about a point of the base model on the other people of the target):
 1. align every photo once, through the product's route (the embedder's MTCNN and fallback routes, warped onto
    the model's chip), and run the FROZEN front of the network once over the faces and their mirror images;
-2. fine-tune the TAIL (the last ``tail_blocks`` residual blocks of the dlib-prior ResNet and the embedding
-   layer; only the embedding layer, e.g. SFace's, for other backbones, their batch norms' running statistics
-   frozen) on the cached features, ``steps`` full-batch steps of
-   plain SGD on a prototype CosFace loss over the k people (class centres = each person's current mean
-   embedding; a centre needs no weights, so the same loss serves as the inner loop of meta-training,
-   facemeta.train.adapt_episodes);
+2. fine-tune the TAIL (facemeta.train.adapt_tail: the last ``tail_blocks`` residual blocks of the dlib-prior
+   ResNet and the embedding layer; for SFace its last ``other_blocks`` depthwise-separable pairs (default 0) and
+   its embedding head; the embedding head only for other backbones; batch norms' running statistics frozen) on
+   the cached features, ``steps`` full-batch steps of plain SGD on a prototype CosFace loss over the k people
+   (facemeta.train.adapt_loss; class centres = each person's current mean embedding, or with ``centres``
+   "enrolled" their enrolment photos' mean, against which the new-domain photos are classified; a centre needs
+   no weights, so the same loss serves as the inner loop of meta-training, facemeta.train.adapt_episodes);
 3. interpolate back toward the base weights (keep ``interpolate`` of the change: WiSE-FT);
 4. calibrate the threshold on impostor pairs (different people) among the labelled photos at the base model's
    false-accept rate, and write the checkpoint with an "adapted_on" model-card section and a .md card beside it.
@@ -56,6 +57,10 @@ from facemeta.train.adapt_faces import (  # noqa: F401  (re-exported: the benchm
     read_labelled,
     unlabelled_faces,
 )
+from facemeta.train.adapt_loss import CENTRES, adapt_loss, class_centres, prototype_cosface_loss  # noqa: F401
+from facemeta.train.adapt_tail import Tail, front_features  # noqa: F401  (re-exported)
+
+LATER_FIELDS = {"other_blocks": 0}  # AdaptSettings' fields newer than the benchmark's results files
 
 
 @dataclass
@@ -70,7 +75,11 @@ class AdaptSettings:
     scale, margin: CosFace's s and m on cosines to the class centres. interpolate: share of the change kept
       (1: the fine-tuned weights, 0: the base). centres: the class centres of the loss, each person's mean
       embedding in the current step ("batch") or at the start, before any step ("start", fixed targets).
-      seed: the flip augmentation's draws.
+      "enrolled": each person's mean over their enrolment photos only, and only the new-domain photos classified
+      against them (the cross-domain pairs; facemeta.train.adapt_loss). seed: the flip augmentation's draws.
+    other_blocks: trailing blocks fine-tuned with the embedding head on a backbone other than dlib_resnet29 that
+      has them (SFace: its 13 depthwise-separable pairs, the last two its 7x7 stage); 0 (the default): the
+      embedding head only. tail_blocks counts dlib's residual blocks only.
     """
 
     tail_blocks: int = 4
@@ -81,6 +90,14 @@ class AdaptSettings:
     interpolate: float = 0.5
     centres: str = "batch"
     seed: int = 0
+    other_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        # Fields added after results were written stay out of vars() at their defaults (the class attribute
+        # answers), so a results file whose settings are vars() of today's defaults still resumes.
+        for name, default in LATER_FIELDS.items():
+            if getattr(self, name) == default:
+                self.__dict__.pop(name, None)
 
     def check(self) -> None:
         """ConfigError naming the first setting out of range."""
@@ -88,7 +105,8 @@ class AdaptSettings:
                         (self.lr > 0, "lr must be > 0"), (self.scale > 0, "scale must be > 0"),
                         (self.margin >= 0, "margin must be >= 0"),
                         (0 <= self.interpolate <= 1, "interpolate must be in [0, 1]"),
-                        (self.centres in ("batch", "start"), "centres must be batch or start")):
+                        (self.centres in CENTRES, f"centres must be one of {', '.join(CENTRES)}"),
+                        (self.other_blocks >= 0, "other_blocks must be >= 0")):
             if not ok:
                 raise ConfigError(msg)
 
@@ -112,77 +130,7 @@ def check_base_model(path: str | os.PathLike) -> Path:
     return p
 
 
-# ---------------------------------------------------------------- the network split into frozen front and tail
-class Tail(nn.Module):
-    """The trainable end of a FaceEmbeddingModel: its last `blocks` (dlib_resnet29's residual blocks) and its
-    embedding head; its parameters ARE the model's (shared tensors), so training the tail trains the model.
-    ``forward(features)`` takes what :meth:`front` returns and gives the raw (unnormalised) embedding."""
-
-    def __init__(self, model: nn.Module, blocks: int):
-        super().__init__()
-        trunk = model.backbone
-        self.head_kind = model.config.head
-        has_blocks = isinstance(getattr(trunk, "blocks", None), nn.Sequential) and hasattr(trunk, "stem_conv")
-        if blocks and not has_blocks:
-            raise ConfigError(f"tail_blocks > 0 needs the dlib_resnet29 backbone; {model.config.backbone} adapts "
-                              "its embedding head only (tail_blocks 0)")
-        self.split = len(trunk.blocks) - min(blocks, len(trunk.blocks)) if has_blocks else None
-        self.blocks = nn.Sequential(*list(trunk.blocks)[self.split:]) if has_blocks else nn.Sequential()
-        self.fc = model.fc
-        self.bn2 = getattr(model, "bn2", None)
-        self.features = getattr(model, "features", None)
-        self._model = [model]  # not a submodule: its parameters stay out of this module's
-
-    @torch.no_grad()
-    def front(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen front of the network on normalised images [B,3,S,S] -> the tail's input."""
-        model = self._model[0]
-        if self.split is None:
-            return model.feature_map(x)
-        trunk = model.backbone
-        x = F.max_pool2d(F.relu(trunk.stem_affine(trunk.stem_conv(x))), 3, 2)
-        return trunk.blocks[:self.split](x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)
-        if self.head_kind == "linear":
-            return self.fc(x.mean(dim=(2, 3)))
-        return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
-
-
-def front_features(tail: Tail, faces: np.ndarray, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen front over aligned faces and their mirror images -> (features, mirrored features)."""
-    from facemeta.models.backbone import preprocess
-
-    model = tail._model[0]
-    model.eval()
-    out, flipped = [], []
-    with torch.inference_mode():
-        for i in range(0, len(faces), batch):
-            x = preprocess(faces[i:i + batch], model.config)
-            out.append(tail.front(x))
-            flipped.append(tail.front(torch.flip(x, dims=[3])))
-    return torch.cat(out).clone(), torch.cat(flipped).clone()
-
-
 # ---------------------------------------------------------------- the loss and the fit
-def class_centres(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each person's mean embedding, detached and renormalised -> [k, E] (labels 0..k-1)."""
-    onehot = F.one_hot(labels, int(labels.max()) + 1).to(emb.dtype)
-    return F.normalize((onehot.t() @ emb.detach()) / onehot.sum(0).clamp(min=1)[:, None], dim=1)
-
-
-def prototype_cosface_loss(emb: torch.Tensor, labels: torch.Tensor, scale: float, margin: float,
-                           centres: torch.Tensor | None = None) -> torch.Tensor:
-    """CosFace over the people of a batch with class centres `centres` [k,E] (default: each person's mean
-    embedding in this batch, :func:`class_centres`): cross-entropy of s·(cos(e, c_j) − m·[j = y]).
-    Unit embeddings [N,E], labels [N] (0..k-1)."""
-    onehot = F.one_hot(labels, int(labels.max()) + 1).to(emb.dtype)
-    centres = class_centres(emb, labels) if centres is None else centres
-    logits = scale * (emb @ centres.t() - margin * onehot)
-    return F.cross_entropy(logits, labels)
-
-
 def tail_embed(tail: nn.Module, feats: torch.Tensor, shift: torch.Tensor | None = None,
                params: dict | None = None) -> torch.Tensor:
     """Unit embeddings of cached front features through the tail (at `params` when given, facemeta.meta's
@@ -215,9 +163,12 @@ def train_mode(tail: nn.Module) -> None:
 
 def fit_tail(tail: Tail, feats: torch.Tensor, flipped: torch.Tensor, labels: torch.Tensor,
              settings: AdaptSettings, shift: torch.Tensor | None = None, progress: bool = False,
-             desc: str = "adapt") -> list[float]:
-    """`settings.steps` full-batch SGD steps of :func:`prototype_cosface_loss` on the tail's parameters, then
-    the interpolation back toward where they started. Returns the loss of each step."""
+             desc: str = "adapt", enrolled: torch.Tensor | None = None) -> list[float]:
+    """`settings.steps` full-batch SGD steps of the prototype CosFace loss (facemeta.train.adapt_loss, centres
+    per `settings.centres`; `enrolled` [N] bool marks the enrolment photos, which centres "enrolled" needs) on the
+    tail's parameters, then the interpolation back toward where they started. Returns the loss of each step."""
+    if settings.centres == "enrolled" and enrolled is None:
+        raise ConfigError("centres 'enrolled' needs enrolment photos told apart (DIR/<person>/enrolled/)")
     params = [p for p in tail.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=settings.lr)
@@ -232,8 +183,8 @@ def fit_tail(tail: Tail, feats: torch.Tensor, flipped: torch.Tensor, labels: tor
                                     torch.cat([labels, labels]))
     for _ in range(settings.steps):
         opt.zero_grad(set_to_none=True)
-        loss = prototype_cosface_loss(tail_embed(tail, draw_views(feats, flipped, gen), shift), labels,
-                                      settings.scale, settings.margin, centres)
+        loss = adapt_loss(tail_embed(tail, draw_views(feats, flipped, gen), shift), labels, settings.centres,
+                          settings.scale, settings.margin, centres, enrolled)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -305,9 +256,11 @@ def _check_request(model_path, out, settings: AdaptSettings, domain, unlabelled,
 
 
 def adapt_in_place(model: nn.Module, faces: np.ndarray, labels: np.ndarray, settings: AdaptSettings,
-                   shift: torch.Tensor | None = None, progress: bool = False, desc: str = "adapt") -> list[float]:
+                   shift: torch.Tensor | None = None, progress: bool = False, desc: str = "adapt",
+                   domains: np.ndarray | None = None) -> list[float]:
     """The adapt procedure on a loaded model (changed in place): cache the frozen front's features of the
-    aligned `faces`, fit the tail on `labels` (0..k-1), interpolate back. Returns the step losses."""
+    aligned `faces`, fit the tail on `labels` (0..k-1), interpolate back. `domains` (per face, ENROL or NEW;
+    centres "enrolled" needs them). Returns the step losses."""
     tail = Tail(model, settings.tail_blocks)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -315,7 +268,9 @@ def adapt_in_place(model: nn.Module, faces: np.ndarray, labels: np.ndarray, sett
         p.requires_grad_(True)
     try:
         feats, flipped = front_features(tail, faces)
-        return fit_tail(tail, feats, flipped, torch.as_tensor(labels).long(), settings, shift, progress, desc)
+        enrolled = None if domains is None else torch.from_numpy(np.asarray(domains) == ENROL)
+        return fit_tail(tail, feats, flipped, torch.as_tensor(labels).long(), settings, shift, progress, desc,
+                        enrolled)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -331,11 +286,11 @@ def _vectors(model: nn.Module, chips: list[np.ndarray]) -> np.ndarray:
     return embed(model, chips[0], flip=True)
 
 
-def _member_settings(model: nn.Module, settings: AdaptSettings) -> AdaptSettings:
-    """The settings a model (or member) is adapted with: only dlib's ResNet has residual blocks to fine-tune;
-    other backbones train their embedding head (tail_blocks 0)."""
-    if settings.tail_blocks and not hasattr(model.backbone, "stem_conv"):
-        return replace(settings, tail_blocks=0)
+def member_settings(model: nn.Module, settings: AdaptSettings) -> AdaptSettings:
+    """The settings a model (or member) is adapted with: tail_blocks counts dlib's residual blocks; another
+    backbone fine-tunes its last `other_blocks` (SFace's pairs; default 0: its embedding head only)."""
+    if not hasattr(model.backbone, "stem_conv") and settings.tail_blocks != settings.other_blocks:
+        return replace(settings, tail_blocks=settings.other_blocks)
     return settings
 
 
@@ -362,10 +317,10 @@ def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out:
     unl, unl_from = unlabelled_faces(embedder, data, domain, unlabelled, progress)
     runs = []
     for i in chosen:
-        part, part_settings = parts[i], _member_settings(parts[i], settings)
+        part, part_settings = parts[i], member_settings(parts[i], settings)
         shift = _domain_shift(None if unl is None else _vectors(part, [unl[i]]), len(data.labels), data.domains)
         losses = adapt_in_place(part, data.chips[i], data.labels, part_settings, shift, progress,
-                                desc=f"adapt member {i}" if ensemble else "adapt")
+                                desc=f"adapt member {i}" if ensemble else "adapt", domains=data.domains)
         runs.append((i, part_settings, losses))
     far = float(base_meta.get("threshold_far") or 1e-3)
     vectors = _vectors(model, data.chips)
@@ -392,6 +347,7 @@ def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out:
     else:
         _, used, losses = runs[0]
         adapted_on["settings"] = asdict(used)
+        adapted_on["backbone"] = model.config.backbone
         adapted_on["loss"] = {"first": losses[0], "last": losses[-1]}
         meta = {"align_size": embedder.align_size, "align_chip": embedder.align_chip, "method": "adapt",
                 "align_template": base_meta.get("align_template"),
@@ -431,8 +387,9 @@ def _save(model: nn.Module, out: Path, meta: dict) -> None:
     save_ensemble(model, out, meta)
 
 
-def _what(tail_blocks: int) -> str:
-    return f"the last {tail_blocks} residual blocks and the embedding layer" if tail_blocks else "the embedding layer"
+def _what(tail_blocks: int, backbone: str | None = None) -> str:
+    kind = "depthwise-separable" if backbone == "sface" else "residual"
+    return f"the last {tail_blocks} {kind} blocks and the embedding layer" if tail_blocks else "the embedding layer"
 
 
 def model_card(summary: dict) -> str:
@@ -446,12 +403,12 @@ def model_card(summary: dict) -> str:
         steps = [f"- Steps: {a['steps']} {recipe}; {a['seconds']} s. An ensemble: each member adapted by itself, "
                  "on its own chip of the same photos, the weights of the combination kept:"]
         steps += [f"  - member {m['member']} ({m['backbone']}, {m['chip']} chip {m['align_size']} px): "
-                  + (f"{_what(m['tail_blocks'])}, loss {m['loss']['first']:.3f} -> {m['loss']['last']:.3f}"
+                  + (f"{_what(m['tail_blocks'], m['backbone'])}, loss {m['loss']['first']:.3f} -> {m['loss']['last']:.3f}"
                      if m["adapted"] else "kept as it was") for m in a["members"]]
         if not trained:
             steps.append("  - (no member adapted: only the threshold is new)")
     else:
-        steps = [f"- Steps: {a['steps']} full-batch SGD steps (lr {s['lr']:g}) of {_what(s['tail_blocks'])}, "
+        steps = [f"- Steps: {a['steps']} full-batch SGD steps (lr {s['lr']:g}) of {_what(s['tail_blocks'], a.get('backbone'))}, "
                  f"prototype CosFace (s {s['scale']:g}, m {s['margin']:g}); {s['interpolate']:g} of the change kept; "
                  f"loss {a['loss']['first']:.3f} -> {a['loss']['last']:.3f}; {a['seconds']} s"]
     lines = [

@@ -1,0 +1,53 @@
+"""Candidate adapt settings for SFace through `facemeta benchmark adapt`'s grid (issue 26; results in
+benchmarks/results/adapt/sface-recipe/, README there).
+
+    python benchmarks/adapt_sface_recipe.py --targets mfr2-mask,ar-scarf --ks 10 --seeds 0,1 \
+        --out benchmarks/results/adapt/sface-recipe/choice
+
+Runs facemeta.experiments.adapt_bench.run_adapt_bench with facemeta.experiments.adapt_choices' candidates
+(`--only` a comma list of their names), with the benchmark's +stats rows, the enrolment photos told apart and
+adapt's own per-backbone settings (SFace's other_blocks) (adapt_choices.install). Resumable like the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    """Parse the arguments, run the grid, print where the table went."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="runs/zero-shot/sface.safetensors", help="single model to adapt")
+    ap.add_argument("--targets", required=True, help="comma list of adapt_bench protocols")
+    ap.add_argument("--ks", default="10", help="comma list of k")
+    ap.add_argument("--seeds", default="0,1", help="comma list of draws")
+    ap.add_argument("--only", help="comma list of candidate names (default: all)")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    from facemeta.experiments import adapt_bench, adapt_choices
+
+    cands = adapt_choices.sface_choices()
+    if args.only:
+        missing = [n for n in args.only.split(",") if n not in cands]
+        if missing:
+            ap.error(f"unknown candidates {missing}; known: {', '.join(cands)}")
+        cands = {n: cands[n] for n in args.only.split(",")}
+    adapt_choices.install()
+
+    def on_cell(results):
+        c = results["cells"][-1]
+        tars = " ".join(f"{n}={100 * r['tar']:.1f}" for n, r in c["rows"].items())
+        print(f"{c['protocol']} k={c['k']} seed={c['seed']}: {tars}", flush=True)
+
+    adapt_bench.run_adapt_bench(args.base, args.targets.split(","), [int(k) for k in args.ks.split(",")],
+                                [int(s) for s in args.seeds.split(",")], cands, args.out, progress=False,
+                                on_cell=on_cell, stats_rows=True)
+    print(args.out / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
