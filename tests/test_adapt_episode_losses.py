@@ -1,7 +1,8 @@
 """MFR's and CDT's losses as the outer losses of adaptation episodes (``adapt-mfr``, ``adapt-cdt``,
 facemeta.train.adapt_episodes_losses), on real faces (ORL and Yale B, two source domains) through dlib's prior: the
 outer loss never sees an inner person, it is taken after the inner people's adaptation, its gradient reaches the
-tail that `facemeta adapt` trains and nothing in front of it, and two real training steps move the tail only."""
+tail that `facemeta adapt` trains and nothing in front of it, and two real training steps move the tail only; the
+ERM-anchored forms (``adapt-mfr-erm``, ``adapt-cdt-erm``) train the whole network and are ERM's loss at gamma 1."""
 
 from __future__ import annotations
 
@@ -112,6 +113,29 @@ def test_gradient_reaches_the_tail_only(method, prior, photos):
     assert grads.get("model.fc.weight", 0) > 0 and any(n.startswith("model.backbone.blocks.13.") and g > 0
                                                        for n, g in grads.items())
     assert not any(n.startswith(("model.backbone.stem", "model.backbone.blocks.0.")) for n in grads)
+    joint.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("method", ("adapt-mfr-erm", "adapt-cdt-erm"))
+def test_erm_anchored_forms_train_everything_and_are_erm_at_gamma_one(method, prior, photos):
+    """gamma 0.5: the gradient reaches the stem and the head too (ERM's term) and the loss is the weighted sum of
+    ERM's and the outer loss; gamma 1: ERM's loss on the same batch, exactly."""
+    from facemeta.objectives.margins import CosFaceHead
+    from facemeta.train.methods import METHODS as REGISTRY
+    from facemeta.train.methods import Joint, MethodSettings, erm_loss
+
+    torch.manual_seed(0)
+    joint = Joint(prior, {"cls": CosFaceHead(128, 100 + PEOPLE, s=64.0, m=0.05)})
+    batch = _batch(photos)
+    joint.zero_grad(set_to_none=True)
+    out = REGISTRY.get(method).grad(joint, batch, MethodSettings(inner_lr=1e-4, inner_steps=3, gamma=0.5))
+    assert out["loss"] == pytest.approx(0.5 * out["loss_train"] + 0.5 * out["loss_test"], rel=1e-5)
+    grads = {n for n, p in joint.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"model.backbone.stem_conv.weight", "heads.cls.weight", "model.fc.weight"} <= grads
+    joint.zero_grad(set_to_none=True)
+    out = REGISTRY.get(method).grad(joint, batch, MethodSettings(inner_lr=1e-4, inner_steps=3, gamma=1.0))
+    with torch.no_grad():
+        assert out["loss"] == pytest.approx(float(erm_loss(joint, batch)), rel=1e-5)
     joint.zero_grad(set_to_none=True)
 
 

@@ -46,7 +46,12 @@ from facemeta.train.adapt_episodes import (
     adapt_stats_grad,
     adapt_stats_proto_grad,
 )
-from facemeta.train.adapt_episodes_losses import adapt_cdt_grad, adapt_mfr_grad
+from facemeta.train.adapt_episodes_losses import (
+    adapt_cdt_erm_grad,
+    adapt_cdt_grad,
+    adapt_mfr_erm_grad,
+    adapt_mfr_grad,
+)
 
 
 @dataclass
@@ -440,6 +445,8 @@ register_method("adapt-stats")(adapt_stats_grad)  # the statistics variant (doma
 register_method("adapt-stats-proto")(adapt_stats_proto_grad)  # its first form (adapt's prototype loss)
 register_method("adapt-mfr")(adapt_mfr_grad)  # MFR's hard-pair + domain alignment as the outer loss
 register_method("adapt-cdt")(adapt_cdt_grad)  # CDT's cross-domain triplet loss as the outer loss
+register_method("adapt-mfr-erm")(adapt_mfr_erm_grad)  # the same, anchored by ERM's loss (meta.gamma)
+register_method("adapt-cdt-erm")(adapt_cdt_erm_grad)
 
 
 @dataclass
