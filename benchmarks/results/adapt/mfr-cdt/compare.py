@@ -18,7 +18,7 @@ from facemeta.experiments.adapt_bench import compare_starts, fmt_diff, interval
 HERE = Path(__file__).resolve().parent
 ERM = [HERE.parent / "stats-variant" / "start-erm" / "results.json",
        HERE.parent / "stats-variant" / "adapt-start-erm" / "results.json"]
-STARTS = ("mfr", "cdt", "adapt-cdt", "adapt-mfr")
+STARTS = ("mfr", "cdt", "adapt-cdt", "adapt-mfr", "adapt-cdt-erm", "adapt-mfr-erm")
 TARGETS = ("yaleb-side", "thermal", "ar-scarf")
 KS = (0, 2, 5)
 
