@@ -44,6 +44,28 @@ def gain(doc: dict, proto: str, k: int, seeds: set) -> str:
     return fmt_diff((float(np.mean(d)), float(np.std(d))), interval(d)) if d else "not run"
 
 
+def more_draws(erm: dict) -> list[str]:
+    """The follow-up of the one cell where a start's mean was above ERM's (adapt-mfr-erm, thermal): draws 3-9 of
+    both starts in more-draws/, pooled with draws 0-2 -> table lines (start − ERM and each start's gain)."""
+    folder = HERE / "more-draws"
+    paths = [folder / "start-erm" / "results.json", folder / "start-adapt-mfr-erm" / "results.json"]
+    if not all(p.is_file() for p in paths):
+        return []
+    extra = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    first = json.loads((HERE / "start-adapt-mfr-erm" / "results.json").read_text(encoding="utf-8"))
+    pooled = [{**doc, "cells": [c for c in [*doc["cells"], *more["cells"]] if c["protocol"] == "thermal"]}
+              for doc, more in ((erm, extra[0]), (first, extra[1]))]
+    seeds = {c["seed"] for c in pooled[1]["cells"]}
+    lines = ["", f"Thermal, draws {min(seeds)}-{max(seeds)} (more-draws/ pooled with draws 0-2): adapt-mfr-erm − ERM, "
+             "and each start's adapt − its own base:", "",
+             "| k | n | adapt-mfr-erm − ERM | ERM gain | adapt-mfr-erm gain |", "| --- | --- | --- | --- | --- |"]
+    for d in compare_starts(*pooled):
+        if d["k"] in (2, 5):
+            gains = [gain(doc, "thermal", d["k"], seeds) for doc in pooled]
+            lines.append(f"| {d['k']} | {d['n']} | {fmt_diff((d['mean'], d['std']), d['ci'])} | {gains[0]} | {gains[1]} |")
+    return lines
+
+
 def main() -> None:
     """Write comparison.md: TAR per start (mean ± std over draws) and each start − ERM (paired, 95% CI)."""
     erm = erm_document()
@@ -85,6 +107,7 @@ def main() -> None:
         for k in KS[1:]:
             cells = [gain(doc, proto, k, {0, 1, 2}) for doc in (erm, *docs.values())]
             lines.append(f"| {proto} | {k} | " + " | ".join(cells) + " |")
+    lines += more_draws(erm)
     (HERE / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
