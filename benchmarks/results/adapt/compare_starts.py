@@ -17,10 +17,12 @@ HERE = Path(__file__).resolve().parent
 STARTS = {"v3": (HERE / "v3",), "v2": (HERE, HERE / "ar-sunglasses"), "prior": (HERE / "start-prior",),
           "sface": (HERE / "start-sface",)}
 # starts trained for 20 steps from the prior on MFR2 + ORL by each method (same preset, data and budget)
-ERM = (HERE / "start-erm", HERE / "stats-variant" / "start-erm", HERE / "stats-variant" / "adapt-start-erm")
+ERM = (HERE / "start-erm", HERE / "stats-variant" / "start-erm", HERE / "stats-variant" / "adapt-start-erm",
+       HERE / "mfr-cdt" / "erm-k10-k20" / "start-erm", HERE / "mfr-cdt" / "more-draws" / "start-erm")
 METHODS = {"adapt-maml-fo": (HERE / "start-adapt-maml-fo",), "adapt-reptile": (HERE / "start-adapt-reptile",),
            "adapt-stats": (HERE / "stats-variant" / "start-adapt-stats", HERE / "stats-variant" / "adapt-start-adapt-stats"),
-           **{m: (HERE / "mfr-cdt" / f"start-{m}",) for m in ("mfr", "cdt", "adapt-cdt", "adapt-mfr")}}
+           **{m: (HERE / "mfr-cdt" / f"start-{m}", HERE / "mfr-cdt" / "more-draws" / f"start-{m}")
+              for m in ("mfr", "cdt", "adapt-cdt", "adapt-mfr", "adapt-cdt-erm", "adapt-mfr-erm")}}
 STATS = {"erm": (HERE / "stats-variant" / "start-erm",),
          "adapt-stats": (HERE / "stats-variant" / "start-adapt-stats",),
          "adapt-stats-proto": (HERE / "stats-variant" / "start-adapt-stats-proto",),
