@@ -6,7 +6,7 @@ benchmarks/results/adapt/sface-recipe/, README there).
 
 Runs facemeta.experiments.adapt_bench.run_adapt_bench with facemeta.experiments.adapt_choices' candidates
 (`--only` a comma list of their names), with the benchmark's +stats rows, the enrolment photos told apart and
-adapt's own per-backbone settings (SFace's other_blocks) (adapt_choices.install). Resumable like the benchmark.
+adapt's own per-backbone settings (SFace's other_blocks). Resumable like the benchmark.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ def main(argv=None) -> int:
         if missing:
             ap.error(f"unknown candidates {missing}; known: {', '.join(cands)}")
         cands = {n: cands[n] for n in args.only.split(",")}
-    adapt_choices.install()
 
     def on_cell(results):
         c = results["cells"][-1]

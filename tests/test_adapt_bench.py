@@ -144,10 +144,11 @@ def test_an_ensemble_base_is_adapted_member_by_member_with_stats_rows(tmp_path, 
     faces = rng.integers(0, 255, (12, 150, 150, 3), dtype=np.uint8)
     data = {**_data({f"p{i}": [1, 0, 0] for i in range(4)}), "faces": [faces, faces]}
     monkeypatch.setattr(ab, "aligned_parts", lambda *a, **k: data)
-    settings = {"adapt": AdaptSettings(steps=2, tail_blocks=1)}
+    settings = {"adapt": AdaptSettings(steps=2, tail_blocks=1),
+                "enrolled": AdaptSettings(steps=2, tail_blocks=1, centres="enrolled")}  # needs the photos' domains
     doc = ab.run_adapt_bench(model_path, ["thermal"], [0, 2], [0], settings, tmp_path / "out", stats_rows=True)
     rows = doc["cells"][1]["rows"]
-    assert set(rows) == {"base", "stats-only", "adapt", "adapt+stats"}
+    assert set(rows) == {"base", "stats-only", "adapt", "adapt+stats", "enrolled", "enrolled+stats"}
     assert len(rows["adapt"]["loss_first"]) == 2 and len(doc["members"]) == 2
     parts, scales = ab.model_parts(ens)
     cache = ab.part_cache(parts, data["faces"], settings)

@@ -134,10 +134,11 @@ def adapted_vectors(parts: list, scales: list[float], cache: list[tuple], faces:
     """Each part adapted (a copy) on the adapting people's faces -> (every face's combined vectors, per part the
     step losses, seconds). `with_shift`: the target condition's mean of the part's base vectors removed inside the
     loss."""
-    from facemeta.train.adapt import adapt_in_place
+    from facemeta.train.adapt import ENROL, NEW, adapt_in_place
 
     labels = np.unique(data["people"][adapt_idx], return_inverse=True)[1]
     conditions = data["conditions"][adapt_idx]
+    domains = np.where(conditions == 1, ENROL, NEW)  # as adapt tells DIR/<person>/enrolled/ from the new photos
     t0 = time.perf_counter()
     vectors, losses = [], []
     for part, (feats, flipped, blocks), chip_faces in zip(parts, cache, faces, strict=True):
@@ -146,7 +147,7 @@ def adapted_vectors(parts: list, scales: list[float], cache: list[tuple], faces:
         if with_shift:
             shift = _shift(tail_vectors(part, feats[adapt_idx], flipped[adapt_idx], blocks), conditions)
         m = copy.deepcopy(part)
-        losses.append(adapt_in_place(m, chip_faces[adapt_idx], labels, s, shift))
+        losses.append(adapt_in_place(m, chip_faces[adapt_idx], labels, s, shift, domains=domains))
         vectors.append(tail_vectors(m, feats, flipped, blocks))
     return combined(vectors, scales), losses, time.perf_counter() - t0
 
@@ -184,14 +185,14 @@ def run_cell(model, data: dict, k: int, seed: int, settings_list: dict, cached: 
 
 
 def for_backbone(model, settings_list: dict) -> dict:
-    """The settings as adapt would run them on this model (or ensemble member): tail_blocks 0 (the embedding layer
-    only) for a backbone other than the dlib-prior ResNet (as facemeta.train.adapt.adapt_model does); an ensemble's
-    settings are recorded as given and applied member by member."""
-    from dataclasses import replace
+    """The settings as adapt would run them on this model (or ensemble member): facemeta.train.adapt.member_settings
+    (tail_blocks counts dlib's residual blocks; another backbone fine-tunes its last ``other_blocks``, default 0:
+    its embedding head only); an ensemble's settings are recorded as given and applied member by member."""
+    from facemeta.train.adapt import member_settings
 
-    if hasattr(model, "members") or hasattr(model.backbone, "stem_conv"):
+    if hasattr(model, "members"):
         return settings_list
-    return {n: replace(s, tail_blocks=0) for n, s in settings_list.items()}
+    return {n: member_settings(model, s) for n, s in settings_list.items()}
 
 
 def _as_recorded(settings: dict, recorded: dict | None) -> dict:

@@ -6,15 +6,12 @@ where it was. The candidates fine-tune more of it (``other_blocks``: its last de
 head), at higher learning rates, and change the loss to the pairs the benchmark scores (``centres="enrolled"``:
 each new-domain photo against its own person's ENROLMENT centre; facemeta.train.adapt_loss).
 
-Two things the benchmark does not do yet, which these candidates need, are supplied here: :func:`as_adapt_runs`
-resolves the settings per backbone as adapt does (facemeta.train.adapt.member_settings: SFace's ``other_blocks``),
-where adapt_bench.for_backbone trains SFace's head only; :func:`run_cell` tells adapt which of the k people's photos
-are enrolment photos (``domains``, as `facemeta adapt` knows from DIR/<person>/enrolled/).
+The benchmark resolves them per backbone as adapt does (facemeta.train.adapt.member_settings: SFace's
+``other_blocks``) and tells adapt which of the k people's photos are enrolment photos, as `facemeta adapt` knows
+from DIR/<person>/enrolled/.
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 
 def sface_choices() -> dict:
@@ -33,45 +30,3 @@ def sface_choices() -> dict:
         "enr-b2-m0.7-lr1e-2-i1": S(**enr, margin=0.7, lr=1e-2),
         "enr-b2-m0.5-lr3e-2-i1": S(**enr, margin=0.5, lr=3e-2),
     }
-
-
-def as_adapt_runs(model, settings_list: dict) -> dict:
-    """The settings as facemeta.train.adapt.adapt_model runs them on `model` (tail_blocks from other_blocks on a
-    backbone other than dlib's ResNet); an ensemble's as given (applied member by member)."""
-    from facemeta.train.adapt import member_settings
-
-    if hasattr(model, "members"):
-        return settings_list
-    return {n: member_settings(model, s) for n, s in settings_list.items()}
-
-
-def run_cell(model, data: dict, k: int, seed: int, settings_list: dict, *args, **kwargs) -> dict:
-    """adapt_bench.run_cell with the k people's enrolment photos (condition 1) told apart from their new-domain
-    ones (condition 0) in every adapt run, as `facemeta adapt` tells them apart."""
-    from functools import partial
-
-    from facemeta.experiments import adapt_bench
-    from facemeta.train import adapt
-
-    adapt_idx, _ = adapt_bench.draw(data, k, seed)
-    domains = np.where(data["conditions"][adapt_idx] == 1, adapt.ENROL, adapt.NEW)
-    original = adapt.adapt_in_place
-    adapt.adapt_in_place = partial(original, domains=domains)
-    try:
-        return ORIGINAL_RUN_CELL[0](model, data, k, seed, settings_list, *args, **kwargs)
-    finally:
-        adapt.adapt_in_place = original
-
-
-ORIGINAL_RUN_CELL: list = []  # adapt_bench.run_cell, kept by :func:`install` before it is replaced
-
-
-def install() -> None:
-    """Make facemeta.experiments.adapt_bench run these candidates as adapt would (:func:`as_adapt_runs`,
-    :func:`run_cell`), for a benchmark script's process."""
-    from facemeta.experiments import adapt_bench
-
-    if not ORIGINAL_RUN_CELL:
-        ORIGINAL_RUN_CELL.append(adapt_bench.run_cell)
-    adapt_bench.run_cell = run_cell
-    adapt_bench.for_backbone = as_adapt_runs
