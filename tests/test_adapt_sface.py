@@ -138,3 +138,27 @@ def _copy(model):
     import copy
 
     return copy.deepcopy(model).eval()
+
+
+def test_the_command_line_passes_other_blocks_and_margin(monkeypatch, tmp_path, capsys):
+    """`facemeta adapt --other-blocks 2 --margin 0.5` reaches adapt's settings (the SFace recipe of
+    benchmarks/results/adapt/sface-recipe/), the rest at their defaults; a negative value is refused in one line."""
+    from facemeta import cli
+    from facemeta.train import adapt
+
+    seen = {}
+
+    def fake_adapt_model(model, labelled, out, settings, **kw):
+        seen["settings"] = settings
+        raise adapt.ConfigError("stop here")
+
+    monkeypatch.setattr(adapt, "adapt_model", fake_adapt_model)
+    args = ["adapt", "m.safetensors", "--labelled", str(tmp_path), "--out", str(tmp_path / "o.safetensors")]
+    assert cli.main(args + ["--other-blocks", "2", "--margin", "0.5"]) != 0
+    s = seen["settings"]
+    assert (s.other_blocks, s.margin, s.tail_blocks, s.lr) == (2, 0.5, 4, 1e-4)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(args + ["--other-blocks", "-1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "other_blocks must be >= 0" in err and "\n" not in err

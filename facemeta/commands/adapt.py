@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "DIR holds one folder per person (the folder's name is the label) with that person's photos\n"
                     f"from the NEW domain: DIR/<person>/*.jpg; the same person's photos from the ENROLMENT domain\n"
                     f"(what a gallery holds) may go in DIR/<person>/{ENROLLED}/*.jpg. At least 2 people; 10-20 is\n"
-                    "the intended size (20 people, 160 photos: 100 s of CPU time in the run the README describes).\n\n"
+                    "the intended size (20 people, 160 photos: under 3 minutes on 2 CPU cores in the runs the\n"
+                    "README describes).\n\n"
                     "Every photo is aligned once (as `enroll` would); the last residual blocks and the embedding\n"
                     "layer are fine-tuned on them (prototype CosFace over the people); the threshold is\n"
                     "calibrated on impostor pairs among the labelled photos at the base model's false-accept\n"
@@ -30,10 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "threshold for vectors normalised by them. An ONNX export cannot be adapted: adapt its\n"
                     ".safetensors, then export again. Galleries must be enrolled again with the new model.\n\n"
                     "An ensemble (e.g. dlib's prior with SFace) is adapted member by member, each on its own chip\n"
-                    "of the same photos (only dlib's ResNet has residual blocks to fine-tune; other members train\n"
-                    "their embedding layer), the weights of the combination kept; --members 0,1 picks the\n"
-                    "members to adapt (default all; the others stay as they are). The result is an ensemble with\n"
-                    "its own fingerprint and a threshold calibrated on the ensemble's vectors.")
+                    "of the same photos (dlib's ResNet its last --tail-blocks residual blocks, other members their\n"
+                    "last --other-blocks, by default none: their embedding layer), the weights of the combination\n"
+                    "kept; --members 0,1 picks the members to adapt (default all; the others stay as they are).\n"
+                    "The result is an ensemble with its own fingerprint and a threshold calibrated on the\n"
+                    "ensemble's vectors.")
     p.add_argument("model", metavar="MODEL", help="the base model checkpoint (.safetensors): a model or an ensemble")
     p.add_argument("--labelled", required=True, metavar="DIR", help="folder of identity folders (see above)")
     p.add_argument("--out", required=True, metavar="NEW.safetensors", help="the adapted model to write")
@@ -42,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 30)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
     p.add_argument("--tail-blocks", type=int, help="trailing residual blocks fine-tuned (default 4; 0: head only)")
+    p.add_argument("--other-blocks", type=int,
+                   help="trailing blocks fine-tuned on a backbone other than dlib's ResNet, e.g. SFace's 13 "
+                        "depthwise-separable pairs (default 0: its embedding layer only)")
+    p.add_argument("--margin", type=float,
+                   help="CosFace margin of the loss (default 0.2; SFace, which already tells a few people apart, "
+                        "only moves from about 0.5: benchmarks/results/adapt/sface-recipe/)")
     p.add_argument("--interpolate", type=float,
                    help="share of the change kept, 0..1 (default 0.5: halfway back to the base)")
     p.add_argument("--members", metavar="I,J", help="an ensemble's members to adapt, numbered from 0 (default all)")
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = AdaptSettings(seed=args.seed)
-    for key in ("steps", "lr", "tail_blocks", "interpolate"):
+    for key in ("steps", "lr", "tail_blocks", "other_blocks", "margin", "interpolate"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     summary = adapt_model(args.model, args.labelled, args.out, settings, domain=args.domain,
