@@ -1,9 +1,10 @@
 """Each start in this folder against the ERM start, paired over the same draws of people (issue 26, item 3).
 
-The ERM start's cells: ../stats-variant/start-erm (k = 0, the base model) and ../stats-variant/adapt-start-erm
-(k = 2, 5, adapt's defaults); facemeta.experiments.adapt_bench.compare_starts pairs the cells (protocol, k, seed)
-both documents hold (k = 0 compares the base row, k > 0 the adapt row). Writes comparison.md beside this file:
-run `python benchmarks/results/adapt/mfr-cdt/compare.py` from the repository root.
+The ERM start's cells: ../stats-variant/start-erm (k = 0, the base model), ../stats-variant/adapt-start-erm
+(k = 2, 5, adapt's defaults) and erm-k10-k20/start-erm (k = 10, 20, run here with the same model and settings);
+facemeta.experiments.adapt_bench.compare_starts pairs the cells (protocol, k, seed) both documents hold (k = 0
+compares the base row, k > 0 the adapt row). Writes comparison.md beside this file: run
+`python benchmarks/results/adapt/mfr-cdt/compare.py` from the repository root.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ ERM = [HERE.parent / "stats-variant" / "start-erm" / "results.json",
        HERE.parent / "stats-variant" / "adapt-start-erm" / "results.json"]
 STARTS = ("mfr", "cdt", "adapt-cdt", "adapt-mfr", "adapt-cdt-erm", "adapt-mfr-erm")
 TARGETS = ("yaleb-side", "thermal", "ar-scarf")
-KS = (0, 2, 5)
+KS = (0, 2, 5, 10, 20)
 
 
 def erm_document() -> dict:
-    """The ERM start's two documents as one: k = 0 cells from start-erm, k > 0 cells from adapt-start-erm."""
+    """The ERM start's documents as one: k = 0 cells from start-erm, k = 2, 5 from adapt-start-erm, k = 10, 20
+    from erm-k10-k20/start-erm."""
     base, adapted = (json.loads(p.read_text(encoding="utf-8")) for p in ERM)
     cells = [c for c in base["cells"] if c["k"] == 0] + [c for c in adapted["cells"] if c["k"] > 0]
+    k10 = HERE / "erm-k10-k20" / "start-erm" / "results.json"
+    if k10.is_file():
+        cells += [c for c in json.loads(k10.read_text(encoding="utf-8"))["cells"] if c["k"] in (10, 20)]
     return {**adapted, "cells": cells}
 
 
@@ -72,7 +77,7 @@ def main() -> None:
     docs = {m: json.loads((HERE / f"start-{m}" / "results.json").read_text(encoding="utf-8"))
             for m in STARTS if (HERE / f"start-{m}" / "results.json").is_file()}
     lines = ["# Starts trained with MFR, CDT, adapt-cdt, adapt-mfr against the ERM start (TAR@FAR=1e-2, %)", "",
-             "k = 0: the start itself (base row); k = 2, 5: adapt's defaults from the start on k labelled people of "
+             "k = 0: the start itself (base row); k = 2-20: adapt's defaults from the start on k labelled people of "
              "the target, scored on its other people. Draws 0-2 (the ERM start's Yale B cells also hold draws 3-4, "
              "left out of the pairing). Start − ERM: paired over the same draws, mean ± std [95% t interval]; "
              "bold where the interval lies above zero (a start that beats ERM by more than the spread).", "",
