@@ -60,8 +60,6 @@ from facemeta.train.adapt_faces import (  # noqa: F401  (re-exported: the benchm
 from facemeta.train.adapt_loss import CENTRES, adapt_loss, class_centres, prototype_cosface_loss  # noqa: F401
 from facemeta.train.adapt_tail import Tail, front_features  # noqa: F401  (re-exported)
 
-LATER_FIELDS = {"other_blocks": 0}  # AdaptSettings' fields newer than the benchmark's results files
-
 
 @dataclass
 class AdaptSettings:
@@ -91,13 +89,6 @@ class AdaptSettings:
     centres: str = "batch"
     seed: int = 0
     other_blocks: int = 0
-
-    def __post_init__(self) -> None:
-        # Fields added after results were written stay out of vars() at their defaults (the class attribute
-        # answers), so a results file whose settings are vars() of today's defaults still resumes.
-        for name, default in LATER_FIELDS.items():
-            if getattr(self, name) == default:
-                self.__dict__.pop(name, None)
 
     def check(self) -> None:
         """ConfigError naming the first setting out of range."""
