@@ -4,7 +4,7 @@ benchmarks/results/adapt/sface-recipe/, README there).
     python benchmarks/adapt_sface_recipe.py --targets mfr2-mask,ar-scarf --ks 10 --seeds 0,1 \
         --out benchmarks/results/adapt/sface-recipe/choice
 
-Runs facemeta.experiments.adapt_bench.run_adapt_bench with facemeta.experiments.adapt_choices' candidates
+Runs facemeta.experiments.adapt_bench.run_adapt_bench with the candidates of facemeta.experiments.adapt_bench.sface_choices
 (`--only` a comma list of their names), with the benchmark's +stats rows, the enrolment photos told apart and
 adapt's own per-backbone settings (SFace's other_blocks). Resumable like the benchmark.
 """
@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     if not args.targets:
         ap.error("--targets is required (unless --table)")
 
-    from facemeta.experiments import adapt_bench, adapt_choices
+    from facemeta.experiments import adapt_bench
 
-    cands = adapt_choices.sface_choices()
+    cands = adapt_bench.sface_choices()
     if args.only:
         missing = [n for n in args.only.split(",") if n not in cands]
         if missing:

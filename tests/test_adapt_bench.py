@@ -150,9 +150,11 @@ def test_an_ensemble_base_is_adapted_member_by_member_with_stats_rows(tmp_path, 
     rows = doc["cells"][1]["rows"]
     assert set(rows) == {"base", "stats-only", "adapt", "adapt+stats", "enrolled", "enrolled+stats"}
     assert len(rows["adapt"]["loss_first"]) == 2 and len(doc["members"]) == 2
-    parts, scales = ab.model_parts(ens)
+    from facemeta.experiments.cross_domain_embed import combine
+
+    parts, weights = ab.model_parts(ens)
     cache = ab.part_cache(parts, data["faces"], settings)
-    ours = ab.combined([ab.tail_vectors(p, *c) for p, c in zip(parts, cache, strict=True)], scales)
+    ours = combine([ab.tail_vectors(p, *c) for p, c in zip(parts, cache, strict=True)], weights)
     theirs = ens.embed([faces, faces], flip=True)
     assert (ours * theirs).sum(1).min() > 0.999
     assert ab.score(ours, data["people"], data["conditions"])["tar"] == pytest.approx(doc["cells"][0]["rows"]["base"]["tar"])

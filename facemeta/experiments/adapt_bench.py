@@ -44,6 +44,26 @@ def choices() -> dict:
             "t4-lr1e-4": S(tail_blocks=4, lr=1e-4), "t4-lr1e-4-i.5": S(tail_blocks=4, lr=1e-4, interpolate=0.5)}
 
 
+def sface_choices() -> dict:
+    """The candidate settings compared to find a recipe that moves SFace (benchmarks/adapt_sface_recipe.py;
+    benchmarks/results/adapt/sface-recipe/): SFace separates a few people from the first step, so the defaults
+    leave it where it was. Names say what differs from adapt's defaults."""
+    from facemeta.train.adapt import AdaptSettings as S
+
+    enr = {"other_blocks": 2, "centres": "enrolled", "interpolate": 1.0}
+    return {
+        "default": S(),  # today's: SFace's embedding head, lr 1e-4, batch centres, m 0.2, half the change kept
+        "head-lr1e-2": S(lr=1e-2),  # the best SFace setting of benchmarks/results/adapt/start-sface/choice/
+        "b2-lr1e-2": S(other_blocks=2, lr=1e-2),
+        "b2-m0.5-lr1e-2-i1": S(other_blocks=2, margin=0.5, lr=1e-2, interpolate=1.0),
+        "enr-head-m0.5-lr1e-2-i1": S(centres="enrolled", margin=0.5, lr=1e-2, interpolate=1.0),
+        "enr-b2-m0.5-lr1e-2": S(**{**enr, "interpolate": 0.5}, margin=0.5, lr=1e-2),
+        "enr-b2-m0.5-lr1e-2-i1": S(**enr, margin=0.5, lr=1e-2),
+        "enr-b2-m0.7-lr1e-2-i1": S(**enr, margin=0.7, lr=1e-2),
+        "enr-b2-m0.5-lr3e-2-i1": S(**enr, margin=0.5, lr=3e-2),
+    }
+
+
 def cross_scores(vectors: np.ndarray, people: np.ndarray, conditions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (enrolment photo, target-condition photo) pair -> (cosines, same person)."""
     g, p = np.flatnonzero(conditions == 1), np.flatnonzero(conditions == 0)
@@ -90,81 +110,61 @@ def tail_vectors(model, feats, flipped, blocks: int) -> np.ndarray:
 
 
 def model_parts(model) -> tuple[list, list[float]]:
-    """The networks adapt fine-tunes and their scales in the combined vector: an ensemble's members and its
-    sqrt-weights (facemeta.models.ensemble.EnsembleModel), or the model itself and 1."""
+    """The networks adapt fine-tunes and their weights in the combination: an ensemble's members and weights
+    (facemeta.models.ensemble.EnsembleModel), or the model itself and 1."""
     if hasattr(model, "members"):
-        return list(model.members), list(model.scales)
+        return list(model.members), [s.weight for s in model.specs]
     return [model], [1.0]
-
-
-def combined(parts_vectors: list[np.ndarray], scales: list[float]) -> np.ndarray:
-    """Members' unit vectors -> the model's unit vectors (EnsembleModel.combine; a single model's unchanged)."""
-    if len(parts_vectors) == 1:
-        return parts_vectors[0]
-    v = np.concatenate([p * s for p, s in zip(parts_vectors, scales, strict=True)], axis=1)
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
 def part_cache(parts: list, faces: list[np.ndarray], settings_list: dict) -> list[tuple]:
     """Per part, (front features, mirrored ones, tail blocks) of every face on that part's chip, the front cut at
-    the most tail blocks any setting trains on it (:func:`for_backbone`)."""
-    from facemeta.train.adapt import Tail, front_features
+    the most tail blocks any setting trains on it (facemeta.train.adapt.member_settings)."""
+    from facemeta.train.adapt import Tail, front_features, member_settings
 
     out = []
     for part, chip_faces in zip(parts, faces, strict=True):
-        blocks = max([s.tail_blocks for s in for_backbone(part, settings_list).values()] + [0])
+        blocks = max([member_settings(part, s).tail_blocks for s in settings_list.values()] + [0])
         out.append((*front_features(Tail(part, blocks), chip_faces), blocks))
     return out
 
 
-def _shift(vectors: np.ndarray, conditions: np.ndarray):
-    """Per labelled photo, the target condition's mean (over these photos) to remove inside adapt's loss; 0 for
-    the enrolment photos (as facemeta.train.adapt's --domain does)."""
-    import torch
-
-    from facemeta.gallery.domain_stats import estimate
-
-    mean = torch.from_numpy(estimate(vectors[conditions == 0], "mean").mean)
-    target = torch.from_numpy(conditions == 0)[:, None]
-    return torch.where(target, mean[None, :], torch.zeros(len(vectors), mean.numel()))
-
-
-def adapted_vectors(parts: list, scales: list[float], cache: list[tuple], faces: list[np.ndarray], data: dict,
-                    adapt_idx: np.ndarray, settings, with_shift: bool) -> tuple[np.ndarray, list[list[float]], float]:
-    """Each part adapted (a copy) on the adapting people's faces -> (every face's combined vectors, per part the
-    step losses, seconds). `with_shift`: the target condition's mean of the part's base vectors removed inside the
-    loss."""
-    from facemeta.train.adapt import ENROL, NEW, adapt_in_place
+def adapted_vectors(parts: list, cache: list[tuple], faces: list[np.ndarray], base_parts: list[np.ndarray],
+                    data: dict, adapt_idx: np.ndarray, settings, with_shift: bool
+                    ) -> tuple[list[np.ndarray], list[list[float]], float]:
+    """Each part adapted (a copy) on the adapting people's faces as `facemeta adapt` adapts it (their enrolment
+    photos told apart from the new-domain ones) -> (per part every face's vectors, per part the step losses,
+    seconds). `with_shift`: the target condition's mean of the part's base vectors (`base_parts`) over the
+    adapting people's photos removed inside the loss, as adapt's --domain does."""
+    from facemeta.train.adapt import ENROL, NEW, adapt_in_place, domain_shift, member_settings
 
     labels = np.unique(data["people"][adapt_idx], return_inverse=True)[1]
-    conditions = data["conditions"][adapt_idx]
-    domains = np.where(conditions == 1, ENROL, NEW)  # as adapt tells DIR/<person>/enrolled/ from the new photos
+    domains = np.where(data["conditions"][adapt_idx] == 1, ENROL, NEW)
     t0 = time.perf_counter()
     vectors, losses = [], []
-    for part, (feats, flipped, blocks), chip_faces in zip(parts, cache, faces, strict=True):
-        s = for_backbone(part, {"s": settings})["s"]
-        shift = None
-        if with_shift:
-            shift = _shift(tail_vectors(part, feats[adapt_idx], flipped[adapt_idx], blocks), conditions)
+    for part, (feats, flipped, blocks), chip_faces, base in zip(parts, cache, faces, base_parts, strict=True):
+        shift = domain_shift(base[adapt_idx][domains == NEW], len(adapt_idx), domains) if with_shift else None
         m = copy.deepcopy(part)
-        losses.append(adapt_in_place(m, chip_faces[adapt_idx], labels, s, shift, domains=domains))
+        losses.append(adapt_in_place(m, chip_faces[adapt_idx], labels, member_settings(part, settings), shift,
+                                     domains=domains))
         vectors.append(tail_vectors(m, feats, flipped, blocks))
-    return combined(vectors, scales), losses, time.perf_counter() - t0
+    return vectors, losses, time.perf_counter() - t0
 
 
 def run_cell(model, data: dict, k: int, seed: int, settings_list: dict, cached: list | None = None,
              stats_rows: bool = False) -> dict:
     """One protocol, k and seed: base, stats-only and each named AdaptSettings (and, with `stats_rows`, each with
-    the domain statistics) -> {row: scores}. `data["faces"]`: one array per chip the model reads; `cached`:
-    :func:`part_cache` of every face, so only the tails run per setting."""
+    the domain statistics) -> {row: scores}. `data["faces"]`: one array per chip the model reads
+    (:func:`aligned_parts`); `cached`: :func:`part_cache` of every face, so only the tails run per setting."""
+    from facemeta.experiments.cross_domain_embed import combine
     from facemeta.train.adapt import calibrate
 
-    parts, scales = model_parts(model)
-    faces = data["faces"] if isinstance(data["faces"], list) else [data["faces"]]
-    cached = cached if cached is not None else part_cache(parts, faces, settings_list)
+    parts, weights = model_parts(model)
+    cached = cached if cached is not None else part_cache(parts, data["faces"], settings_list)
     adapt_idx, other = draw(data, k, seed)
     sub = {key: data[key][other] for key in ("people", "conditions")}
-    base_vectors = combined([tail_vectors(p, *c) for p, c in zip(parts, cached, strict=True)], scales)
+    base_parts = [tail_vectors(p, *c) for p, c in zip(parts, cached, strict=True)]
+    base_vectors = combine(base_parts, weights)
     rows = {"base": score(base_vectors[other], **sub)}
     if not k:
         return rows
@@ -172,12 +172,13 @@ def run_cell(model, data: dict, k: int, seed: int, settings_list: dict, cached: 
     labels = np.unique(data["people"][adapt_idx], return_inverse=True)[1]
     for name, settings in settings_list.items():
         for with_stats in (False, True) if stats_rows else (False,):
-            v, losses, seconds = adapted_vectors(parts, scales, cached, faces, data, adapt_idx, settings, with_stats)
+            vs, losses, seconds = adapted_vectors(parts, cached, data["faces"], base_parts, data, adapt_idx, settings,
+                                                  with_stats)
+            v = combine(vs, weights)
             if with_stats:
                 v = stats_only(v, data["conditions"], adapt_idx)
             thr = calibrate(v[adapt_idx], labels, FAR)[0]
-            first = [ls[0] for ls in losses]
-            last = [ls[-1] for ls in losses]
+            first, last = [ls[0] for ls in losses], [ls[-1] for ls in losses]
             rows[f"{name}+stats" if with_stats else name] = {
                 **score(v[other], **sub, threshold=thr), "seconds": round(seconds, 1),
                 "loss_first": first[0] if len(first) == 1 else first, "loss_last": last[0] if len(last) == 1 else last}

@@ -201,7 +201,7 @@ def calibrate(vectors: np.ndarray, labels: np.ndarray, far: float) -> tuple[floa
 
 
 # ---------------------------------------------------------------- the whole procedure
-def _domain_shift(vectors: np.ndarray | None, n: int, domains: np.ndarray) -> torch.Tensor | None:
+def domain_shift(vectors: np.ndarray | None, n: int, domains: np.ndarray) -> torch.Tensor | None:
     """Per labelled photo, the mean to remove: the domain's mean for new-domain photos, 0 for enrolment ones."""
     if vectors is None:
         return None
@@ -309,7 +309,7 @@ def adapt_model(model_path: str | os.PathLike, labelled: str | os.PathLike, out:
     runs = []
     for i in chosen:
         part, part_settings = parts[i], member_settings(parts[i], settings)
-        shift = _domain_shift(None if unl is None else _vectors(part, [unl[i]]), len(data.labels), data.domains)
+        shift = domain_shift(None if unl is None else _vectors(part, [unl[i]]), len(data.labels), data.domains)
         losses = adapt_in_place(part, data.chips[i], data.labels, part_settings, shift, progress,
                                 desc=f"adapt member {i}" if ensemble else "adapt", domains=data.domains)
         runs.append((i, part_settings, losses))
